@@ -1,0 +1,37 @@
+# make demo: venv + build + the main job on synthetic data.  make test: venv + test extras + pytest.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_ARGS ?=
+
+.PHONY: demo test bench inplace clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+demo: $(PY)
+	$(PY) -m pip install -q .
+	$(VENV)/bin/lfads-fast demo $(DEMO_ARGS)
+
+test: $(PY)
+	$(PY) -m pip install -q ".[test]"
+	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+
+bench: $(PY)
+	$(PY) -m pip install -q ".[bench]"
+	$(PY) bench/bench_step.py
+
+# Development: build the extension modules into lfads_fast/ of this checkout (no install),
+# with the build tools of $(PY); then PYTHONPATH=. runs the tests against the working tree.
+inplace:
+	$(PY) -c "import pybind11, scipy_openblas32" 2>/dev/null || $(PY) -m pip install -q pybind11 scipy-openblas32 cmake ninja numpy
+	$(PY) -m cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) \
+	  -DLFADS_FAST_CUDA=$${LFADS_FAST_CUDA:-OFF} >/dev/null
+	$(PY) -m cmake --build build/inplace -j2
+	cp build/inplace/_cpu*.so lfads_fast/
+	if ls build/inplace/_cuda*.so >/dev/null 2>&1; then cp build/inplace/_cuda*.so lfads_fast/; fi
+
+clean:
+	rm -rf build lfads_fast/_cpu*.so lfads_fast/_cuda*.so
