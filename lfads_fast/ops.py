@@ -1,0 +1,185 @@
+"""The one place that calls the compiled kernels.
+
+Every function takes arrays of one array module (numpy for the CPU kernels; cupy for the CUDA
+kernels, where built), allocates the outputs with that module and returns them. Shapes use the
+names of csrc/common.h: T time, B batch, H hidden, F factors, N neurons, C controller,
+U controller outputs, G generator. Everything is time-major.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._backend import cpu
+
+__all__ = [
+    "set_num_threads",
+    "get_num_threads",
+    "gru_forward",
+    "gru_backward",
+    "decoder_forward",
+    "decoder_backward",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the number of OpenMP threads of the CPU kernels."""
+    if int(n) < 1:
+        raise ValueError(f"n must be a positive number of threads, got {n}")
+    cpu.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    """Returns the number of OpenMP threads of the CPU kernels."""
+    return cpu.get_num_threads()
+
+
+def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: float = 5.0):
+    """Runs a clipped GRU over a whole sequence.
+
+    Args:
+        xproj: input projection of every step incl. b_ih, [T, B, LD]; this GRU reads columns
+            x_offset .. x_offset + 3H (gates z, r, n), so several GRUs can share one buffer.
+        x_offset: first column of this GRU in xproj.
+        W_hh: recurrent weights [3H, H].
+        h0: initial state [B, H].
+        reverse: process t = T-1 .. 0 (outputs stay at their time index).
+        clip: cell clip value.
+
+    Returns:
+        (hs [T, B, H], gates [T, B, 3H]): states and the saved gates for gru_backward.
+    """
+    xp = _xp(xproj)
+    T, B, _ = _shape(xproj, "xproj", 3)
+    H = _shape(W_hh, "W_hh", 2)[1]
+    hs = xp.empty((T, B, H), dtype=xproj.dtype)
+    gates = xp.empty((T, B, 3 * H), dtype=xproj.dtype)
+    _module(xproj).gru_forward(xproj, int(x_offset), W_hh, h0, hs, gates, bool(reverse), float(clip))
+    return hs, gates
+
+
+def gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset: int, *, reverse: bool = False,
+                 clip: float = 5.0):
+    """Backpropagates through gru_forward.
+
+    Args:
+        W_hh, h0, hs, gates: as given to / returned by gru_forward.
+        d_hs: gradient on every state [T, B, H], or None.
+        d_hT: gradient on the final state [B, H] (hs[T-1], or hs[0] if reverse), or None.
+        d_xproj: [T, B, LD] buffer; columns x_offset .. x_offset + 3H receive the gradient of
+            the pre-activations (= of xproj).
+        x_offset, reverse, clip: as in gru_forward.
+
+    Returns:
+        (d_W_hh [3H, H], d_h0 [B, H]).
+    """
+    xp = _xp(hs)
+    T, B, H = _shape(hs, "hs", 3)
+    d_W_hh = xp.empty((3 * H, H), dtype=hs.dtype)
+    d_h0 = xp.empty((B, H), dtype=hs.dtype)
+    work = xp.empty((T, B, H), dtype=hs.dtype)
+    _module(hs).gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, int(x_offset), d_W_hh, d_h0,
+                             work, bool(reverse), float(clip))
+    return d_W_hh, d_h0
+
+
+DECODER_INPUTS = ("xcon", "W_con_f", "W_con_hh", "c0", "W_co", "b_co", "eps", "mask_f", "xgen",
+                  "W_gen_u", "W_gen_hh", "g0", "f0", "W_fac", "mask_g")
+DECODER_OUTPUTS = ("con_states", "con_gates", "co_mean", "co_logvar", "u", "gen_states",
+                   "gen_gates", "factors")
+
+
+def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = True) -> dict:
+    """Runs the fused LFADS decoder (controller, sampling, generator, factors) for T steps.
+
+    Args:
+        inputs: arrays named as in csrc/decoder.h: xcon [T, B, LC] (controller-input
+            projection incl. b_ih), W_con_f [3C, F], W_con_hh [3C, C], c0 [B, C], W_co [2U, C],
+            b_co [2U], eps [T, B, U], mask_f [T, B, F], xgen [T, B, LG] (generator-input
+            projection of the external inputs incl. b_ih), W_gen_u [3G, U], W_gen_hh [3G, G],
+            g0 [B, G], f0 [B, F], W_fac [F, G] (row-normalised), mask_g [T, B, G]. With no
+            controller (C = 0) the controller entries may be None; masks and eps may be None.
+        T: number of steps.
+        clip: cell clip value.
+        sample: draw u = co_mean + exp(co_logvar / 2) * eps (else u = co_mean).
+
+    Returns:
+        dict of the outputs named in DECODER_OUTPUTS, each [T, B, ...].
+    """
+    g0 = inputs["g0"]
+    xp = _xp(g0)
+    B, G = _shape(g0, "g0", 2)
+    F = _shape(inputs["W_fac"], "W_fac", 2)[0]
+    C = 0 if inputs.get("W_con_hh") is None else inputs["W_con_hh"].shape[1]
+    U = 0 if inputs.get("W_co") is None else inputs["W_co"].shape[0] // 2
+    dt = g0.dtype
+    sizes = {"con_states": C, "con_gates": 3 * C, "co_mean": U, "co_logvar": U, "u": U,
+             "gen_states": G, "gen_gates": 3 * G, "factors": F}
+    out = {k: xp.empty((T, B, n), dtype=dt) for k, n in sizes.items()}
+    arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
+    arrays.update(out)
+    _module(g0).decoder_forward(arrays, float(clip), bool(sample))
+    return out
+
+
+def decoder_backward(inputs: dict, outputs: dict, d_factors, d_co_mean, d_co_logvar, *,
+                     clip: float = 5.0, sample: bool = True) -> dict:
+    """Backpropagates through decoder_forward (BPTT over all steps).
+
+    Args:
+        inputs, outputs: as given to / returned by decoder_forward.
+        d_factors: gradient on the factors [T, B, F] (from the read-out), or None.
+        d_co_mean, d_co_logvar: gradients on co_mean, co_logvar [T, B, U] (from the KL), or None.
+        clip, sample: as in decoder_forward.
+
+    Returns:
+        dict with d_xcon [T, B, 3C], d_W_con_f, d_W_con_hh, d_c0 [B, C], d_W_co, d_b_co,
+        d_xgen [T, B, 3G], d_W_gen_u, d_W_gen_hh, d_g0 [B, G], d_f0 [B, F], d_W_fac (on the
+        row-normalised weights).
+    """
+    g0 = inputs["g0"]
+    xp = _xp(g0)
+    T, B, G = outputs["gen_states"].shape
+    F = outputs["factors"].shape[2]
+    C = outputs["con_states"].shape[2]
+    U = outputs["u"].shape[2]
+    dt = g0.dtype
+    LC = inputs["xcon"].shape[2] if C > 0 else 0
+    LG = inputs["xgen"].shape[2]
+    shapes = {"d_xcon": (T, B, LC), "d_W_con_f": (3 * C, F), "d_W_con_hh": (3 * C, C),
+              "d_c0": (B, C), "d_W_co": (2 * U, C), "d_b_co": (2 * U,), "d_xgen": (T, B, LG),
+              "d_W_gen_u": (3 * G, U), "d_W_gen_hh": (3 * G, G), "d_g0": (B, G), "d_f0": (B, F),
+              "d_W_fac": (F, G)}
+    grads = {k: xp.empty(s, dtype=dt) for k, s in shapes.items()}
+    arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
+    arrays.update(outputs)
+    call = dict(grads, d_factors=d_factors, d_co_mean=d_co_mean, d_co_logvar=d_co_logvar)
+    _module(g0).decoder_backward(arrays, call, float(clip), bool(sample))
+    grads["d_xcon"] = grads["d_xcon"][..., : 3 * C]
+    grads["d_xgen"] = grads["d_xgen"][..., : 3 * G]
+    return grads
+
+
+# Helpers
+
+
+def _xp(a):
+    if isinstance(a, np.ndarray):
+        return np
+    mod = type(a).__module__
+    if mod.startswith("cupy"):
+        import cupy
+
+        return cupy
+    raise TypeError(f"expected a numpy or cupy array, got {type(a).__name__}")
+
+
+def _module(a):
+    if isinstance(a, np.ndarray):
+        return cpu
+    raise NotImplementedError("the CUDA kernels are not wired into lfads_fast.ops yet")
+
+
+def _shape(a, name: str, ndim: int):
+    if getattr(a, "ndim", None) != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {getattr(a, 'shape', None)}")
+    return a.shape
