@@ -18,6 +18,10 @@ __all__ = [
     "gru_backward",
     "decoder_forward",
     "decoder_backward",
+    "poisson_elbo",
+    "kl_ic",
+    "kl_co",
+    "adam_step",
 ]
 
 
@@ -157,6 +161,116 @@ def decoder_backward(inputs: dict, outputs: dict, d_factors, d_co_mean, d_co_log
     grads["d_xcon"] = grads["d_xcon"][..., : 3 * C]
     grads["d_xgen"] = grads["d_xgen"][..., : 3 * G]
     return grads
+
+
+def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weight=None,
+                 grad_mask=None, grads: bool = True, log_rates: bool = False) -> dict:
+    """Read-out, Poisson NLL and its gradient, fused.
+
+    Args:
+        factors: [R, F], R = T * B rows, time-major.
+        W_ro: read-out weights [N, F]; b_ro: read-out bias [N].
+        counts: spike counts [R, N]; NaN = missing bin (no loss, no gradient).
+        T: number of time steps (R must be a multiple).
+        scale: loss = scale * sum over bins of weight * nll.
+        loss_weight: [R, N] per-bin weights of the loss and its gradient, or None.
+        grad_mask: [R, N]; 0 blocks a bin's gradient, its loss still counts; or None.
+        grads: compute d_factors, d_W_ro, d_b_ro.
+        log_rates: also return the log-rates [R, N].
+
+    Returns:
+        dict: loss (float), nll_tn ([T, N] unscaled weighted NLL summed over the batch),
+        log_rates, d_factors [R, F], d_W_ro [N, F], d_b_ro [N] (None where not asked for).
+    """
+    xp = _xp(factors)
+    R, F = _shape(factors, "factors", 2)
+    N = _shape(W_ro, "W_ro", 2)[0]
+    if T < 1 or R % T:
+        raise ValueError(f"factors has {R} rows, which is not a multiple of T = {T}")
+    dt = factors.dtype
+    loss = xp.zeros(1, dtype=dt)
+    out = {
+        "nll_tn": xp.empty((T, N), dtype=dt),
+        "log_rates": xp.empty((R, N), dtype=dt) if log_rates else None,
+        "d_factors": xp.empty((R, F), dtype=dt) if grads else None,
+        "d_W_ro": xp.empty((N, F), dtype=dt) if grads else None,
+        "d_b_ro": xp.empty((N,), dtype=dt) if grads else None,
+    }
+    _module(factors).poisson_elbo(factors, W_ro, b_ro, counts, loss_weight, grad_mask, float(scale),
+                                  int(T), loss, out["log_rates"], out["nll_tn"], out["d_factors"],
+                                  out["d_W_ro"], out["d_b_ro"])
+    out["loss"] = float(loss[0])
+    return out
+
+
+def kl_ic(mean, logvar, prior_mean, prior_logvar, *, var_min: float, scale: float = 1.0,
+          grads: bool = True) -> dict:
+    """KL of the initial-condition posterior N(mean, exp(logvar) + var_min) from the prior.
+
+    Args:
+        mean, logvar: [B, D]. prior_mean, prior_logvar: [D].
+        var_min: floor added to the posterior variance.
+        scale: multiplies the KL and its gradients.
+
+    Returns:
+        dict: kl (float, scale * mean over b of the sum over d), d_mean, d_logvar [B, D],
+        d_prior_mean [D] (None when grads is False).
+    """
+    xp = _xp(mean)
+    dt = mean.dtype
+    kl = xp.zeros(1, dtype=dt)
+    out = {k: (xp.empty(a.shape, dtype=dt) if grads else None)
+           for k, a in (("d_mean", mean), ("d_logvar", logvar), ("d_prior_mean", prior_mean))}
+    _module(mean).kl_ic(mean, logvar, prior_mean, prior_logvar, float(var_min), float(scale), kl,
+                        out["d_mean"], out["d_logvar"], out["d_prior_mean"])
+    out["kl"] = float(kl[0])
+    return out
+
+
+def kl_co(mean, logvar, eps, logtau, lognvar, *, scale: float = 1.0, grads: bool = True) -> dict:
+    """One-sample KL of the inferred inputs' posterior from the AR(1) prior.
+
+    Args:
+        mean, logvar: posterior [T, B, U]. eps: the KL's own sample noise [T, B, U].
+        logtau, lognvar: the prior's log time constant and log noise variance [U].
+        scale: multiplies the KL and its gradients.
+
+    Returns:
+        dict: kl (float, scale * mean over b of the sum over t, u of log q - log p), d_mean,
+        d_logvar [T, B, U], d_logtau, d_lognvar [U] (None when grads is False).
+    """
+    xp = _xp(mean)
+    dt = mean.dtype
+    kl = xp.zeros(1, dtype=dt)
+    out = {k: (xp.empty(a.shape, dtype=dt) if grads else None)
+           for k, a in (("d_mean", mean), ("d_logvar", logvar), ("d_logtau", logtau),
+                        ("d_lognvar", lognvar))}
+    _module(mean).kl_co(mean, logvar, eps, logtau, lognvar, float(scale), kl, out["d_mean"],
+                        out["d_logvar"], out["d_logtau"], out["d_lognvar"])
+    out["kl"] = float(kl[0])
+    return out
+
+
+def adam_step(params, grads, m, v, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
+              eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,
+              step: int, mask=None) -> float:
+    """One fused Adam(W) step over flat vectors, with global gradient-norm clipping.
+
+    Args:
+        params, grads, m, v: flat [n] vectors; params, m and v are updated in place.
+        lr, beta1, beta2, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay).
+        max_grad_norm: clip the global gradient norm to this (<= 0: no clipping).
+        step: 1-based step count including this one.
+        mask: uint8 [n], 0 = frozen element, or None.
+
+    Returns:
+        The gradient norm before clipping; when it is not finite nothing was changed.
+    """
+    xp = _xp(params)
+    norm = xp.zeros(1, dtype=params.dtype)
+    _module(params).adam_step(params, grads, m, v, mask, float(lr), float(beta1), float(beta2),
+                              float(eps), float(weight_decay), float(max_grad_norm), int(step), norm)
+    return float(norm[0])
 
 
 # Helpers

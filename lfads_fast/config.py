@@ -1,0 +1,109 @@
+"""LFADSConfig: the model's hyperparameters, with lfads-torch's names."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class LFADSConfig:
+    """Hyperparameters of one LFADS model (names as in lfads-torch).
+
+    Sizes of the data: encod_data_dim (neurons seen by the encoders), recon_data_dim (neurons
+    reconstructed; the extra ones are held out for co-smoothing), encod_seq_len and
+    recon_seq_len (bins seen / reconstructed; the extra ones are forward prediction),
+    ext_input_dim (external inputs to the generator).
+
+    The controller is on when co_dim > 0; it then needs ci_enc_dim > 0 and con_dim > 0.
+    """
+
+    encod_data_dim: int = 50
+    recon_data_dim: int | None = None  # None: same as encod_data_dim
+    encod_seq_len: int = 100
+    recon_seq_len: int | None = None  # None: same as encod_seq_len
+    ext_input_dim: int = 0
+    ic_enc_dim: int = 64
+    ci_enc_dim: int = 64
+    ci_lag: int = 1
+    con_dim: int = 64
+    co_dim: int = 4
+    ic_dim: int = 64
+    gen_dim: int = 100
+    fac_dim: int = 40
+    dropout_rate: float = 0.05
+    cd_rate: float = 0.0
+    cell_clip: float = 5.0
+    ic_post_var_min: float = 1e-4
+    ic_prior_mean: float = 0.0
+    ic_prior_var: float = 0.1
+    co_prior_tau: float = 10.0
+    co_prior_nvar: float = 0.1
+    loss_scale: float = 1e4
+    recon_reduce_mean: bool = True
+    l2_ic_enc_scale: float = 0.0
+    l2_ci_enc_scale: float = 0.0
+    l2_gen_scale: float = 0.0
+    l2_con_scale: float = 0.0
+    kl_ic_scale: float = 1e-4
+    kl_co_scale: float = 1e-4
+
+    def __post_init__(self):
+        if self.recon_data_dim is None:
+            self.recon_data_dim = self.encod_data_dim
+        if self.recon_seq_len is None:
+            self.recon_seq_len = self.encod_seq_len
+        for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
+                     "ic_enc_dim", "ic_dim", "gen_dim", "fac_dim"):
+            _int_at_least(self, name, 1)
+        for name in ("ext_input_dim", "ci_enc_dim", "ci_lag", "con_dim", "co_dim"):
+            _int_at_least(self, name, 0)
+        if self.recon_data_dim < self.encod_data_dim:
+            raise ValueError(f"recon_data_dim ({self.recon_data_dim}) must be >= encod_data_dim "
+                             f"({self.encod_data_dim}): the extra neurons are the held-out ones")
+        if self.recon_seq_len < self.encod_seq_len:
+            raise ValueError(f"recon_seq_len ({self.recon_seq_len}) must be >= encod_seq_len "
+                             f"({self.encod_seq_len}): the extra bins are forward prediction")
+        if self.co_dim > 0 and (self.con_dim < 1 or self.ci_enc_dim < 1):
+            raise ValueError(f"co_dim = {self.co_dim} turns the controller on, which needs con_dim "
+                             f">= 1 and ci_enc_dim >= 1, got con_dim = {self.con_dim}, ci_enc_dim = "
+                             f"{self.ci_enc_dim}")
+        for name in ("dropout_rate", "cd_rate"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        for name in ("cell_clip", "ic_prior_var", "co_prior_tau", "co_prior_nvar", "loss_scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        for name in ("ic_post_var_min", "l2_ic_enc_scale", "l2_ci_enc_scale", "l2_gen_scale",
+                     "l2_con_scale", "kl_ic_scale", "kl_co_scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+    @property
+    def use_con(self) -> bool:
+        """True when the model has a controller (inferred inputs)."""
+        return self.co_dim > 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LFADSConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown LFADSConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _int_at_least(cfg, name: str, low: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")

@@ -1,0 +1,645 @@
+"""The LFADS model: parameters, forward pass and gradients over the compiled kernels.
+
+Inside, everything is time-major ([T, B, ...]); the public methods take and return the
+batch-major arrays of the data files ([B, T, ...]). All parameters live in one flat vector
+(`LFADS.flat`) of which `LFADS.params` holds named views, so the optimizer updates them with
+one fused call and gradients come back as one flat vector of the same layout.
+docs/math.md writes down every equation implemented here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .config import LFADSConfig
+
+__all__ = ["LFADS", "Batch", "param_layout"]
+
+
+def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the parameters, in the order of the flat vector.
+
+    The input weights (and biases) of the four encoder GRUs are adjacent, so together they
+    form one [3 * (2 ic_enc_dim + 2 ci_enc_dim), encod_data_dim] matrix for a single GEMM.
+    """
+    Ne, Nr = cfg.encod_data_dim, cfg.recon_data_dim
+    Hi, Hc = cfg.ic_enc_dim, cfg.ci_enc_dim
+    C, U, G, F, E = cfg.con_dim, cfg.co_dim, cfg.gen_dim, cfg.fac_dim, cfg.ext_input_dim
+    encs = [("ic_enc_fwd", Hi), ("ic_enc_bwd", Hi)]
+    if cfg.use_con:
+        encs += [("ci_enc_fwd", Hc), ("ci_enc_bwd", Hc)]
+    layout = [(f"{e}_W_ih", (3 * h, Ne)) for e, h in encs]
+    layout += [(f"{e}_b_ih", (3 * h,)) for e, h in encs]
+    layout += [(f"{e}_W_hh", (3 * h, h)) for e, h in encs]
+    layout += [("ic_enc_h0", (2, Hi))]
+    if cfg.use_con:
+        layout += [("ci_enc_h0", (2, Hc))]
+    layout += [("ic_linear_W", (2 * cfg.ic_dim, 2 * Hi)), ("ic_linear_b", (2 * cfg.ic_dim,))]
+    if cfg.use_con:
+        layout += [
+            ("con_W_ih", (3 * C, 2 * Hc + F)),
+            ("con_b_ih", (3 * C,)),
+            ("con_W_hh", (3 * C, C)),
+            ("con_h0", (C,)),
+            ("co_linear_W", (2 * U, C)),
+            ("co_linear_b", (2 * U,)),
+        ]
+    Ug = U if cfg.use_con else 0
+    layout += [
+        ("gen_W_ih", (3 * G, Ug + E)),
+        ("gen_b_ih", (3 * G,)),
+        ("gen_W_hh", (3 * G, G)),
+        ("ic_to_g0_W", (G, cfg.ic_dim)),
+        ("ic_to_g0_b", (G,)),
+        ("fac_W", (F, G)),
+        ("readout_W", (Nr, F)),
+        ("readout_b", (Nr,)),
+        ("ic_prior_mean", (cfg.ic_dim,)),
+    ]
+    if cfg.use_con:
+        layout += [("co_prior_logtau", (U,)), ("co_prior_lognvar", (U,))]
+    return layout
+
+
+@dataclass
+class Batch:
+    """One batch, time-major, validated.
+
+    Attributes:
+        encod: encoder input counts, [T_e, B, N_e]; missing bins are 0.
+        recon: reconstruction target counts, [T_r, B, N_r]; NaN = missing bin.
+        ext: external inputs [T_r, B, E] (zero-padded after T_e if shorter), or None.
+        n_valid: number of non-missing bins of recon.
+    """
+
+    encod: np.ndarray
+    recon: np.ndarray | None
+    ext: np.ndarray | None
+    n_valid: int
+
+    @property
+    def size(self) -> int:
+        return self.encod.shape[1]
+
+
+class LFADS:
+    """An LFADS model with its parameters.
+
+    Args:
+        config: the hyperparameters.
+        seed: seed of the parameter initialisation (lfads-torch's scheme, docs/math.md).
+        dtype: float32 (default) or float64 (for gradient checks).
+    """
+
+    def __init__(self, config: LFADSConfig, seed: int = 0, dtype=np.float32):
+        if not isinstance(config, LFADSConfig):
+            raise TypeError(f"config must be an LFADSConfig, got {type(config).__name__}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        self.config = config
+        self.dtype = dtype
+        self.layout = param_layout(config)
+        self.flat = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=dtype)
+        self.params = self._views(self.flat)
+        self._init_params(np.random.default_rng(seed))
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def num_params(self) -> int:
+        return self.flat.size
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Named views into a flat vector of this model's layout (e.g. a gradient)."""
+        if flat.shape != self.flat.shape:
+            raise ValueError(f"flat must have shape {self.flat.shape}, got {flat.shape}")
+        return self._views(flat)
+
+    def make_batch(self, encod_data, recon_data=None, ext_input=None, *, check_counts=True) -> Batch:
+        """Validates batch-major data and turns it into a time-major Batch.
+
+        Args:
+            encod_data: spike counts [B, encod_seq_len, encod_data_dim]; NaN = missing bin.
+            recon_data: spike counts [B, recon_seq_len, recon_data_dim]; NaN = missing bin.
+                None uses encod_data (only when the two sizes agree).
+            ext_input: external inputs [B, recon_seq_len or encod_seq_len, ext_input_dim].
+            check_counts: check that counts are non-negative integers (off for speed when
+                the data were validated on load).
+        """
+        cfg = self.config
+        encod_data = _as_array("encod_data", encod_data, 3)
+        B = encod_data.shape[0]
+        _expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, cfg.encod_data_dim))
+        if recon_data is None:
+            if (cfg.recon_seq_len, cfg.recon_data_dim) != (cfg.encod_seq_len, cfg.encod_data_dim):
+                raise ValueError("recon_data is required when recon_seq_len/recon_data_dim differ "
+                                 "from encod_seq_len/encod_data_dim")
+            recon_data = encod_data
+        recon_data = _as_array("recon_data", recon_data, 3)
+        _expect_shape("recon_data", recon_data, (B, cfg.recon_seq_len, cfg.recon_data_dim))
+        if check_counts:
+            _check_counts("encod_data", encod_data)
+            _check_counts("recon_data", recon_data)
+        encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
+        recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
+        ext = None
+        if cfg.ext_input_dim > 0:
+            if ext_input is None:
+                raise ValueError(f"ext_input is required: ext_input_dim is {cfg.ext_input_dim}")
+            ext_input = _as_array("ext_input", ext_input, 3)
+            if ext_input.shape[0] != B or ext_input.shape[2] != cfg.ext_input_dim or \
+                    ext_input.shape[1] not in (cfg.encod_seq_len, cfg.recon_seq_len):
+                raise ValueError(f"ext_input must be [{B}, {cfg.recon_seq_len} (or {cfg.encod_seq_len}), "
+                                 f"{cfg.ext_input_dim}], got {ext_input.shape}")
+            if not np.all(np.isfinite(ext_input)):
+                raise ValueError("ext_input must be finite (no NaN or inf)")
+            ext = np.zeros((cfg.recon_seq_len, B, cfg.ext_input_dim), dtype=self.dtype)
+            ext[: ext_input.shape[1]] = ext_input.transpose(1, 0, 2)
+        elif ext_input is not None and np.asarray(ext_input).size > 0:
+            raise ValueError("ext_input was given but the config has ext_input_dim = 0")
+        n_valid = int(np.count_nonzero(~np.isnan(recon)))
+        if n_valid == 0:
+            raise ValueError("recon_data has no valid (non-NaN) bins")
+        return Batch(encod, recon, ext, n_valid)
+
+    def draw_noise(self, batch_size: int, rng: np.random.Generator, *, train: bool = True,
+                   sample: bool = True) -> dict:
+        """Draws the sampling noise and dropout masks of one step (docs/math.md, 'Noise').
+
+        Args:
+            batch_size: B.
+            rng: numpy Generator.
+            train: draw dropout and coordinated-dropout masks (else none).
+            sample: draw posterior samples (else the posterior means are used).
+        """
+        cfg, dt, B = self.config, self.dtype, int(batch_size)
+        Te, Tr = cfg.encod_seq_len, cfg.recon_seq_len
+        noise: dict = {}
+        if sample:
+            noise["ic_eps"] = rng.standard_normal((B, cfg.ic_dim), dtype=dt)
+            if cfg.use_con:
+                noise["co_eps"] = rng.standard_normal((Tr, B, cfg.co_dim), dtype=dt)
+        if cfg.use_con:
+            noise["co_kl_eps"] = rng.standard_normal((Tr, B, cfg.co_dim), dtype=dt)
+        if train and cfg.dropout_rate > 0:
+            p = cfg.dropout_rate
+
+            def drop(*shape):
+                return (rng.random(shape, dtype=dt) >= p).astype(dt) * dt.type(1.0 / (1.0 - p))
+
+            noise["drop_data"] = drop(Te, B, cfg.encod_data_dim)
+            noise["drop_ic_hn"] = drop(B, 2 * cfg.ic_enc_dim)
+            noise["drop_g0"] = drop(B, cfg.gen_dim)
+            noise["drop_gen"] = drop(Tr, B, cfg.gen_dim)
+            if cfg.use_con:
+                noise["drop_ci"] = drop(Tr, B, 2 * cfg.ci_enc_dim)
+                noise["drop_fac_in"] = drop(Tr, B, cfg.fac_dim)
+            if cfg.ext_input_dim > 0:
+                noise["drop_ext"] = drop(Tr, B, cfg.ext_input_dim)
+        if train and cfg.cd_rate > 0:
+            noise["cd_keep"] = (rng.random((Te, B, cfg.encod_data_dim), dtype=dt) >= cfg.cd_rate).astype(dt)
+        return noise
+
+    def loss_and_grads(self, batch: Batch, noise: dict | None = None, *, kl_ramp: float = 1.0,
+                       l2_ramp: float = 1.0, grads: bool = True):
+        """All loss terms and the gradient of the total loss for one batch.
+
+        Args:
+            batch: from make_batch.
+            noise: from draw_noise (None: posterior means, no dropout).
+            kl_ramp, l2_ramp: ramp coefficients in [0, 1] of the KL and L2 terms.
+            grads: compute the gradient.
+
+        Returns:
+            (terms, grad): terms is a dict of floats (loss, recon, kl_ic, kl_co, l2); grad is a
+            flat vector of the parameters' layout (None when grads is False).
+        """
+        cache = self._forward(batch, noise or {}, grads=grads, kl_ramp=kl_ramp, l2_ramp=l2_ramp,
+                              outputs=False)
+        grad = self._backward(cache) if grads else None
+        return cache["terms"], grad
+
+    def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
+                recon_data=None) -> dict:
+        """Runs the model on batch-major data without dropout.
+
+        Args:
+            encod_data: [B, encod_seq_len, encod_data_dim] spike counts.
+            ext_input: [B, T, ext_input_dim] or None.
+            sample: sample the posteriors (seeded by `seed`) instead of using their means.
+            recon_data: optional targets [B, recon_seq_len, recon_data_dim] (for the loss terms).
+
+        Returns:
+            dict with lfads-torch's output names, batch-major: output_params (rates, expected
+            counts per bin) [B, T_r, N_r], factors [B, T_r, F], gen_states [B, T_r, G],
+            gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C],
+            co_means, co_stds [B, T_r, U], ic_mean, ic_std [B, ic_dim]; and `terms` (loss
+            terms, meaningful when recon_data is given).
+        """
+        encod_data = _as_array("encod_data", encod_data, 3)
+        if recon_data is None:
+            cfg = self.config
+            recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, cfg.recon_data_dim), np.float32)
+        batch = self.make_batch(encod_data, recon_data, ext_input)
+        noise = self.draw_noise(batch.size, np.random.default_rng(seed), train=False, sample=sample)
+        cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True)
+        return cache["outputs"]
+
+    # ------------------------------------------------------------------ forward
+
+    def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
+                 outputs: bool) -> dict:
+        cfg, p, dt = self.config, self.params, self.dtype
+        Te, B, Ne = batch.encod.shape
+        Tr, Nr = cfg.recon_seq_len, cfg.recon_data_dim
+        Hi, Hc, G, F, U, E = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.fac_dim, cfg.co_dim, cfg.ext_input_dim
+        con = cfg.use_con
+        clip = cfg.cell_clip
+        nz = _NoiseReader(noise, dt, B, cfg)
+        c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
+
+        # Encoder input: coordinated dropout, then dropout.
+        x = batch.encod
+        cd_keep = nz.get("cd_keep", (Te, B, Ne))
+        if cd_keep is not None:
+            x = x * (cd_keep * dt.type(1.0 / (1.0 - cfg.cd_rate)))
+        drop_data = nz.get("drop_data", (Te, B, Ne))
+        if drop_data is not None:
+            x = x * drop_data
+        x = np.ascontiguousarray(x, dtype=dt)
+        c["x"] = x
+
+        # One GEMM projects the input for all encoder GRUs.
+        enc = self._encoders()
+        W_enc, b_enc = self._enc_input_weights(self.flat)
+        xproj = (x.reshape(Te * B, Ne) @ W_enc.T + b_enc).reshape(Te, B, -1)
+        c["xproj"] = xproj
+        c["enc"] = {}
+        for name, H, off, rev, h0_name, h0_row in enc:
+            h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
+            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip)
+            c["enc"][name] = (hs, gates, h0)
+
+        # Initial-condition posterior.
+        hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
+        h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
+        drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
+        h_n_d = h_n * drop_ic if drop_ic is not None else h_n
+        ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
+        ic_mean = np.ascontiguousarray(ic_params[:, : cfg.ic_dim])
+        ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
+        ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
+        ic_eps = nz.get("ic_eps", (B, cfg.ic_dim))
+        ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
+        c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
+                 ic_eps=ic_eps, ic_samp=ic_samp)
+
+        # Generator initial state and factors.
+        g0 = np.ascontiguousarray(ic_samp @ p["ic_to_g0_W"].T + p["ic_to_g0_b"])
+        fac_norm = np.linalg.norm(p["fac_W"], axis=1, keepdims=True)
+        W_fac = np.ascontiguousarray(p["fac_W"] / fac_norm)
+        drop_g0 = nz.get("drop_g0", (B, G))
+        g0_d = g0 * drop_g0 if drop_g0 is not None else g0
+        f0 = np.ascontiguousarray(g0_d @ W_fac.T)
+        c.update(g0=g0, g0_d=g0_d, drop_g0=drop_g0, W_fac=W_fac, fac_norm=fac_norm)
+
+        # Decoder inputs: controller-input projection of the lagged CI, generator-input
+        # projection of the external inputs (both one GEMM over all steps).
+        dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
+               "mask_g": nz.get("drop_gen", (Tr, B, G))}
+        if con:
+            ci = np.zeros((Tr, B, 2 * Hc), dtype=dt)
+            lag = cfg.ci_lag
+            cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
+            if lag < Te:
+                ci[lag:Te, :, :Hc] = cf[: Te - lag]
+                ci[: Te - lag, :, Hc:] = cb[lag:]
+            drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
+            ci_d = ci * drop_ci if drop_ci is not None else ci
+            W_con_ci = p["con_W_ih"][:, : 2 * Hc]
+            xcon = (ci_d.reshape(Tr * B, 2 * Hc) @ W_con_ci.T + p["con_b_ih"]).reshape(Tr, B, -1)
+            dec.update(xcon=np.ascontiguousarray(xcon, dtype=dt),
+                       W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
+                       W_con_hh=p["con_W_hh"],
+                       c0=np.ascontiguousarray(np.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
+                       W_co=p["co_linear_W"], b_co=p["co_linear_b"],
+                       eps=nz.get("co_eps", (Tr, B, U)),
+                       mask_f=nz.get("drop_fac_in", (Tr, B, F)),
+                       W_gen_u=np.ascontiguousarray(p["gen_W_ih"][:, :U]))
+            c.update(ci_d=ci_d, drop_ci=drop_ci)
+        Ug = U if con else 0
+        if E > 0:
+            drop_ext = nz.get("drop_ext", (Tr, B, E))
+            ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
+            W_ext = p["gen_W_ih"][:, Ug:]
+            xgen = (ext_d.reshape(Tr * B, E) @ W_ext.T + p["gen_b_ih"]).reshape(Tr, B, -1)
+            c.update(ext_d=ext_d)
+        else:
+            xgen = np.broadcast_to(p["gen_b_ih"], (Tr, B, 3 * G))
+        dec["xgen"] = np.ascontiguousarray(xgen, dtype=dt)
+        sample = con and dec.get("eps") is not None
+        out = ops.decoder_forward(dec, Tr, clip=clip, sample=sample)
+        c.update(dec=dec, dec_out=out, sample=sample)
+
+        # Reconstruction (read-out + Poisson NLL, fused with its gradient) and the KL terms.
+        terms = {}
+        recon_scale = 1.0 / (batch.n_valid if cfg.recon_reduce_mean else B)
+        grad_mask = None
+        if cd_keep is not None:
+            grad_mask = np.ones((Tr, B, Nr), dtype=dt)
+            grad_mask[:Te, :, :Ne] = 1.0 - cd_keep
+        factors2d = out["factors"].reshape(Tr * B, F)
+        elbo = ops.poisson_elbo(factors2d, p["readout_W"], p["readout_b"], batch.recon.reshape(Tr * B, Nr),
+                                T=Tr, scale=cfg.loss_scale * recon_scale,
+                                grad_mask=None if grad_mask is None else grad_mask.reshape(Tr * B, Nr),
+                                grads=grads, log_rates=outputs)
+        terms["recon"] = elbo["loss"] / cfg.loss_scale
+        c["elbo"] = elbo
+
+        kl_ic_w = cfg.loss_scale * kl_ramp * cfg.kl_ic_scale
+        kl = ops.kl_ic(ic_mean, ic_logvar, p["ic_prior_mean"],
+                       np.full(cfg.ic_dim, np.log(cfg.ic_prior_var), dtype=dt),
+                       var_min=cfg.ic_post_var_min, scale=1.0, grads=grads)
+        terms["kl_ic"] = kl["kl"]
+        c["kl_ic"] = kl
+        c["kl_ic_w"] = kl_ic_w
+        if con:
+            kl_co_w = cfg.loss_scale * kl_ramp * cfg.kl_co_scale
+            kl = ops.kl_co(out["co_mean"], out["co_logvar"], nz.require("co_kl_eps", (Tr, B, U)),
+                           p["co_prior_logtau"], p["co_prior_lognvar"], scale=1.0, grads=grads)
+            terms["kl_co"] = kl["kl"]
+            c["kl_co"] = kl
+            c["kl_co_w"] = kl_co_w
+        else:
+            terms["kl_co"] = 0.0
+
+        l2, l2_denom = 0.0, 0.0
+        for name, scale in self._l2_terms():
+            if scale > 0:
+                W = p[name]
+                l2 += scale * 0.5 * float(np.vdot(W, W))
+                l2_denom += W.size
+        terms["l2"] = l2 / (l2_denom + 1e-8)
+        c["l2_denom"] = l2_denom
+        terms["loss"] = cfg.loss_scale * (terms["recon"] + l2_ramp * terms["l2"] + kl_ramp * (
+            cfg.kl_ic_scale * terms["kl_ic"] + cfg.kl_co_scale * terms["kl_co"]))
+        c["terms"] = terms
+        if outputs:
+            c["outputs"] = self._outputs(c, terms)
+        return c
+
+    def _outputs(self, c: dict, terms: dict) -> dict:
+        cfg = self.config
+        out = c["dec_out"]
+        Tr, B = out["factors"].shape[:2]
+
+        def bm(a):  # time-major -> batch-major
+            return np.ascontiguousarray(a.transpose(1, 0, 2))
+
+        log_rates = c["elbo"]["log_rates"].reshape(Tr, B, cfg.recon_data_dim)
+        gen_inputs = [out["u"]] if cfg.use_con else []
+        if cfg.ext_input_dim > 0:
+            gen_inputs.append(c["ext_d"])
+        gi = np.concatenate(gen_inputs, axis=2) if gen_inputs else np.zeros((Tr, B, 0), self.dtype)
+        return {
+            "output_params": bm(np.exp(log_rates)),
+            "factors": bm(out["factors"]),
+            "gen_states": bm(out["gen_states"]),
+            "gen_init": c["g0"].copy(),
+            "gen_inputs": bm(gi),
+            "con_states": bm(out["con_states"]),
+            "co_means": bm(out["co_mean"]),
+            "co_stds": bm(np.exp(out["co_logvar"] / 2)),
+            "ic_mean": c["ic_mean"].copy(),
+            "ic_std": c["ic_std"].copy(),
+            "terms": dict(terms),
+        }
+
+    # ------------------------------------------------------------------ backward
+
+    def _backward(self, c: dict) -> np.ndarray:
+        cfg, p, dt = self.config, self.params, self.dtype
+        grad = np.zeros_like(self.flat)
+        g = self._views(grad)
+        batch, nz = c["batch"], c["nz"]
+        Te, B, Ne = batch.encod.shape
+        Tr, F, G, U, E = cfg.recon_seq_len, cfg.fac_dim, cfg.gen_dim, cfg.co_dim, cfg.ext_input_dim
+        Hi, Hc = cfg.ic_enc_dim, cfg.ci_enc_dim
+        con = cfg.use_con
+        clip = cfg.cell_clip
+        dec, out, elbo = c["dec"], c["dec_out"], c["elbo"]
+
+        g["readout_W"][...] = elbo["d_W_ro"]
+        g["readout_b"][...] = elbo["d_b_ro"]
+        d_co_mean = d_co_logvar = None
+        if con:
+            w = dt.type(c["kl_co_w"])
+            d_co_mean = c["kl_co"]["d_mean"] * w
+            d_co_logvar = c["kl_co"]["d_logvar"] * w
+            g["co_prior_logtau"][...] = c["kl_co"]["d_logtau"] * w
+            g["co_prior_lognvar"][...] = c["kl_co"]["d_lognvar"] * w
+        d = ops.decoder_backward(dec, out, elbo["d_factors"].reshape(Tr, B, F), d_co_mean, d_co_logvar,
+                                 clip=clip, sample=c["sample"])
+        g["gen_W_hh"][...] = d["d_W_gen_hh"]
+        Ug = U if con else 0
+        d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
+        g["gen_b_ih"][...] = d_xgen.sum(axis=0)
+        if E > 0:
+            g["gen_W_ih"][:, Ug:] = d_xgen.T @ c["ext_d"].reshape(Tr * B, E)
+        if con:
+            g["gen_W_ih"][:, :U] = d["d_W_gen_u"]
+            g["co_linear_W"][...] = d["d_W_co"]
+            g["co_linear_b"][...] = d["d_b_co"]
+            g["con_W_hh"][...] = d["d_W_con_hh"]
+            g["con_h0"][...] = d["d_c0"].sum(axis=0)
+            d_xcon = d["d_xcon"].reshape(Tr * B, -1)
+            g["con_b_ih"][...] = d_xcon.sum(axis=0)
+            g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
+            g["con_W_ih"][:, : 2 * Hc] = d_xcon.T @ c["ci_d"].reshape(Tr * B, 2 * Hc)
+            d_ci = (d_xcon @ p["con_W_ih"][:, : 2 * Hc]).reshape(Tr, B, 2 * Hc)
+            if c["drop_ci"] is not None:
+                d_ci *= c["drop_ci"]
+            # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
+            lag = cfg.ci_lag
+            d_cf = np.zeros((Te, B, Hc), dtype=dt)
+            d_cb = np.zeros((Te, B, Hc), dtype=dt)
+            if lag < Te:
+                d_cf[: Te - lag] = d_ci[lag:Te, :, :Hc]
+                d_cb[lag:] = d_ci[: Te - lag, :, Hc:]
+
+        # Factors of the initial state, and the row normalisation of fac_W.
+        d_W_fac = d["d_W_fac"] + d["d_f0"].T @ c["g0_d"]
+        d_g0_d = d["d_f0"] @ c["W_fac"]
+        d_g0 = d["d_g0"] + (d_g0_d * c["drop_g0"] if c["drop_g0"] is not None else d_g0_d)
+        Wn = c["W_fac"]
+        g["fac_W"][...] = (d_W_fac - Wn * np.sum(d_W_fac * Wn, axis=1, keepdims=True)) / c["fac_norm"]
+
+        # Initial condition: g0 = W ic_samp + b; ic_samp = mean + std * eps; KL.
+        g["ic_to_g0_W"][...] = d_g0.T @ c["ic_samp"]
+        g["ic_to_g0_b"][...] = d_g0.sum(axis=0)
+        d_samp = d_g0 @ p["ic_to_g0_W"]
+        w = dt.type(c["kl_ic_w"])
+        kl = c["kl_ic"]
+        d_mean = d_samp + kl["d_mean"] * w
+        d_logvar = kl["d_logvar"] * w
+        if c["ic_eps"] is not None:
+            d_std = d_samp * c["ic_eps"]
+            d_logvar = d_logvar + d_std * np.exp(c["ic_logvar"]) / (2 * c["ic_std"])
+        g["ic_prior_mean"][...] = kl["d_prior_mean"] * w
+        d_params = np.concatenate([d_mean, d_logvar], axis=1)
+        g["ic_linear_W"][...] = d_params.T @ c["h_n_d"]
+        g["ic_linear_b"][...] = d_params.sum(axis=0)
+        d_h_n = d_params @ p["ic_linear_W"]
+        if c["drop_ic"] is not None:
+            d_h_n *= c["drop_ic"]
+
+        # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
+        d_xproj = np.zeros_like(c["xproj"])
+        d_final = {"ic_enc_fwd": np.ascontiguousarray(d_h_n[:, :Hi]),
+                   "ic_enc_bwd": np.ascontiguousarray(d_h_n[:, Hi:])}
+        d_seq = {"ci_enc_fwd": d_cf, "ci_enc_bwd": d_cb} if con else {}
+        for name, H, off, rev, h0_name, h0_row in self._encoders():
+            hs, gates, h0 = c["enc"][name]
+            d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
+                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip)
+            g[f"{name}_W_hh"][...] = d_W_hh
+            g[h0_name][h0_row] = d_h0.sum(axis=0)
+        d_W_enc, d_b_enc = self._enc_input_weights(grad)
+        d_xp = d_xproj.reshape(Te * B, -1)
+        np.matmul(d_xp.T, c["x"].reshape(Te * B, Ne), out=d_W_enc)
+        d_b_enc[...] = d_xp.sum(axis=0)
+
+        # L2 penalty on the recurrent weights.
+        if c["l2_denom"] > 0:
+            coef = cfg.loss_scale * c["l2_ramp"] / (c["l2_denom"] + 1e-8)
+            for name, scale in self._l2_terms():
+                if scale > 0:
+                    g[name] += dt.type(coef * scale) * p[name]
+        return grad
+
+    # ------------------------------------------------------------------ helpers
+
+    def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        views, i = {}, 0
+        for name, shape in self.layout:
+            n = int(np.prod(shape))
+            views[name] = flat[i : i + n].reshape(shape)
+            i += n
+        return views
+
+    def _encoders(self):
+        """(name, H, column offset in the shared projection, reverse, h0 param, h0 row)."""
+        cfg = self.config
+        Hi, Hc = cfg.ic_enc_dim, cfg.ci_enc_dim
+        encs = [("ic_enc_fwd", Hi, 0, False, "ic_enc_h0", 0),
+                ("ic_enc_bwd", Hi, 3 * Hi, True, "ic_enc_h0", 1)]
+        if cfg.use_con:
+            encs += [("ci_enc_fwd", Hc, 6 * Hi, False, "ci_enc_h0", 0),
+                     ("ci_enc_bwd", Hc, 6 * Hi + 3 * Hc, True, "ci_enc_h0", 1)]
+        return encs
+
+    def _enc_input_weights(self, flat: np.ndarray):
+        """The encoders' stacked input weights [3 * sum(H), N_e] and biases: views of `flat`,
+        which param_layout puts first."""
+        rows = sum(3 * H for _, H, *_ in self._encoders())
+        n = rows * self.config.encod_data_dim
+        return flat[:n].reshape(rows, -1), flat[n : n + rows]
+
+    def _l2_terms(self):
+        cfg = self.config
+        terms = [("ic_enc_fwd_W_hh", cfg.l2_ic_enc_scale), ("ic_enc_bwd_W_hh", cfg.l2_ic_enc_scale),
+                 ("gen_W_hh", cfg.l2_gen_scale)]
+        if cfg.use_con:
+            terms += [("ci_enc_fwd_W_hh", cfg.l2_ci_enc_scale), ("ci_enc_bwd_W_hh", cfg.l2_ci_enc_scale),
+                      ("con_W_hh", cfg.l2_con_scale)]
+        return terms
+
+    def _init_params(self, rng: np.random.Generator) -> None:
+        """lfads-torch's initialisation (docs/math.md, 'Initialisation')."""
+        cfg, p = self.config, self.params
+
+        def normal(name, std):
+            p[name][...] = rng.standard_normal(p[name].shape) * std
+
+        Ne = cfg.encod_data_dim
+        for name, H, *_ in self._encoders():
+            normal(f"{name}_W_ih", 1 / np.sqrt(Ne + H))
+            normal(f"{name}_W_hh", 1 / np.sqrt(Ne + H))
+            p[f"{name}_b_ih"][: 2 * H] = 1.0
+        gru_cells = [("gen", cfg.gen_dim)] + ([("con", cfg.con_dim)] if cfg.use_con else [])
+        for name, H in gru_cells:
+            n_in = p[f"{name}_W_ih"].shape[1]
+            if n_in > 0:
+                normal(f"{name}_W_ih", 1 / np.sqrt(n_in))
+            normal(f"{name}_W_hh", 1 / np.sqrt(H))
+            p[f"{name}_b_ih"][: 2 * H] = 1.0
+        linears = ["ic_linear_W", "ic_to_g0_W", "fac_W", "readout_W"]
+        if cfg.use_con:
+            linears.append("co_linear_W")
+        for name in linears:
+            normal(name, 1 / np.sqrt(p[name].shape[1]))
+        p["ic_prior_mean"][...] = cfg.ic_prior_mean
+        if cfg.use_con:
+            p["co_prior_logtau"][...] = np.log(cfg.co_prior_tau)
+            p["co_prior_lognvar"][...] = np.log(cfg.co_prior_nvar)
+
+
+class _NoiseReader:
+    """Checks and casts the arrays of a noise dict (unknown keys are an error)."""
+
+    KEYS = ("ic_eps", "co_eps", "co_kl_eps", "cd_keep", "drop_data", "drop_ic_hn", "drop_ci",
+            "drop_fac_in", "drop_g0", "drop_gen", "drop_ext")
+
+    def __init__(self, noise: dict, dtype, B: int, cfg: LFADSConfig):
+        unknown = sorted(set(noise) - set(self.KEYS))
+        if unknown:
+            raise ValueError(f"unknown noise entries: {', '.join(unknown)} (expected some of {', '.join(self.KEYS)})")
+        self.noise, self.dtype = noise, dtype
+
+    def get(self, key: str, shape: tuple):
+        a = self.noise.get(key)
+        if a is None:
+            return None
+        a = np.asarray(a)
+        if a.shape != tuple(shape):
+            raise ValueError(f"noise['{key}'] must have shape {list(shape)}, got {list(a.shape)}")
+        return np.ascontiguousarray(a, dtype=self.dtype)
+
+    def require(self, key: str, shape: tuple):
+        a = self.get(key, shape)
+        if a is None:
+            raise ValueError(f"noise['{key}'] is required (the inferred-input KL needs its own sample)")
+        return a
+
+
+def _as_array(name: str, a, ndim: int) -> np.ndarray:
+    try:
+        a = np.asarray(a)
+    except Exception as e:  # ragged lists and the like
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}") from e
+    if a.dtype.kind not in "fiu" or a.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-d numeric array, got shape {a.shape} dtype {a.dtype}")
+    return a
+
+
+def _expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} [batch, time, neurons] for this config, "
+                         f"got {list(a.shape)}")
+
+
+def _check_counts(name: str, a: np.ndarray) -> None:
+    if a.dtype.kind in "iu":
+        if a.size and a.min() < 0:
+            raise ValueError(f"{name} has negative spike counts")
+        return
+    finite = a[~np.isnan(a)]
+    if np.isinf(finite).any():
+        raise ValueError(f"{name} has infinite values")
+    if finite.size and finite.min() < 0:
+        raise ValueError(f"{name} has negative spike counts (min {finite.min()})")
+    if not np.all(finite == np.round(finite)):
+        raise ValueError(f"{name} has non-integer spike counts")
