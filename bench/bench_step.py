@@ -1,0 +1,178 @@
+"""One LFADS training step (forward + backward + Adam) of lfads_fast against PyTorch, same run.
+
+The baseline is the independent PyTorch implementation of the same equations that the tests
+use (tests/torch_reference.py: eager, step-by-step recurrence as in lfads-torch), float32,
+with torch.optim.Adam, on the same number of threads. Both get identical parameters, data,
+dropout masks and sampling noise. Prints a header (machine, commit, threads, sizes), the
+median step times, the ratio, and the fraction of this machine's SGEMM rate reached by
+lfads_fast; writes the table to bench/results/step_cpu.md.
+
+    python bench/bench_step.py [--threads 2] [--repeats 5] [--configs nlb5ms,small]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+CONFIGS = {
+    # The NLB MC_Maze 5 ms configuration of the issue tracker.
+    "nlb5ms": dict(batch=256, encod_data_dim=137, recon_data_dim=182, encod_seq_len=140,
+                   recon_seq_len=180, ic_enc_dim=100, ci_enc_dim=80, con_dim=80, co_dim=4,
+                   ic_dim=100, gen_dim=100, fac_dim=40),
+    "small": dict(batch=16, encod_data_dim=50, recon_data_dim=50, encod_seq_len=100,
+                  recon_seq_len=100, ic_enc_dim=64, ci_enc_dim=64, con_dim=64, co_dim=4,
+                  ic_dim=64, gen_dim=64, fac_dim=64),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--configs", default="nlb5ms,small")
+    ap.add_argument("--out", default=str(HERE / "results" / "step_cpu.md"))
+    args = ap.parse_args()
+
+    import torch
+
+    from lfads_fast import LFADS, LFADSConfig, ops
+
+    torch.set_num_threads(args.threads)
+    ops.set_num_threads(args.threads)
+    gemm_rate = measure_sgemm_gflops(args.threads)
+    header = [
+        "# One training step on the CPU: lfads_fast vs PyTorch (same math)",
+        "",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for both",
+        f"- commit: {commit()}",
+        f"- python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
+        "- dtype: float32; step = forward + backward + Adam; median of "
+        f"{args.repeats} steps after 1 warm-up",
+        f"- measured SGEMM rate (2048^3, numpy/OpenBLAS, {args.threads} threads): {gemm_rate:.1f} GFLOP/s",
+        "",
+        "| config | batch | lfads_fast (ms) | PyTorch eager (ms) | speed-up | GEMM GFLOP/step | floor (ms) | fraction of floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(header), flush=True)
+    rows = []
+    for name in args.configs.split(","):
+        spec = dict(CONFIGS[name])
+        B = spec.pop("batch")
+        cfg = LFADSConfig(**spec, dropout_rate=0.05, l2_gen_scale=1e-4, l2_con_scale=1e-4)
+        model = LFADS(cfg, seed=0)
+        rng = np.random.default_rng(0)
+        encod = rng.poisson(0.3, (B, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float32)
+        recon = rng.poisson(0.3, (B, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float32)
+        recon[:, : cfg.encod_seq_len, : cfg.encod_data_dim] = encod
+        batch = model.make_batch(encod, recon)
+        noise = model.draw_noise(B, rng)
+        t_fast = time_fast(model, batch, noise, args.repeats)
+        t_torch = time_torch(model, cfg, encod, recon, noise, args.repeats)
+        gflop = step_gflop(cfg, B)
+        floor = gflop / gemm_rate * 1e3
+        row = (f"| {name} | {B} | {t_fast * 1e3:.1f} | {t_torch * 1e3:.1f} | {t_torch / t_fast:.1f}x "
+               f"| {gflop:.1f} | {floor:.1f} | {floor / (t_fast * 1e3):.2f} |")
+        print(row, flush=True)
+        rows.append(row)
+    notes = [
+        "",
+        "GEMM GFLOP/step counts the matrix products of forward and backward (backward = 2x",
+        "forward: input and weight gradients); the floor is that count at the measured SGEMM",
+        "rate. Elementwise work (gates, exp, lgamma) is not counted.",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(header + rows + notes) + "\n")
+    print("\n".join(notes))
+    print(f"written to {args.out}")
+
+
+def time_fast(model, batch, noise, repeats):
+    from lfads_fast import ops
+
+    m = np.zeros_like(model.flat)
+    v = np.zeros_like(model.flat)
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        _, grad = model.loss_and_grads(batch, noise)
+        ops.adam_step(model.flat, grad, m, v, lr=1e-3, step=i + 1, max_grad_norm=200.0)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def time_torch(model, cfg, encod, recon, noise, repeats):
+    import torch
+
+    import torch_reference as ref
+
+    p = {k: torch.tensor(v, requires_grad=True) for k, v in model.params.items()}
+    opt = torch.optim.Adam(list(p.values()), lr=1e-3)
+    inputs = ref._prepare_inputs(cfg, encod, recon, None, noise, torch.float32)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        out = ref._forward(p, cfg, inputs)
+        recon_loss = ref._recon_loss(cfg, out["log_rates"], inputs)
+        kl_ic = ref._kl_ic(cfg, out["ic_mean"], out["ic_std"], p["ic_prior_mean"])
+        kl_co = ref._kl_co_ar1(out["co_means"], out["co_stds"], inputs["co_kl_eps"],
+                               p["co_prior_logtau"], p["co_prior_lognvar"])
+        l2 = ref._l2_penalty(p, cfg)
+        loss = cfg.loss_scale * (recon_loss + l2 + cfg.kl_ic_scale * kl_ic + cfg.kl_co_scale * kl_co)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(p.values()), 200.0)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def step_gflop(cfg, B) -> float:
+    """Matrix-product GFLOP of one step (forward + backward = 3x forward)."""
+    Te, Tr, Ne, Nr = cfg.encod_seq_len, cfg.recon_seq_len, cfg.encod_data_dim, cfg.recon_data_dim
+    Hi, Hc, C, U, G, F = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.con_dim, cfg.co_dim, cfg.gen_dim, cfg.fac_dim
+    per_te = 2 * (2 * 3 * Hi * (Ne + Hi)) + 2 * (2 * 3 * Hc * (Ne + Hc))
+    per_tr = 2 * (3 * C * (2 * Hc + F + C) + 2 * U * C + 3 * G * (U + G) + F * G + Nr * F)
+    return 3 * B * (Te * per_te + Tr * per_tr) / 1e9
+
+
+def measure_sgemm_gflops(threads: int) -> float:
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    a @ a
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * 2048**3 / np.median(times) / 1e9
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
