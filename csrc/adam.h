@@ -1,5 +1,6 @@
 // Fused Adam(W) step over one flat parameter vector, with global gradient-norm clipping.
-//   norm = ||g||_2 over all n elements;  if !isfinite(norm): nothing is changed (the caller
+//   norm = ||g||_2 over all n elements, frozen ones included (give them zero gradients to keep
+//   them out of the norm);  if !isfinite(norm): nothing but grad_norm is changed (the caller
 //   counts a skipped step).  c = min(1, max_grad_norm / (norm + 1e-6)) when max_grad_norm > 0.
 //   For each i with mask[i] != 0 (all when mask is null):
 //     p -= lr * weight_decay * p                      (decoupled, as torch.optim.AdamW)

@@ -17,6 +17,12 @@ inline const char* dtype_name() {
   return sizeof(S) == 4 ? "float32" : "float64";
 }
 
+// Masks (Adam's frozen-parameter mask) are uint8.
+template <>
+inline const char* dtype_name<uint8_t>() {
+  return "uint8";
+}
+
 inline std::string shape_str(const std::vector<int64_t>& shape) {
   std::ostringstream o;
   o << "[";

@@ -23,10 +23,10 @@ struct ElboArgs {
   S scale;               // loss = scale * sum over bins of weight * nll
   // outputs
   S* loss;               // [1]
-  S* log_rates;          // [R, N] or nullptr
+  S* log_rates;          // [R, N] or nullptr (written for missing bins too)
   S* nll_tn;             // [T, N] sum over the batch of weight * nll (unscaled), or nullptr
   S* d_factors;          // [R, F] or nullptr: no gradients at all when nullptr
-  S* d_W_ro;             // [N, F]
+  S* d_W_ro;             // [N, F]  overwritten, not accumulated (as every gradient output here)
   S* d_b_ro;             // [N]
 };
 
@@ -35,7 +35,7 @@ template <typename S>
 void poisson_elbo_cpu(const ElboShape& s, const ElboArgs<S>& a);
 
 struct KlIcShape {
-  int B, D;  // batch, ic_dim
+  int B, D;  // batch (>= 1: the KL is a mean over it), ic_dim
 };
 
 template <typename S>
@@ -55,7 +55,7 @@ template <typename S>
 void kl_ic_cpu(const KlIcShape& s, const KlIcArgs<S>& a);
 
 struct KlCoShape {
-  int T, B, U;
+  int T, B, U;  // B >= 1
 };
 
 template <typename S>
