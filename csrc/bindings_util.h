@@ -59,7 +59,8 @@ S* checked(const py::handle& obj, const char* name, const std::vector<int64_t>& 
                           dtype_name<S>() + " C-contiguous, got " + got_str(a));
   if (output && !a.writeable())
     throw py::value_error(std::string(name) + " must be writeable");
-  return static_cast<S*>(a.mutable_data());
+  // Inputs may be read-only views (e.g. broadcasts); only outputs need writeable memory.
+  return static_cast<S*>(output ? a.mutable_data() : const_cast<void*>(a.data()));
 }
 
 // Like checked() but None gives nullptr.
