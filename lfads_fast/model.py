@@ -72,12 +72,15 @@ class Batch:
         recon: reconstruction target counts, [T_r, B, N_r]; NaN = missing bin.
         ext: external inputs [T_r, B, E] (zero-padded after T_e if shorter), or None.
         n_valid: number of non-missing bins of recon.
+        recon_weight: per-bin weights of the reconstruction loss and its gradient
+            [T_r, B, N_r], or None (all 1); set by sample validation.
     """
 
     encod: np.ndarray
     recon: np.ndarray | None
     ext: np.ndarray | None
     n_valid: int
+    recon_weight: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -118,7 +121,8 @@ class LFADS:
             raise ValueError(f"flat must have shape {self.flat.shape}, got {flat.shape}")
         return self._views(flat)
 
-    def make_batch(self, encod_data, recon_data=None, ext_input=None, *, check_counts=True) -> Batch:
+    def make_batch(self, encod_data, recon_data=None, ext_input=None, *, check_counts=True,
+                   sv_mask=None, sv_rate: float = 0.0) -> Batch:
         """Validates batch-major data and turns it into a time-major Batch.
 
         Args:
@@ -128,6 +132,13 @@ class LFADS:
             ext_input: external inputs [B, recon_seq_len or encod_seq_len, ext_input_dim].
             check_counts: check that counts are non-negative integers (off for speed when
                 the data were validated on load).
+            sv_mask: sample validation (lfads-torch's SampleValidation), 0/1 or bool
+                [B, encod_seq_len, encod_data_dim], 1 = bin kept, 0 = bin held out; or None.
+                Held-out bins are zeroed in the encoder input and left out of the
+                reconstruction loss; kept bins are scaled by 1 / (1 - sv_rate) in both, so
+                input sums and loss means stay comparable. Forward-prediction bins and
+                held-out neurons keep weight 1.
+            sv_rate: the expected fraction of held-out bins, in [0, 1); required with sv_mask.
         """
         cfg = self.config
         encod_data = _as_array("encod_data", encod_data, 3)
@@ -145,6 +156,12 @@ class LFADS:
             _check_counts("recon_data", recon_data)
         encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
         recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
+        recon_weight = None
+        if sv_mask is not None:
+            keep = self._sv_keep_scaled(sv_mask, sv_rate, B)  # [T_e, B, N_e]
+            encod *= keep
+            recon_weight = np.ones_like(recon)
+            recon_weight[: cfg.encod_seq_len, :, : cfg.encod_data_dim] = keep
         ext = None
         if cfg.ext_input_dim > 0:
             if ext_input is None:
@@ -163,7 +180,7 @@ class LFADS:
         n_valid = int(np.count_nonzero(~np.isnan(recon)))
         if n_valid == 0:
             raise ValueError("recon_data has no valid (non-NaN) bins")
-        return Batch(encod, recon, ext, n_valid)
+        return Batch(encod, recon, ext, n_valid, recon_weight)
 
     def draw_noise(self, batch_size: int, rng: np.random.Generator, *, train: bool = True,
                    sample: bool = True) -> dict:
@@ -223,7 +240,7 @@ class LFADS:
         return cache["terms"], grad
 
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
-                recon_data=None) -> dict:
+                recon_data=None, sv_mask=None, sv_rate: float = 0.0) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
@@ -231,6 +248,7 @@ class LFADS:
             ext_input: [B, T, ext_input_dim] or None.
             sample: sample the posteriors (seeded by `seed`) instead of using their means.
             recon_data: optional targets [B, recon_seq_len, recon_data_dim] (for the loss terms).
+            sv_mask, sv_rate: sample validation, as in make_batch.
 
         Returns:
             dict with lfads-torch's output names, batch-major: output_params (rates, expected
@@ -243,7 +261,7 @@ class LFADS:
         if recon_data is None:
             cfg = self.config
             recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, cfg.recon_data_dim), np.float32)
-        batch = self.make_batch(encod_data, recon_data, ext_input)
+        batch = self.make_batch(encod_data, recon_data, ext_input, sv_mask=sv_mask, sv_rate=sv_rate)
         noise = self.draw_noise(batch.size, np.random.default_rng(seed), train=False, sample=sample)
         cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True)
         return cache["outputs"]
@@ -352,8 +370,9 @@ class LFADS:
             grad_mask = np.ones((Tr, B, Nr), dtype=dt)
             grad_mask[:Te, :, :Ne] = 1.0 - cd_keep
         factors2d = out["factors"].reshape(Tr * B, F)
+        loss_weight = None if batch.recon_weight is None else batch.recon_weight.reshape(Tr * B, Nr)
         elbo = ops.poisson_elbo(factors2d, p["readout_W"], p["readout_b"], batch.recon.reshape(Tr * B, Nr),
-                                T=Tr, scale=cfg.loss_scale * recon_scale,
+                                T=Tr, scale=cfg.loss_scale * recon_scale, loss_weight=loss_weight,
                                 grad_mask=None if grad_mask is None else grad_mask.reshape(Tr * B, Nr),
                                 grads=grads, log_rates=outputs)
         terms["recon"] = elbo["loss"] / cfg.loss_scale
@@ -521,6 +540,18 @@ class LFADS:
         return grad
 
     # ------------------------------------------------------------------ helpers
+
+    def _sv_keep_scaled(self, sv_mask, sv_rate: float, B: int) -> np.ndarray:
+        """The sample-validation mask, time-major [T_e, B, N_e], kept bins 1 / (1 - sv_rate)."""
+        cfg = self.config
+        if not (isinstance(sv_rate, (int, float)) and 0.0 < sv_rate < 1.0):
+            raise ValueError(f"sv_rate must be in (0, 1) when sv_mask is given, got {sv_rate!r}")
+        sv_mask = np.asarray(sv_mask)
+        _expect_shape("sv_mask", sv_mask, (B, cfg.encod_seq_len, cfg.encod_data_dim))
+        if sv_mask.dtype != np.bool_ and not np.all((sv_mask == 0) | (sv_mask == 1)):
+            raise ValueError("sv_mask must hold only 0 and 1 (1 = bin kept)")
+        keep = sv_mask.transpose(1, 0, 2).astype(self.dtype) * self.dtype.type(1.0 / (1.0 - sv_rate))
+        return np.ascontiguousarray(keep)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         views, i = {}, 0

@@ -1,0 +1,122 @@
+"""Posterior sampling and averaging (lfads-torch's run_posterior_sampling).
+
+Each trial is run n_samples times with independent posterior samples (initial condition and
+inferred inputs; no dropout) and every output is averaged per trial. The samples of many
+trials go through the model together as one wide batch: trial i is repeated n_samples times
+along the batch axis, in chunks of at most max_rows rows so that memory stays bounded.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import data as data_mod
+from .model import LFADS
+
+__all__ = ["DEFAULT_SAMPLES", "sample_and_average", "posterior_outputs", "write_posterior"]
+
+DEFAULT_SAMPLES = 50
+# Activation memory one chunk of rows may take (estimated with _row_bytes).
+_CHUNK_BYTES = 512 * 2**20
+
+
+def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarray | None = None,
+                       *, n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                       max_rows: int | None = None) -> dict[str, np.ndarray]:
+    """Posterior-averaged outputs of some trials.
+
+    Args:
+        model: a trained model.
+        encod_data: spike counts [B, encod_seq_len, encod_data_dim] (NaN = missing).
+        ext_input: external inputs [B, T, ext_input_dim], or None.
+        n_samples: posterior samples per trial; 0 runs once with the posterior means.
+        seed: seed of the samples. The samples depend on it and on max_rows.
+        max_rows: rows (trials x samples) per model call; None sizes chunks to about 512 MiB
+            of activations.
+
+    Returns:
+        lfads-torch's output names (data.POSTERIOR_FIELDS), batch-major, averaged over the
+        samples: output_params (expected counts per bin) [B, T_r, N_r], factors [B, T_r, F],
+        ic_mean, ic_std [B, ic_dim], co_means, co_stds [B, T_r, U], gen_states [B, T_r, G],
+        gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C].
+    """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
+        raise ValueError(f"n_samples must be an integer >= 0, got {n_samples!r}")
+    encod_data = np.asarray(encod_data)
+    if encod_data.ndim != 3:
+        raise ValueError(f"encod_data must be [trials, bins, neurons], got shape {encod_data.shape}")
+    n_trials = encod_data.shape[0]
+    reps = max(int(n_samples), 1)
+    if max_rows is None:
+        max_rows = max(_CHUNK_BYTES // _row_bytes(model), 1)
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    trials_per_chunk = max(max_rows // reps, 1)
+    chunks = []
+    for c, start in enumerate(range(0, n_trials, trials_per_chunk)):
+        sl = slice(start, start + trials_per_chunk)
+        x = np.repeat(encod_data[sl], reps, axis=0)
+        ext = None if ext_input is None else np.repeat(np.asarray(ext_input)[sl], reps, axis=0)
+        chunk_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
+        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed)
+        n = x.shape[0] // reps
+        chunks.append({k: out[k].reshape((n, reps) + out[k].shape[1:]).mean(axis=1)
+                       for k in data_mod.POSTERIOR_FIELDS})
+    if not chunks:
+        raise ValueError("encod_data has no trials")
+    return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in data_mod.POSTERIOR_FIELDS}
+
+
+def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
+                      n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                      splits: tuple[str, ...] | None = None,
+                      max_rows: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """sample_and_average for each split of a dataset.
+
+    Args:
+        model, n_samples, max_rows: as in sample_and_average.
+        dataset: the data.
+        seed: seed of the samples (each split draws from its own stream).
+        splits: names of the splits to run (None: all present).
+
+    Returns:
+        split name -> output name -> array.
+    """
+    present = dataset.splits
+    names = tuple(present) if splits is None else tuple(splits)
+    unknown = [s for s in names if s not in present]
+    if unknown:
+        raise ValueError(f"split(s) {unknown} not in the data (found {list(present)})")
+    return {name: sample_and_average(model, present[name].encod_data, present[name].ext_input,
+                                     n_samples=n_samples,
+                                     seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
+                                     max_rows=max_rows)
+            for i, name in enumerate(names)}
+
+
+def write_posterior(path: str | os.PathLike, model: LFADS, dataset: data_mod.Dataset, *,
+                    n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                    splits: tuple[str, ...] | None = None, max_rows: int | None = None
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """Runs posterior_outputs and writes the result with lfads-torch's keys
+    ({split}_{output}, {split}_inds), atomically (data.write_posterior_h5).
+
+    Returns:
+        The outputs written (split name -> output name -> array).
+    """
+    outputs = posterior_outputs(model, dataset, n_samples=n_samples, seed=seed, splits=splits,
+                                max_rows=max_rows)
+    inds = {name: dataset.splits[name].inds for name in outputs}
+    data_mod.write_posterior_h5(path, outputs, inds)
+    return outputs
+
+
+def _row_bytes(model: LFADS) -> int:
+    """Rough activation memory of one row (trial sample) of a forward pass, in bytes."""
+    c = model.config
+    per_encod_bin = 12 * c.ic_enc_dim + 12 * c.ci_enc_dim + 2 * c.encod_data_dim
+    per_recon_bin = (6 * c.gen_dim + 6 * c.con_dim + 3 * c.fac_dim + 3 * c.recon_data_dim
+                     + 6 * c.co_dim + 2 * c.ext_input_dim + 4 * c.ci_enc_dim)
+    floats = c.encod_seq_len * per_encod_bin + c.recon_seq_len * per_recon_bin
+    return int(floats * model.dtype.itemsize)

@@ -1,0 +1,803 @@
+"""Training LFADS: Adam over epochs, KL and L2 ramps, learning-rate decay on plateaus, early
+stopping, atomic checkpoints that resume bit for bit, a guard against non-finite steps, and
+per-epoch logs.
+
+The semantics follow lfads-torch's LightningModule and its default callbacks:
+
+- ramps: ``ramp(epoch) = clamp((epoch + 1 - start) / (increase + 1), 0, 1)`` for the KL and L2
+  terms; weight decay is ramped with the L2 ramp;
+- AdamW with global gradient-norm clipping (``max_grad_norm``, lfads-torch's
+  ``gradient_clip_val``);
+- the validation reconstruction ``valid_recon`` is averaged over the validation trials and
+  exponentially smoothed across epochs, ``smth = coef * smth_prev + (1 - coef) * current``
+  (``recon_smth_coef`` = 0.3, lfads-torch's ``valid/recon_smth``); it drives the learning-rate
+  schedule (ReduceLROnPlateau: mode min, threshold 0, factor ``lr_decay``, patience
+  ``lr_patience``, floor ``lr_stop``), early stopping (patience ``early_stopping_patience``)
+  and the choice of the best checkpoint;
+- validation runs without dropout and with sampled posteriors;
+- sample validation (``sv_rate`` > 0): a fixed random fraction of each trial's bins (drawn
+  from ``sv_seed``) is hidden from the encoders and left out of the reconstruction loss; the
+  loss on those bins is logged as ``valid_recon_sv``.
+
+Out directory layout::
+
+    out_dir/config.yaml                 model and training configuration (human readable)
+    out_dir/checkpoints/last.h5         state after the last completed epoch
+    out_dir/checkpoints/best.h5         state at the best smoothed validation reconstruction
+    out_dir/log.csv, out_dir/log.json   one row per epoch
+    out_dir/training_curves.png         written when fit() returns
+
+Checkpoints are HDF5 files of plain arrays (parameters, Adam moments) and one JSON string
+(configs, counters, scheduler state, random-generator state, log history); nothing is
+pickled. Each is written to a temporary file and renamed into place, so a killed run leaves
+either the old or the new checkpoint, never a torn one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from . import data as data_mod
+from . import metrics, ops
+from .config import LFADSConfig
+from .model import LFADS
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "FitResult",
+    "NonFiniteLossError",
+    "Checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "config_for_data",
+    "ramp",
+]
+
+CHECKPOINT_FORMAT = "lfads_fast.checkpoint"
+CHECKPOINT_VERSION = 1
+# Training-config fields that may change when a run is resumed: they decide when the run
+# stops or how often it saves, not what a step computes.
+RESUMABLE_FIELDS = ("max_epochs", "time_budget", "checkpoint_every", "early_stopping_patience")
+# After this many consecutive non-finite steps the learning rate is multiplied by
+# NONFINITE_LR_FACTOR (again after each further run of that length).
+NONFINITE_LR_EVERY = 3
+NONFINITE_LR_FACTOR = 0.5
+# Validation runs the model on at most this many trials at a time (bounds its memory).
+VALID_CHUNK = 1024
+_LOSS_TERMS = ("loss", "recon", "kl_ic", "kl_co", "l2")
+# Independent random streams derived from TrainConfig.seed (sv masks from sv_seed).
+_TRAIN_STREAM, _VALID_STREAM, _SV_STREAM = 0, 1, 2
+# Columns of the log drawn in training_curves.png (train_/valid_ prefixes share a panel).
+_CURVES = ("loss", "recon", "recon_smth", "recon_sv", "kl_ic", "kl_co", "r2", "bps", "co_bps",
+           "fp_bps")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters (names as in lfads-torch where it has them).
+
+    Attributes:
+        batch_size: trials per step (the last batch of an epoch may be smaller).
+        max_epochs: stop after this many epochs in total.
+        lr_init: initial learning rate.
+        lr_stop: the learning rate never decays below this.
+        lr_decay: factor applied to the learning rate on a plateau.
+        lr_patience: epochs without improvement of valid_recon_smth before a decay.
+        lr_scheduler: decay the learning rate on plateaus (else it stays at lr_init).
+        lr_adam_beta1, lr_adam_beta2: Adam's moment decay rates.
+        lr_adam_epsilon: Adam's epsilon (1e-8 as lfads-torch; TF1 LFADS used 0.1).
+        weight_decay: decoupled (AdamW) weight decay, ramped with the L2 ramp.
+        max_grad_norm: clip the global gradient norm to this (<= 0: no clipping).
+        kl_start_epoch, kl_increase_epoch: the KL ramp (see ``ramp``).
+        l2_start_epoch, l2_increase_epoch: the L2 ramp.
+        recon_smth_coef: weight of the previous value in the smoothed validation
+            reconstruction.
+        early_stopping: stop when valid_recon_smth has not improved for
+            early_stopping_patience epochs after the burn-in.
+        early_stopping_patience: see early_stopping.
+        early_stopping_burn_in: epochs before early stopping and best-checkpoint selection
+            start; None: until both ramps have reached 1. During the burn-in the best
+            checkpoint is simply the latest one.
+        sv_rate: fraction of bins held out for sample validation (0: off).
+        sv_seed: seed of the sample-validation masks.
+        seed: seed of the batch order, posterior samples and dropout masks.
+        time_budget: wall-clock seconds one fit() call may train for (None: no limit); an
+            epoch is not started when the previous one's duration would overrun the budget.
+        checkpoint_every: write the last checkpoint every this many epochs (and always when
+            training stops).
+        max_nonfinite_steps: stop with NonFiniteLossError after this many consecutive steps
+            whose loss or gradient was not finite (such steps never change the parameters).
+    """
+
+    batch_size: int = 128
+    max_epochs: int = 1000
+    lr_init: float = 4e-3
+    lr_stop: float = 1e-5
+    lr_decay: float = 0.95
+    lr_patience: int = 6
+    lr_scheduler: bool = True
+    lr_adam_beta1: float = 0.9
+    lr_adam_beta2: float = 0.999
+    lr_adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 200.0
+    kl_start_epoch: int = 0
+    kl_increase_epoch: int = 80
+    l2_start_epoch: int = 0
+    l2_increase_epoch: int = 80
+    recon_smth_coef: float = 0.3
+    early_stopping: bool = True
+    early_stopping_patience: int = 200
+    early_stopping_burn_in: int | None = None
+    sv_rate: float = 0.0
+    sv_seed: int = 0
+    seed: int = 0
+    time_budget: float | None = None
+    checkpoint_every: int = 1
+    max_nonfinite_steps: int = 10
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_epochs", "checkpoint_every", "max_nonfinite_steps"):
+            _check_int(self, name, 1)
+        for name in ("lr_patience", "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch",
+                     "l2_increase_epoch", "early_stopping_patience", "sv_seed", "seed"):
+            _check_int(self, name, 0)
+        if self.early_stopping_burn_in is not None:
+            _check_int(self, "early_stopping_burn_in", 0)
+        for name in ("lr_init", "lr_stop", "lr_adam_epsilon"):
+            _check_float(self, name, low=0.0, low_open=True)
+        if self.lr_stop > self.lr_init:
+            raise ValueError(f"lr_stop ({self.lr_stop}) must be <= lr_init ({self.lr_init})")
+        for name in ("lr_decay", "lr_adam_beta1", "lr_adam_beta2", "recon_smth_coef"):
+            _check_float(self, name, low=0.0, high=1.0, high_open=True)
+        if self.lr_decay == 0.0:
+            raise ValueError("lr_decay must be in (0, 1), got 0")
+        _check_float(self, "sv_rate", low=0.0, high=1.0, high_open=True)
+        for name in ("weight_decay", "max_grad_norm"):
+            _check_float(self, name, low=None)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.time_budget is not None:
+            _check_float(self, "time_budget", low=0.0, low_open=True)
+        for name in ("lr_scheduler", "early_stopping"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def burn_in(self) -> int:
+        """Epochs before early stopping and best-checkpoint selection start."""
+        if self.early_stopping_burn_in is not None:
+            return self.early_stopping_burn_in
+        return max(self.kl_start_epoch + self.kl_increase_epoch,
+                   self.l2_start_epoch + self.l2_increase_epoch)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient too many steps in a row."""
+
+
+@dataclass
+class FitResult:
+    """What Trainer.fit() did.
+
+    Attributes:
+        epochs: epochs completed in total (including those of resumed runs).
+        epochs_this_call: epochs completed by this call.
+        stop_reason: "max_epochs", "early_stopping" or "time_budget".
+        best_epoch: the epoch of the best checkpoint (0-based).
+        best_valid_recon_smth: its smoothed validation reconstruction.
+        train_seconds: wall-clock seconds spent in this call.
+        skipped_steps: steps skipped for a non-finite loss or gradient, in total.
+        out_dir: the output directory.
+        best_checkpoint, last_checkpoint: paths of the checkpoints.
+        history: one dict per epoch (the rows of log.csv).
+    """
+
+    epochs: int
+    epochs_this_call: int
+    stop_reason: str
+    best_epoch: int
+    best_valid_recon_smth: float
+    train_seconds: float
+    skipped_steps: int
+    out_dir: str
+    best_checkpoint: str
+    last_checkpoint: str
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class Checkpoint:
+    """The contents of a checkpoint file.
+
+    Attributes:
+        model_config: the model's hyperparameters.
+        train_config: the training hyperparameters.
+        flat: all parameters, [num_params] (float32 or float64).
+        adam_m, adam_v: Adam's first and second moments, same shape.
+        state: counters and schedules (epoch = epochs completed, step, lr, scheduler,
+            early stopping, smoothing, best metric, RNG state, history, ...).
+    """
+
+    model_config: LFADSConfig
+    train_config: TrainConfig
+    flat: np.ndarray
+    adam_m: np.ndarray
+    adam_v: np.ndarray
+    state: dict
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed when the checkpoint was written."""
+        return int(self.state["epoch"])
+
+
+def ramp(epoch: int, start: int, increase: int) -> float:
+    """lfads-torch's ramp coefficient of an epoch (0-based): rises linearly from 0 to 1.
+
+    Returns:
+        clamp((epoch + 1 - start) / (increase + 1), 0, 1).
+    """
+    return float(min(max((epoch + 1 - start) / (increase + 1), 0.0), 1.0))
+
+
+def config_for_data(dataset: data_mod.Dataset, **hparams) -> LFADSConfig:
+    """An LFADSConfig whose data sizes are those of a dataset.
+
+    Args:
+        dataset: the data the model will see.
+        **hparams: other LFADSConfig fields. Data sizes given here must agree with the data.
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: a given data size disagrees with the data, or an unknown field.
+    """
+    sizes = {
+        "encod_data_dim": dataset.encod_data_dim,
+        "recon_data_dim": dataset.recon_data_dim,
+        "encod_seq_len": dataset.encod_seq_len,
+        "recon_seq_len": dataset.recon_seq_len,
+        "ext_input_dim": dataset.ext_input_dim,
+    }
+    for name, value in sizes.items():
+        given = hparams.get(name)
+        if given is not None and given != value:
+            raise ValueError(f"{name} = {given} in the config, but the data ({dataset.source}) "
+                             f"have {value}")
+    return LFADSConfig.from_dict({**hparams, **sizes})
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Reads a checkpoint written by Trainer.
+
+    Raises:
+        ValueError: the file is not a readable lfads_fast checkpoint.
+    """
+    path = os.fspath(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot open as a checkpoint (HDF5) file ({e})") from e
+    with f:
+        missing = [k for k in ("flat", "adam_m", "adam_v", "state_json") if k not in f]
+        if missing:
+            raise ValueError(f"{path}: not an lfads_fast checkpoint (missing {', '.join(missing)})")
+        flat, m, v = f["flat"][()], f["adam_m"][()], f["adam_v"][()]
+        raw = f["state_json"][()]
+    state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an lfads_fast checkpoint (format {state.get('format')!r})")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')} is not supported "
+                         f"(this lfads_fast reads version {CHECKPOINT_VERSION})")
+    return Checkpoint(LFADSConfig.from_dict(state.pop("model_config")),
+                      TrainConfig.from_dict(state.pop("train_config")), flat, m, v, state)
+
+
+def load_model(path: str | os.PathLike) -> LFADS:
+    """The model stored in a checkpoint, ready for inference."""
+    ckpt = load_checkpoint(path)
+    model = LFADS(ckpt.model_config, seed=0, dtype=ckpt.flat.dtype)
+    if model.flat.shape != ckpt.flat.shape:
+        raise ValueError(f"{os.fspath(path)}: {ckpt.flat.size} parameters stored, but its config "
+                         f"needs {model.flat.size}")
+    model.flat[...] = ckpt.flat
+    return model
+
+
+class Trainer:
+    """Trains an LFADS model on one dataset.
+
+    Args:
+        model: the model; its parameters are trained in place.
+        data: a Dataset, an HDF5 path (read with data.load_dataset), or a dict of
+            data.from_arrays arguments (train_encod_data, valid_encod_data, ...).
+        config: training hyperparameters (None: the defaults).
+        out_dir: where checkpoints and logs go (created if needed).
+        progress: show a progress bar (tqdm, on stderr).
+    """
+
+    def __init__(self, model: LFADS, data, config: TrainConfig | None = None,
+                 out_dir: str | os.PathLike = "lfads_out", *, progress: bool = True):
+        if not isinstance(model, LFADS):
+            raise TypeError(f"model must be an LFADS, got {type(model).__name__}")
+        self.model = model
+        self.data = _as_dataset(data)
+        self.config = config if config is not None else TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        _check_sizes(model.config, self.data)
+        self._sv_masks = self._make_sv_masks()
+        self._reset_state()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.out_dir / "checkpoints" / "best.h5"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.h5"
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Trains until max_epochs, early stopping or the time budget.
+
+        Args:
+            resume: continue from out_dir/checkpoints/last.h5 when it exists (exactly where
+                it was written: the same batches, noise and updates follow as in a run that
+                was never interrupted). False starts afresh and overwrites earlier outputs.
+
+        Returns:
+            What happened (see FitResult).
+
+        Raises:
+            NonFiniteLossError: max_nonfinite_steps consecutive steps were non-finite.
+            ValueError: resume found a checkpoint of another model, data or configuration.
+        """
+        cfg = self.config
+        t_start = time.perf_counter()
+        (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if resume and self.last_checkpoint.exists():
+            self._restore(load_checkpoint(self.last_checkpoint))
+        else:
+            self._reset_state()
+        self._write_config_yaml()
+        bar = tqdm(total=cfg.max_epochs, initial=min(self.epoch, cfg.max_epochs), unit="epoch",
+                   desc="LFADS", disable=not self.progress, dynamic_ncols=True, leave=True)
+        epochs_this_call, last_epoch_s, saved_epoch = 0, 0.0, None
+        stop_reason = self._stop_reason()
+        try:
+            while stop_reason is None:
+                elapsed = time.perf_counter() - t_start
+                if (cfg.time_budget is not None and epochs_this_call > 0
+                        and elapsed + last_epoch_s > cfg.time_budget):
+                    stop_reason = "time_budget"
+                    break
+                t_epoch = time.perf_counter()
+                row = self._run_epoch()
+                last_epoch_s = time.perf_counter() - t_epoch
+                epochs_this_call += 1
+                stop_reason = self._stop_reason()
+                if self.epoch % cfg.checkpoint_every == 0:
+                    self._save(self.last_checkpoint)
+                    saved_epoch = self.epoch
+                self._write_logs()
+                bar.update(1)
+                bar.set_postfix_str(_postfix(row), refresh=False)
+        finally:
+            bar.close()
+        if saved_epoch != self.epoch and (epochs_this_call > 0 or not self.last_checkpoint.exists()):
+            self._save(self.last_checkpoint)
+        if not self.best_checkpoint.exists():
+            self._save(self.best_checkpoint)
+        self._write_logs()
+        self._plot_curves()
+        return FitResult(
+            epochs=self.epoch, epochs_this_call=epochs_this_call, stop_reason=stop_reason,
+            best_epoch=self.best_epoch, best_valid_recon_smth=_none_to_nan(self.best_value),
+            train_seconds=time.perf_counter() - t_start, skipped_steps=self.skipped_steps,
+            out_dir=str(self.out_dir), best_checkpoint=str(self.best_checkpoint),
+            last_checkpoint=str(self.last_checkpoint), history=list(self.history))
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _run_epoch(self) -> dict:
+        cfg, model = self.config, self.model
+        epoch = self.epoch
+        kl_ramp = ramp(epoch, cfg.kl_start_epoch, cfg.kl_increase_epoch)
+        l2_ramp = ramp(epoch, cfg.l2_start_epoch, cfg.l2_increase_epoch)
+        t0 = time.perf_counter()
+        train = self.data.train
+        n = train.n_trials
+        perm = self.rng.permutation(n)
+        n_batches = -(-n // cfg.batch_size)
+        sums = dict.fromkeys(_LOSS_TERMS, 0.0)
+        n_used, norms, skipped = 0, [], 0
+        for b in range(n_batches):
+            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            batch = self._batch(train, idx, self._sv_masks.get("train"))
+            noise = model.draw_noise(len(idx), self.rng, train=True, sample=True)
+            terms, grad = model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
+            bad = next((k for k in _LOSS_TERMS if not math.isfinite(terms[k])), None)
+            norm = float("nan")
+            if bad is None:
+                norm = ops.adam_step(model.flat, grad, self.adam_m, self.adam_v, lr=self.lr,
+                                     beta1=cfg.lr_adam_beta1, beta2=cfg.lr_adam_beta2,
+                                     eps=cfg.lr_adam_epsilon,
+                                     weight_decay=cfg.weight_decay * l2_ramp,
+                                     max_grad_norm=cfg.max_grad_norm, step=self.step + 1)
+                if not math.isfinite(norm):
+                    bad = "gradient"
+            if bad is not None:
+                skipped += 1
+                self._nonfinite_step(bad, terms, norm, b, n_batches, train.inds[idx])
+                continue
+            self.step += 1
+            self.bad_streak = 0
+            for k in _LOSS_TERMS:
+                sums[k] += terms[k] * len(idx)
+            n_used += len(idx)
+            norms.append(norm)
+        train_s = time.perf_counter() - t0
+        valid = self._validate(epoch, kl_ramp, l2_ramp)
+        self._update_schedules(valid["valid_recon_smth"])
+        self.epoch += 1
+        row = {"epoch": epoch, "lr": self.lr, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
+        for k in _LOSS_TERMS:
+            row[f"train_{k}"] = sums[k] / n_used if n_used else float("nan")
+        row.update(valid)
+        row["grad_norm"] = float(np.mean(norms)) if norms else float("nan")
+        row["skipped_steps"] = skipped
+        row["train_s"] = train_s
+        row["epoch_s"] = time.perf_counter() - t0
+        self.train_seconds += row["epoch_s"]
+        row["time_s"] = self.train_seconds
+        self.history.append(row)
+        if row["epoch"] == self.best_epoch:
+            self._save(self.best_checkpoint)
+        return row
+
+    def _validate(self, epoch: int, kl_ramp: float, l2_ramp: float) -> dict:
+        """Validation loss terms (posteriors sampled, no dropout), smoothed recon, R^2, bps."""
+        cfg, mcfg = self.config, self.model.config
+        valid = self.data.valid
+        sv = self._sv_masks.get("valid")
+        n = valid.n_trials
+        sums = dict.fromkeys(("recon", "kl_ic", "kl_co", "l2"), 0.0)
+        rates = []
+        for c, start in enumerate(range(0, n, VALID_CHUNK)):
+            sl = slice(start, start + VALID_CHUNK)
+            ext = None if valid.ext_input is None else valid.ext_input[sl]
+            out = self.model.forward(
+                valid.encod_data[sl], ext, sample=True,
+                seed=_derived_seed(cfg.seed, _VALID_STREAM, epoch, c),
+                recon_data=valid.recon_data[sl],
+                sv_mask=None if sv is None else sv[sl], sv_rate=cfg.sv_rate)
+            w = out["output_params"].shape[0]
+            for k in sums:
+                sums[k] += out["terms"][k] * w
+            rates.append(out["output_params"])
+        terms = {k: v / n for k, v in sums.items()}
+        terms["loss"] = mcfg.loss_scale * (terms["recon"] + l2_ramp * terms["l2"] + kl_ramp * (
+            mcfg.kl_ic_scale * terms["kl_ic"] + mcfg.kl_co_scale * terms["kl_co"]))
+        current = terms["recon"]
+        if self.recon_smth is None or not math.isfinite(self.recon_smth):
+            self.recon_smth = current
+        else:
+            self.recon_smth = cfg.recon_smth_coef * self.recon_smth + (
+                1 - cfg.recon_smth_coef) * current
+        row = {f"valid_{k}": terms[k] for k in _LOSS_TERMS}
+        row["valid_recon_smth"] = self.recon_smth
+        rates = np.concatenate(rates, axis=0)
+        if sv is not None:
+            row["valid_recon_sv"] = _sv_heldout_nll(rates, valid.recon_data, sv, cfg.sv_rate)
+        if valid.truth is not None:
+            row["valid_r2"] = metrics.r2(rates, valid.truth)
+        Te, Ne = mcfg.encod_seq_len, mcfg.encod_data_dim
+        row["valid_bps"] = metrics.bits_per_spike(rates[:, :Te, :Ne], valid.recon_data[:, :Te, :Ne])
+        if mcfg.recon_data_dim > Ne:
+            row["valid_co_bps"] = metrics.co_bps(rates, valid.recon_data,
+                                                 self.data.heldout_neurons, Te)
+        if mcfg.recon_seq_len > Te:
+            row["valid_fp_bps"] = metrics.fp_bps(rates, valid.recon_data, Te)
+        return row
+
+    def _update_schedules(self, smth: float) -> None:
+        """Learning-rate plateau schedule, early stopping and the best checkpoint."""
+        cfg = self.config
+        epoch = self.epoch
+        improved = math.isfinite(smth) and (self.sched_best is None or smth < self.sched_best)
+        if improved:
+            self.sched_best, self.sched_bad = smth, 0
+        else:
+            self.sched_bad += 1
+        if cfg.lr_scheduler and self.sched_bad > cfg.lr_patience:
+            self.lr = max(self.lr * cfg.lr_decay, cfg.lr_stop)
+            self.sched_bad = 0
+        if epoch < cfg.burn_in:
+            # The ramps still change what the loss measures: the latest model is the best.
+            self.best_value, self.best_epoch, self.es_wait = _nan_to_none(smth), epoch, 0
+        elif math.isfinite(smth) and (self.best_value is None or epoch == cfg.burn_in
+                                      or smth < self.best_value):
+            self.best_value, self.best_epoch, self.es_wait = smth, epoch, 0
+        else:
+            self.es_wait += 1
+
+    def _stop_reason(self) -> str | None:
+        cfg = self.config
+        if cfg.early_stopping and self.epoch > cfg.burn_in and \
+                self.es_wait >= cfg.early_stopping_patience:
+            return "early_stopping"
+        if self.epoch >= cfg.max_epochs:
+            return "max_epochs"
+        return None
+
+    def _nonfinite_step(self, bad: str, terms: dict, norm: float, b: int, n_batches: int,
+                        trials: np.ndarray) -> None:
+        cfg = self.config
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        if self.bad_streak % NONFINITE_LR_EVERY == 0:
+            self.lr = max(self.lr * NONFINITE_LR_FACTOR, cfg.lr_stop)
+        if self.bad_streak < cfg.max_nonfinite_steps:
+            return
+        shown = ", ".join(str(int(t)) for t in trials[:8]) + (", ..." if len(trials) > 8 else "")
+        values = ", ".join(f"{k}={terms[k]:.6g}" for k in _LOSS_TERMS)
+        what = (f"the gradient is not finite (norm {norm}) although the loss terms are"
+                if bad == "gradient" else f"loss term '{bad}' = {terms[bad]}")
+        raise NonFiniteLossError(
+            f"LFADS training stopped: {self.bad_streak} consecutive steps had a non-finite loss "
+            f"or gradient; none of them changed the parameters. Last: epoch {self.epoch}, batch "
+            f"{b} of {n_batches} (train trials {shown}): {what} ({values}). The learning rate "
+            f"was lowered to {self.lr:.3g} on the way. Check these trials for extreme counts, "
+            f"or lower lr_init or max_grad_norm.")
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_state(self) -> None:
+        cfg = self.config
+        self.epoch = 0
+        self.step = 0
+        self.lr = cfg.lr_init
+        self.adam_m = np.zeros_like(self.model.flat)
+        self.adam_v = np.zeros_like(self.model.flat)
+        self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _TRAIN_STREAM]))
+        self.sched_best, self.sched_bad = None, 0
+        self.best_value, self.best_epoch, self.es_wait = None, -1, 0
+        self.recon_smth = None
+        self.skipped_steps, self.bad_streak = 0, 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+    def _state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model_config": self.model.config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "dtype": str(self.model.dtype),
+            "epoch": self.epoch,
+            "step": self.step,
+            "lr": self.lr,
+            "scheduler": {"best": self.sched_best, "num_bad_epochs": self.sched_bad},
+            "early_stopping": {"best": self.best_value, "best_epoch": self.best_epoch,
+                               "wait": self.es_wait},
+            "recon_smth": _nan_to_none(self.recon_smth),
+            "rng": self.rng.bit_generator.state,
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
+            "train_seconds": self.train_seconds,
+            "data": self._data_fingerprint(),
+            "history": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.history],
+        }
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        path = self.last_checkpoint
+        if ckpt.model_config != self.model.config:
+            diff = _dict_diff(ckpt.model_config.to_dict(), self.model.config.to_dict())
+            raise ValueError(f"{path}: the checkpoint's model differs from this one ({diff})")
+        old = {k: v for k, v in ckpt.train_config.to_dict().items() if k not in RESUMABLE_FIELDS}
+        new = {k: v for k, v in self.config.to_dict().items() if k not in RESUMABLE_FIELDS}
+        if old != new:
+            raise ValueError(f"{path}: the checkpoint was trained with other settings "
+                             f"({_dict_diff(old, new)}); only {', '.join(RESUMABLE_FIELDS)} may "
+                             "change on resume")
+        if ckpt.state["data"] != self._data_fingerprint():
+            raise ValueError(f"{path}: the checkpoint was trained on other data "
+                             f"({ckpt.state['data']} vs {self._data_fingerprint()})")
+        if ckpt.flat.dtype != self.model.flat.dtype:
+            raise ValueError(f"{path}: the checkpoint is {ckpt.flat.dtype}, the model "
+                             f"{self.model.flat.dtype}")
+        s = ckpt.state
+        self.model.flat[...] = ckpt.flat
+        self.adam_m, self.adam_v = ckpt.adam_m.copy(), ckpt.adam_v.copy()
+        self.epoch, self.step, self.lr = int(s["epoch"]), int(s["step"]), float(s["lr"])
+        self.sched_best = s["scheduler"]["best"]
+        self.sched_bad = int(s["scheduler"]["num_bad_epochs"])
+        es = s["early_stopping"]
+        self.best_value, self.best_epoch, self.es_wait = es["best"], int(es["best_epoch"]), int(es["wait"])
+        self.recon_smth = s["recon_smth"]
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = s["rng"]
+        self.skipped_steps, self.bad_streak = int(s["skipped_steps"]), int(s["bad_streak"])
+        self.train_seconds = float(s["train_seconds"])
+        self.history = [{k: _none_to_nan(v) for k, v in row.items()} for row in s["history"]]
+
+    def _save(self, path: Path) -> None:
+        data_mod.write_h5_atomic(path, {
+            "flat": self.model.flat,
+            "adam_m": self.adam_m,
+            "adam_v": self.adam_v,
+            "step": np.int64(self.step),
+            "state_json": json.dumps(self._state()),
+        })
+
+    def _data_fingerprint(self) -> dict:
+        t, v = self.data.train, self.data.valid
+        return {"n_train": t.n_trials, "n_valid": v.n_trials,
+                "train_count_sum": float(np.nansum(t.recon_data, dtype=np.float64)),
+                "valid_count_sum": float(np.nansum(v.recon_data, dtype=np.float64))}
+
+    # ------------------------------------------------------------------ helpers
+
+    def _batch(self, split: data_mod.Split, idx: np.ndarray, sv: np.ndarray | None):
+        ext = None if split.ext_input is None else split.ext_input[idx]
+        return self.model.make_batch(split.encod_data[idx], split.recon_data[idx], ext,
+                                     check_counts=False,
+                                     sv_mask=None if sv is None else sv[idx],
+                                     sv_rate=self.config.sv_rate)
+
+    def _make_sv_masks(self) -> dict:
+        """Fixed sample-validation masks per split (True = bin kept), drawn from sv_seed."""
+        cfg = self.config
+        if cfg.sv_rate == 0:
+            return {}
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.sv_seed, _SV_STREAM]))
+        return {name: rng.random(self.data.splits[name].encod_data.shape) >= cfg.sv_rate
+                for name in ("train", "valid")}
+
+    def _write_config_yaml(self) -> None:
+        text = yaml.safe_dump({"model": self.model.config.to_dict(),
+                               "train": self.config.to_dict()}, sort_keys=False)
+        _write_text_atomic(self.out_dir / "config.yaml", text)
+
+    def _write_logs(self) -> None:
+        columns: list[str] = []
+        for row in self.history:
+            columns += [k for k in row if k not in columns]
+        lines = [",".join(columns)]
+        for row in self.history:
+            lines.append(",".join(_csv_value(row.get(k, float("nan"))) for k in columns))
+        _write_text_atomic(self.out_dir / "log.csv", "\n".join(lines) + "\n")
+        rows = [{k: _nan_to_none(v) for k, v in row.items()} for row in self.history]
+        _write_text_atomic(self.out_dir / "log.json", json.dumps(rows, indent=1) + "\n")
+
+    def _plot_curves(self) -> None:
+        if not self.history:
+            return
+        from . import plots  # matplotlib is imported only when a figure is drawn
+
+        wanted = {"epoch", "lr"} | {f"{s}_{m}" for s in ("train", "valid") for m in _CURVES}
+        rows = [{k: v for k, v in row.items() if k in wanted} for row in self.history]
+        plots.plot_training_curves(self.out_dir / "training_curves.png", rows)
+
+
+# ---------------------------------------------------------------------- module helpers
+
+
+def _as_dataset(data) -> data_mod.Dataset:
+    if isinstance(data, data_mod.Dataset):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        return data_mod.load_dataset(data)
+    if isinstance(data, dict):
+        return data_mod.from_arrays(**data)
+    raise TypeError("data must be a Dataset, an HDF5 path or a dict of from_arrays arguments, "
+                    f"got {type(data).__name__}")
+
+
+def _check_sizes(cfg: LFADSConfig, ds: data_mod.Dataset) -> None:
+    for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
+                 "ext_input_dim"):
+        if getattr(cfg, name) != getattr(ds, name):
+            raise ValueError(f"the model has {name} = {getattr(cfg, name)} but the data "
+                             f"({ds.source}) have {getattr(ds, name)}; build the config with "
+                             "train.config_for_data(dataset, ...)")
+
+
+def _derived_seed(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _sv_heldout_nll(rates, recon, sv_keep, sv_rate) -> float:
+    """Mean Poisson NLL over the encoder bins, held-out bins weighted 1 / sv_rate and kept bins
+    0 (lfads-torch's recon/sv), NaN bins left out; the same normalisation as valid_recon."""
+    T, N = sv_keep.shape[1:]
+    y = recon[:, :T, :N].astype(np.float64)
+    r = rates[:, :T, :N].astype(np.float64)
+    observed = ~np.isnan(y)
+    counts = np.where(observed, y, 0.0).astype(np.int64)
+    # Counts are validated integers, so log(y!) comes from a table.
+    log_factorial = np.array([math.lgamma(k + 1.0) for k in range(int(counts.max()) + 1)])
+    nll = r - counts * np.log(np.maximum(r, 1e-30)) + log_factorial[counts]
+    w = np.where(observed & ~sv_keep, 1.0 / sv_rate, 0.0)
+    return float(np.sum(w * nll) / max(int(observed.sum()), 1))
+
+
+def _postfix(row: dict) -> str:
+    parts = [f"loss {row['train_loss']:.4g}", f"recon {row['train_recon']:.4f}",
+             f"val {row['valid_recon']:.4f}"]
+    if "valid_r2" in row:
+        parts.append(f"R2 {row['valid_r2']:.3f}")
+    parts += [f"lr {row['lr']:.2g}", f"{row['epoch_s']:.1f}s/ep"]
+    if row["skipped_steps"]:
+        parts.append(f"skipped {row['skipped_steps']}")
+    return ", ".join(parts)
+
+
+def _csv_value(v) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else "nan"
+    return str(v)
+
+
+def _nan_to_none(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _none_to_nan(v):
+    return float("nan") if v is None else v
+
+
+def _dict_diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp_{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check_int(cfg, name: str, low: int) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+
+
+def _check_float(cfg, name: str, *, low=None, high=None, low_open=False, high_open=False) -> None:
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v!r}")
