@@ -10,9 +10,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+# Idle OpenMP threads sleep instead of spinning, and BLAS calls stay single-threaded inside
+# the kernels' own OpenMP threads: on a busy machine spinning threads steal the cores the
+# working ones need (about 2x on two shared cores). Either can be overridden from the shell.
 demo: $(PY)
 	$(PY) -m pip install -q .
-	$(VENV)/bin/lfads-fast demo $(DEMO_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} OPENBLAS_NUM_THREADS=$${OPENBLAS_NUM_THREADS:-1} \
+	  $(VENV)/bin/lfads-fast demo $(DEMO_ARGS)
 
 test: $(PY)
 	$(PY) -m pip install -q ".[test]"

@@ -409,8 +409,8 @@ class Trainer:
                     self._save(self.last_checkpoint)
                     saved_epoch = self.epoch
                 self._write_logs()
-                bar.update(1)
                 bar.set_postfix_str(_postfix(row), refresh=False)
+                bar.update(1)
         finally:
             bar.close()
         if saved_epoch != self.epoch and (epochs_this_call > 0 or not self.last_checkpoint.exists()):
@@ -433,6 +433,7 @@ class Trainer:
         epoch = self.epoch
         kl_ramp = ramp(epoch, cfg.kl_start_epoch, cfg.kl_increase_epoch)
         l2_ramp = ramp(epoch, cfg.l2_start_epoch, cfg.l2_increase_epoch)
+        lr = self.lr
         t0 = time.perf_counter()
         train = self.data.train
         n = train.n_trials
@@ -469,7 +470,7 @@ class Trainer:
         valid = self._validate(epoch, kl_ramp, l2_ramp)
         self._update_schedules(valid["valid_recon_smth"])
         self.epoch += 1
-        row = {"epoch": epoch, "lr": self.lr, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
+        row = {"epoch": epoch, "lr": lr, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
         for k in _LOSS_TERMS:
             row[f"train_{k}"] = sums[k] / n_used if n_used else float("nan")
         row.update(valid)

@@ -1,0 +1,299 @@
+"""The lfads-fast command line.
+
+    lfads-fast train DATA.h5 --out DIR [--config cfg.yaml] [--set key=value ...] [--resume]
+                     [--time-budget S] [--samples 50]
+    lfads-fast infer CHECKPOINT DATA.h5 --out posterior.h5 [--samples 50]
+    lfads-fast demo [--minutes 5] [--out demo_out]
+
+A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
+(TrainConfig fields); DIR/config.yaml, written by every training run, is one. ``--set``
+overrides one field: ``--set model.gen_dim=64``, ``--set train.lr_init=1e-3``, or without
+the section when the name is unambiguous (``--set gen_dim=64``). Data sizes come from the
+data file.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import LFADSConfig
+from .train import NonFiniteLossError, TrainConfig
+
+__all__ = ["main", "load_config"]
+
+_SECTIONS = {"model": LFADSConfig, "train": TrainConfig}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0: success)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        from . import ops
+
+        ops.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        print(f"lfads-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lfads-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, dict]:
+    """Reads a YAML config and applies key=value overrides.
+
+    Args:
+        path: YAML file with optional sections ``model`` and ``train``, or None.
+        overrides: strings ``[section.]field=value``; values are read as YAML scalars.
+
+    Returns:
+        (model fields, train fields), each a dict with values converted to the fields' types.
+
+    Raises:
+        FileNotFoundError: path does not exist.
+        ValueError: unknown section or field, or a value of the wrong type.
+    """
+    sections = {"model": {}, "train": {}}
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping with sections 'model' and 'train'")
+        for name, values in raw.items():
+            if name not in _SECTIONS:
+                raise ValueError(f"{path}: unknown section {name!r}; expected 'model' and/or "
+                                 "'train'")
+            if not isinstance(values, dict):
+                raise ValueError(f"{path}: section {name!r} must be a mapping of fields")
+            for key, value in values.items():
+                sections[name][key] = _coerce(name, key, value, where=path)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        section, field = _resolve(key.strip())
+        sections[section][field] = _coerce(section, field, yaml.safe_load(text), where="--set")
+    return sections["model"], sections["train"]
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _train(args) -> int:
+    from . import data, posterior
+    from .model import LFADS
+    from .train import Trainer, config_for_data, load_model
+
+    out = Path(args.out)
+    config_path = args.config
+    if config_path is None and args.resume and (out / "config.yaml").exists():
+        config_path = out / "config.yaml"
+    model_fields, train_fields = load_config(config_path, args.set)
+    if args.time_budget is not None:
+        train_fields["time_budget"] = args.time_budget
+    dataset = data.load_dataset(_existing(args.data, "data file"))
+    model_cfg = config_for_data(dataset, **model_fields)
+    train_cfg = TrainConfig.from_dict(train_fields)
+    if (out / "checkpoints" / "last.h5").exists() and not (args.resume or args.overwrite):
+        raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it, "
+                              "--overwrite to start over, or choose another --out")
+    model = LFADS(model_cfg, seed=train_cfg.seed)
+    trainer = Trainer(model, dataset, train_cfg, out, progress=not args.quiet)
+    result = trainer.fit(resume=args.resume)
+    print(f"trained {result.epochs} epochs ({result.epochs_this_call} now, "
+          f"{result.train_seconds:.1f} s; stopped by {result.stop_reason}); best epoch "
+          f"{result.best_epoch}, valid_recon_smth {result.best_valid_recon_smth:.5f}")
+    print(f"checkpoints: {result.best_checkpoint}, {result.last_checkpoint}")
+    if args.samples > 0:
+        path = out / "posterior.h5"
+        posterior.write_posterior(path, load_model(result.best_checkpoint), dataset,
+                                  n_samples=args.samples, seed=train_cfg.seed)
+        print(f"posterior ({args.samples} samples, best checkpoint): {path}")
+    return 0
+
+
+def _infer(args) -> int:
+    from . import data, posterior
+    from .train import load_model
+
+    model = load_model(_existing(args.checkpoint, "checkpoint"))
+    dataset = data.load_dataset(_existing(args.data, "data file"))
+    for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
+                 "ext_input_dim"):
+        if getattr(model.config, name) != getattr(dataset, name):
+            raise ValueError(f"the checkpoint's model has {name} = {getattr(model.config, name)} "
+                             f"but {args.data} has {getattr(dataset, name)}")
+    splits = None if args.splits is None else tuple(s.strip() for s in args.splits.split(","))
+    posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
+                              splits=splits)
+    print(f"posterior ({args.samples} samples): {args.out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
+                 seed=args.seed, progress=not args.quiet)
+    print(f"valid R^2: LFADS {r.r2_lfads:.3f}, smoothing {r.r2_smoothing:.3f}, "
+          f"smoothing + PCA {r.r2_pca:.3f} ({r.total_seconds / 60:.1f} min in all)")
+    return 0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lfads-fast", description="LFADS with a compiled core.")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads of the compiled kernels (default: all)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model on an HDF5 data file",
+                       description="Train LFADS; writes checkpoints, logs and the posterior.")
+    p.add_argument("data", metavar="DATA.h5", help="input file (lfads-torch, TF1 or NLB layout)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="CFG.yaml", help="YAML with sections model and train")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. model.gen_dim=64 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from DIR/checkpoints/last.h5 (config from DIR/config.yaml "
+                   "unless --config is given)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a used DIR")
+    p.add_argument("--time-budget", type=_positive_float, metavar="S",
+                   help="stop after about S seconds of training")
+    p.add_argument("--samples", type=_non_negative_int, default=50,
+                   help="posterior samples for DIR/posterior.h5 (0: skip; default 50)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("infer", help="posterior-averaged outputs of a checkpoint",
+                       description="Sample and average posteriors; write lfads-torch's keys.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
+    p.add_argument("data", metavar="DATA.h5", help="input file")
+    p.add_argument("--out", required=True, metavar="POSTERIOR.h5", help="output file")
+    p.add_argument("--samples", type=_non_negative_int, default=50,
+                   help="posterior samples per trial (0: posterior means; default 50)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples")
+    p.add_argument("--splits", metavar="S1,S2", help="splits to run (default: all in the file)")
+    p.set_defaults(func=_infer)
+
+    p = sub.add_parser("demo", help="train on synthetic chaotic-RNN data and report",
+                       description="Generate chaotic-RNN data, train LFADS for a time budget, "
+                       "compare with smoothing and PCA; writes report.md and figures.")
+    p.add_argument("--minutes", type=_positive_float, default=5.0,
+                   help="training budget in minutes (default 5)")
+    p.add_argument("--out", default="demo_out", metavar="DIR", help="output directory")
+    p.add_argument("--samples", type=_non_negative_int, default=50,
+                   help="posterior samples per trial (default 50)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data and training")
+    p.add_argument("--quick", action="store_true",
+                   help="a small dataset, for a fast smoke test")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _resolve(key: str) -> tuple[str, str]:
+    """'model.gen_dim' / 'gen_dim' -> ('model', 'gen_dim')."""
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in _SECTIONS.items()}
+    if "." in key:
+        section, field = key.split(".", 1)
+        if section not in fields:
+            raise ValueError(f"--set {key}: unknown section {section!r}; expected model or train")
+        if field not in fields[section]:
+            raise ValueError(f"--set {key}: {section} has no field {field!r}{_hint(field, fields[section])}")
+        return section, field
+    owners = [s for s, names in fields.items() if key in names]
+    if not owners:
+        raise ValueError(f"--set {key}: no such field{_hint(key, fields['model'] | fields['train'])}")
+    return owners[0], key
+
+
+def _coerce(section: str, key: str, value, *, where: str):
+    """Converts a YAML value to the type of a config field (YAML reads 1e-3 as a string)."""
+    cls = _SECTIONS[section]
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    if key not in types:
+        raise ValueError(f"{where}: {section} has no field {key!r}{_hint(key, types)}")
+    kind = str(types[key])
+    optional = "None" in kind
+    base = kind.split("|")[0].strip()
+    bad = ValueError(f"{where}: {section}.{key} must be {'' if not optional else 'null or '}"
+                     f"{'a' if base != 'int' else 'an'} {base}, got {value!r}")
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if base in ("int", "float"):
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise bad from None
+        if not isinstance(number, (int, float)):
+            raise bad
+        if base == "float":
+            return float(number)
+        if not math.isfinite(number) or float(number) != int(number):
+            raise bad
+        return int(number)
+    return value
+
+
+def _hint(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, sorted(candidates), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _existing(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a positive number")
+
+
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The demo: LFADS on the chaotic-RNN data of the original paper, against two baselines.
+
+run_demo generates the data (synth.chaotic_rnn with its defaults: 400 conditions x 10 trials,
+50 neurons, 100 bins of 10 ms), trains LFADS for a fixed wall-clock budget, averages 50
+posterior samples per trial, and compares the inferred rates of the validation trials with
+the true rates (pooled R^2) next to the best Gaussian smoothing of the spikes and smoothing
+followed by PCA. It writes the data, the checkpoints and logs, the posterior file, figures
+and report.md into one directory.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import data, metrics, ops, plots, posterior, synth
+from .model import LFADS
+from .train import Trainer, TrainConfig, config_for_data, load_model
+
+__all__ = ["DEMO_MODEL", "DEMO_TRAIN", "DemoResult", "run_demo"]
+
+# The chaotic RNN's rates depend on the initial condition alone (no inputs), so the demo
+# model has no controller. Sizes and learning rate are chosen for the best validation R^2
+# after a few minutes on two CPU cores (docs/demo.md).
+DEMO_MODEL = dict(
+    ic_enc_dim=64,
+    ic_dim=64,
+    gen_dim=64,
+    fac_dim=32,
+    co_dim=0,
+    ci_enc_dim=0,
+    con_dim=0,
+    dropout_rate=0.05,
+)
+DEMO_TRAIN = dict(
+    batch_size=100,
+    lr_init=8e-3,
+    lr_patience=6,
+    kl_increase_epoch=5,
+    l2_increase_epoch=5,
+    max_epochs=10_000,
+)
+# Smoothing widths (bins) and numbers of principal components tried by the smoothing + PCA
+# baseline, and the stride of the training trials its choices are made on.
+PCA_SIGMAS = (3.0, 4.0, 6.0, 8.0)
+PCA_COMPONENTS = (4, 6, 8, 10, 12)
+SELECTION_STRIDE = 8
+# --quick: a small dataset for smoke tests.
+QUICK_DATA = dict(n_conditions=24, trials_per_condition=5, train_per_condition=4)
+
+
+@dataclass
+class DemoResult:
+    """What run_demo measured.
+
+    Attributes:
+        r2_lfads: pooled R^2 of LFADS's posterior-averaged rates on the validation trials.
+        r2_smoothing: pooled R^2 of the best Gaussian smoothing (width chosen on train).
+        r2_pca: pooled R^2 of smoothing + PCA (width and components chosen on train).
+        sigma_bins: the smoothing width of the smoothing baseline, in bins.
+        pca_sigma_bins, pca_components: the choices of the PCA baseline.
+        epochs: training epochs completed.
+        train_seconds: wall-clock seconds of training.
+        posterior_seconds: wall-clock seconds of posterior sampling.
+        total_seconds: wall-clock seconds of the whole demo.
+        out_dir: where everything was written.
+    """
+
+    r2_lfads: float
+    r2_smoothing: float
+    r2_pca: float
+    sigma_bins: float
+    pca_sigma_bins: float
+    pca_components: int
+    epochs: int
+    train_seconds: float
+    posterior_seconds: float
+    total_seconds: float
+    out_dir: str
+
+
+def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
+             n_samples: int = posterior.DEFAULT_SAMPLES, quick: bool = False, seed: int = 0,
+             progress: bool = True, log=print) -> DemoResult:
+    """Runs the demo (see the module docstring).
+
+    Args:
+        out_dir: output directory; earlier demo outputs in it are replaced.
+        minutes: wall-clock training budget in minutes.
+        n_samples: posterior samples per trial.
+        quick: a small dataset (24 conditions x 5 trials), for smoke tests.
+        seed: seed of the data, the initialisation and training.
+        progress: show the training progress bar.
+        log: called with each progress message (a string).
+
+    Returns:
+        The measurements (also written to out_dir/report.md).
+    """
+    if not minutes > 0:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    t0 = time.perf_counter()
+    sd = synth.chaotic_rnn(seed=seed, **(QUICK_DATA if quick else {}))
+    data_path = synth.save_h5(sd, out / "data.h5")
+    ds = data.load_dataset(data_path)
+    timings["data"] = time.perf_counter() - t0
+    log(f"data: {ds.train.n_trials} train + {ds.valid.n_trials} valid trials, "
+        f"{ds.encod_seq_len} bins x {ds.encod_data_dim} neurons -> {data_path}")
+
+    t0 = time.perf_counter()
+    base = _baselines(ds)
+    timings["baselines"] = time.perf_counter() - t0
+    log(f"baselines (valid R^2): smoothing {base['r2_smoothing']:.3f}, "
+        f"smoothing + PCA {base['r2_pca']:.3f}")
+
+    model_cfg = config_for_data(ds, **DEMO_MODEL)
+    train_cfg = TrainConfig(**DEMO_TRAIN, seed=seed, time_budget=60.0 * minutes)
+    model = LFADS(model_cfg, seed=seed)
+    log(f"training LFADS ({model.num_params} parameters, {ops.get_num_threads()} threads) "
+        f"for {minutes:g} min")
+    fit = Trainer(model, ds, train_cfg, out / "train", progress=progress).fit()
+    timings["train"] = fit.train_seconds
+
+    t0 = time.perf_counter()
+    best = load_model(fit.best_checkpoint)
+    outputs = posterior.write_posterior(out / "posterior.h5", best, ds, n_samples=n_samples,
+                                        seed=seed)
+    timings["posterior"] = time.perf_counter() - t0
+    rates = outputs["valid"]["output_params"]
+    r2_lfads = metrics.r2(rates, ds.valid.truth)
+    log(f"LFADS valid R^2 {r2_lfads:.3f} after {fit.epochs} epochs")
+
+    t0 = time.perf_counter()
+    dt = float(ds.other.get("dt", sd.dt))
+    figures = _figures(out, ds, outputs, dt, fit.history)
+    timings["figures"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+
+    result = DemoResult(
+        r2_lfads=r2_lfads, r2_smoothing=base["r2_smoothing"], r2_pca=base["r2_pca"],
+        sigma_bins=base["sigma"], pca_sigma_bins=base["pca_sigma"],
+        pca_components=base["pca_k"], epochs=fit.epochs, train_seconds=fit.train_seconds,
+        posterior_seconds=timings["posterior"], total_seconds=timings["total"],
+        out_dir=str(out))
+    _write_report(out / "report.md", result, ds, model, train_cfg, fit, timings, figures,
+                  n_samples, minutes, quick)
+    log(f"report: {out / 'report.md'}")
+    return result
+
+
+def _baselines(ds: data.Dataset) -> dict:
+    """Smoothing and smoothing + PCA, hyperparameters chosen on train, scored on valid.
+
+    The choices are made on every SELECTION_STRIDE-th training trial (all conditions, less
+    time); the PCA is then fitted on all training trials.
+    """
+    train, valid = ds.train, ds.valid
+    spikes, truth = train.recon_data[::SELECTION_STRIDE], train.truth[::SELECTION_STRIDE]
+    smooth = metrics.best_smoothing_r2(spikes, truth, eval_spikes=valid.recon_data,
+                                       eval_truth=valid.truth)
+    # PCA denoises across neurons, so it does best with less smoothing in time than smoothing
+    # alone: width and number of components are chosen together.
+    scores = {(sigma, k): metrics.r2(metrics.pca_of_smoothed(spikes, sigma, k).rates, truth)
+              for sigma in PCA_SIGMAS for k in PCA_COMPONENTS if k <= ds.recon_data_dim}
+    sigma, k = max(scores, key=scores.get)
+    pca = metrics.pca_of_smoothed(valid.recon_data, sigma, k, fit_spikes=train.recon_data)
+    return {"r2_smoothing": smooth.r2, "sigma": smooth.sigma_bins,
+            "r2_pca": metrics.r2(pca.rates, valid.truth), "pca_sigma": sigma, "pca_k": k}
+
+
+def _figures(out: Path, ds: data.Dataset, outputs: dict, dt: float, history: list) -> list[str]:
+    valid = ds.valid
+    paths = [
+        plots.plot_example_trials(out / "example_trials.png", valid.recon_data, valid.truth,
+                                  outputs["valid"]["output_params"], trials=(0, 1, 2),
+                                  neurons=(0, 1, 2, 3), dt=dt),
+        plots.plot_factor_trajectories(out / "factor_trajectories.png",
+                                       outputs["valid"]["factors"],
+                                       conditions=valid.extra.get("conditions")),
+    ]
+    curves = out / "train" / "training_curves.png"
+    if curves.exists():
+        paths.append(str(curves))
+    return [os.path.relpath(p, out) for p in paths]
+
+
+def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, train_cfg,
+                  fit, timings: dict, figures: list[str], n_samples: int, minutes: float,
+                  quick: bool) -> None:
+    mc = model.config
+    per_epoch = fit.train_seconds / max(fit.epochs_this_call, 1)
+    steps = fit.epochs * -(-ds.train.n_trials // train_cfg.batch_size)
+    lines = [
+        "# lfads_fast demo: chaotic RNN",
+        "",
+        f"Data: synth.chaotic_rnn{' (quick: small dataset)' if quick else ''}, "
+        f"{ds.train.n_trials} train and {ds.valid.n_trials} valid trials, "
+        f"{ds.encod_seq_len} bins x {ds.encod_data_dim} neurons (`data.h5`).",
+        "",
+        "Rates of the validation trials against the true rates (R^2 pooled over trials, bins "
+        "and neurons; hyperparameters of the baselines chosen on the training trials):",
+        "",
+        "| method | valid R^2 |",
+        "|---|---|",
+        f"| LFADS ({n_samples} posterior samples averaged) | {r.r2_lfads:.4f} |",
+        f"| best Gaussian smoothing (sigma = {r.sigma_bins:g} bins) | {r.r2_smoothing:.4f} |",
+        f"| smoothing (sigma = {r.pca_sigma_bins:g} bins) + PCA ({r.pca_components} components) "
+        f"| {r.r2_pca:.4f} |",
+        "",
+        "## Timing",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        f"| data generation | {timings['data']:.1f} |",
+        f"| baselines | {timings['baselines']:.1f} |",
+        f"| training ({fit.epochs} epochs, {steps} steps, {per_epoch:.2f} s/epoch; "
+        f"stopped by {fit.stop_reason}) | {timings['train']:.1f} |",
+        f"| posterior sampling ({n_samples} samples x {ds.train.n_trials + ds.valid.n_trials} "
+        f"trials) | {timings['posterior']:.1f} |",
+        f"| figures | {timings['figures']:.1f} |",
+        f"| total | {timings['total']:.1f} |",
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs visible, "
+        f"{ops.get_num_threads()} kernel threads; Python {platform.python_version()}.",
+        f"Training budget: {minutes:g} min. Best checkpoint: epoch {fit.best_epoch}.",
+        "",
+        "## Model",
+        "",
+        f"{model.num_params} parameters: ic_enc_dim {mc.ic_enc_dim}, ic_dim {mc.ic_dim}, "
+        f"gen_dim {mc.gen_dim}, fac_dim {mc.fac_dim}, no controller (co_dim 0), dropout "
+        f"{mc.dropout_rate}. Training: batch {train_cfg.batch_size}, lr {train_cfg.lr_init:g} "
+        f"(x{train_cfg.lr_decay} after {train_cfg.lr_patience} epochs without improvement), "
+        f"KL ramp over {train_cfg.kl_increase_epoch} epochs. Full configuration: "
+        "`train/config.yaml`.",
+        "",
+        "## Files",
+        "",
+        "- `data.h5`: spikes and true rates (lfads-torch layout)",
+        "- `posterior.h5`: posterior-averaged outputs of train and valid trials "
+        "(lfads-torch keys, e.g. `valid_output_params`, `valid_factors`)",
+        "- `train/`: checkpoints (`checkpoints/best.h5`, `checkpoints/last.h5`), "
+        "`log.csv`, `log.json`, `config.yaml`",
+    ]
+    lines += [f"- `{f}`" for f in figures]
+    lines += [
+        "",
+        "Train on your own data: `lfads-fast train DATA.h5 --out run --config config.yaml`; "
+        "posterior of a checkpoint: `lfads-fast infer run/checkpoints/best.h5 DATA.h5 --out "
+        "posterior.h5`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))

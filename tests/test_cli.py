@@ -1,0 +1,137 @@
+"""The lfads-fast command line, end to end on tiny data."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lfads_fast import cli, data, synth
+from lfads_fast.train import load_checkpoint
+
+TINY = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
+        "--set", "fac_dim=4", "--set", "co_dim=0", "--set", "ci_enc_dim=0",
+        "--set", "con_dim=0", "--set", "train.batch_size=16", "--set", "max_epochs=2",
+        "--set", "lr_init=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    sd = synth.chaotic_rnn(n_conditions=10, trials_per_condition=4, train_per_condition=3,
+                           n_bins=20, n_neurons=16)
+    return str(synth.save_h5(sd, tmp_path_factory.mktemp("data") / "tiny.h5"))
+
+
+def run(args, capsys):
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_infer_resume(data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", data_file, "--out", str(out), "--samples", "2", "--quiet",
+                             *TINY], capsys)
+    assert code == 0, err
+    assert "trained 2 epochs" in stdout
+    for name in ("config.yaml", "log.csv", "posterior.h5", "checkpoints/best.h5",
+                 "checkpoints/last.h5", "training_curves.png"):
+        assert (out / name).is_file(), name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"]["gen_dim"] == 12 and cfg["train"]["lr_init"] == 0.01
+    post = data.read_posterior_h5(out / "posterior.h5")
+    assert post["valid_output_params"].shape == (10, 20, 16)
+
+    # A used directory needs --resume or --overwrite.
+    code, _, err = run(["train", data_file, "--out", str(out), "--quiet", *TINY], capsys)
+    assert code == 2 and "--resume" in err
+
+    # --resume reads DIR/config.yaml; more epochs may be asked for.
+    code, stdout, err = run(["train", data_file, "--out", str(out), "--resume", "--quiet",
+                             "--samples", "0", "--set", "max_epochs=3"], capsys)
+    assert code == 0, err
+    assert "trained 3 epochs (1 now" in stdout
+    assert load_checkpoint(out / "checkpoints" / "last.h5").epoch == 3
+
+    target = tmp_path / "post.h5"
+    code, stdout, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out",
+                             str(target), "--samples", "3", "--splits", "valid"], capsys)
+    assert code == 0, err
+    post = data.read_posterior_h5(target)
+    assert set(post) == {f"valid_{k}" for k in data.POSTERIOR_FIELDS} | {"valid_inds"}
+
+
+def test_config_file_and_time_budget(data_file, tmp_path, capsys):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("model:\n  gen_dim: 10\n  co_dim: 0\n  ci_enc_dim: 0\n  con_dim: 0\n"
+                      "  ic_enc_dim: 8\n  ic_dim: 4\n  fac_dim: 4\n"
+                      "train:\n  lr_init: 1e-2\n  max_epochs: 100000\n  batch_size: 16\n")
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", data_file, "--out", str(out), "--config", str(config),
+                             "--time-budget", "1", "--samples", "0", "--quiet"], capsys)
+    assert code == 0, err
+    assert "stopped by time_budget" in stdout
+    ckpt = load_checkpoint(out / "checkpoints" / "last.h5")
+    assert ckpt.model_config.gen_dim == 10 and ckpt.train_config.lr_init == 0.01
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "missing.h5", "--out", "x"], "missing.h5 does not exist"),
+    (["train", "DATA", "--out", "x", "--set", "gen_dimm=3"], "did you mean gen_dim"),
+    (["train", "DATA", "--out", "x", "--set", "model.lr_init=3"], "model has no field 'lr_init'"),
+    (["train", "DATA", "--out", "x", "--set", "gen_dim=abc"], "model.gen_dim must be an int"),
+    (["train", "DATA", "--out", "x", "--set", "gen_dim"], "key=value"),
+    (["train", "DATA", "--out", "x", "--set", "lr_init=-1"], "lr_init must be > 0"),
+    (["train", "DATA", "--out", "x", "--config", "nope.yaml"], "nope.yaml does not exist"),
+    (["infer", "nope.h5", "DATA", "--out", "p.h5"], "checkpoint nope.h5 does not exist"),
+])
+def test_clear_errors(data_file, tmp_path, capsys, args, message):
+    args = [data_file if a == "DATA" else a for a in args]
+    args = [str(tmp_path / a) if a in ("x", "p.h5") else a for a in args]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert message in err
+
+
+def test_bad_config_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modle:\n  gen_dim: 3\n")
+    with pytest.raises(ValueError, match="unknown section 'modle'"):
+        cli.load_config(path)
+
+
+def test_load_config_converts_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dropout_rate: 0\n  gen_dim: 1.0e2\ntrain:\n  lr_init: 1e-3\n"
+                    "  time_budget: null\n  lr_scheduler: false\n")
+    model, train = cli.load_config(path, ["train.early_stopping_burn_in=none", "seed=3"])
+    assert model == {"dropout_rate": 0.0, "gen_dim": 100}
+    assert train == {"lr_init": 1e-3, "time_budget": None, "lr_scheduler": False,
+                     "early_stopping_burn_in": None, "seed": 3}
+    assert isinstance(model["dropout_rate"], float) and isinstance(model["gen_dim"], int)
+
+
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "2",
+                             "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert "valid R^2: LFADS" in stdout
+    report = (out / "report.md").read_text()
+    for text in ("| LFADS (2 posterior samples averaged) |", "best Gaussian smoothing",
+                 "+ PCA", "| total |"):
+        assert text in report
+    for name in ("data.h5", "posterior.h5", "example_trials.png", "factor_trajectories.png",
+                 "train/checkpoints/best.h5"):
+        assert (out / name).is_file(), name
+
+
+def test_module_entry_point(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-m", "lfads_fast.cli", "train", "--help"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--resume" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "lfads_fast.cli", "infer", "a", "b", "--out",
+                           str(tmp_path / "p.h5")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "does not exist" in done.stderr
