@@ -105,6 +105,10 @@ class LFADS:
         self.flat = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=dtype)
         self.params = self._views(self.flat)
         self._init_params(np.random.default_rng(seed))
+        # Scratch reused from step to step: fresh multi-100-MB arrays cost more in page faults
+        # than the kernels that fill them. A model is therefore not safe to use from two
+        # threads at once.
+        self._ws: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -262,25 +266,29 @@ class LFADS:
         c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
 
         # Encoder input: coordinated dropout, then dropout.
-        x = batch.encod
+        x = self._buf("x", (Te, B, Ne))
+        x[...] = batch.encod
         cd_keep = nz.get("cd_keep", (Te, B, Ne))
         if cd_keep is not None:
-            x = x * (cd_keep * dt.type(1.0 / (1.0 - cfg.cd_rate)))
+            x *= cd_keep
+            x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
         drop_data = nz.get("drop_data", (Te, B, Ne))
         if drop_data is not None:
-            x = x * drop_data
-        x = np.ascontiguousarray(x, dtype=dt)
+            x *= drop_data
         c["x"] = x
 
         # One GEMM projects the input for all encoder GRUs.
         enc = self._encoders()
         W_enc, b_enc = self._enc_input_weights(self.flat)
-        xproj = (x.reshape(Te * B, Ne) @ W_enc.T + b_enc).reshape(Te, B, -1)
+        xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
+        np.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
+        xproj += b_enc
         c["xproj"] = xproj
         c["enc"] = {}
         for name, H, off, rev, h0_name, h0_row in enc:
             h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
-            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip)
+            out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
+            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
             c["enc"][name] = (hs, gates, h0)
 
         # Initial-condition posterior.
@@ -311,17 +319,22 @@ class LFADS:
         dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
                "mask_g": nz.get("drop_gen", (Tr, B, G))}
         if con:
-            ci = np.zeros((Tr, B, 2 * Hc), dtype=dt)
+            ci = self._buf("ci", (Tr, B, 2 * Hc))
+            ci[...] = 0
             lag = cfg.ci_lag
             cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
             if lag < Te:
                 ci[lag:Te, :, :Hc] = cf[: Te - lag]
                 ci[: Te - lag, :, Hc:] = cb[lag:]
             drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
-            ci_d = ci * drop_ci if drop_ci is not None else ci
-            W_con_ci = p["con_W_ih"][:, : 2 * Hc]
-            xcon = (ci_d.reshape(Tr * B, 2 * Hc) @ W_con_ci.T + p["con_b_ih"]).reshape(Tr, B, -1)
-            dec.update(xcon=np.ascontiguousarray(xcon, dtype=dt),
+            if drop_ci is not None:
+                ci *= drop_ci
+            ci_d = ci
+            xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
+            np.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+                      out=xcon.reshape(Tr * B, -1))
+            xcon += p["con_b_ih"]
+            dec.update(xcon=xcon,
                        W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
                        W_con_hh=p["con_W_hh"],
                        c0=np.ascontiguousarray(np.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
@@ -331,17 +344,23 @@ class LFADS:
                        W_gen_u=np.ascontiguousarray(p["gen_W_ih"][:, :U]))
             c.update(ci_d=ci_d, drop_ci=drop_ci)
         Ug = U if con else 0
+        xgen = self._buf("xgen", (Tr, B, 3 * G))
         if E > 0:
             drop_ext = nz.get("drop_ext", (Tr, B, E))
             ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
-            W_ext = p["gen_W_ih"][:, Ug:]
-            xgen = (ext_d.reshape(Tr * B, E) @ W_ext.T + p["gen_b_ih"]).reshape(Tr, B, -1)
+            np.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
+            xgen += p["gen_b_ih"]
             c.update(ext_d=ext_d)
         else:
-            xgen = np.broadcast_to(p["gen_b_ih"], (Tr, B, 3 * G))
-        dec["xgen"] = np.ascontiguousarray(xgen, dtype=dt)
+            xgen[...] = p["gen_b_ih"]
+        dec["xgen"] = xgen
         sample = con and dec.get("eps") is not None
-        out = ops.decoder_forward(dec, Tr, clip=clip, sample=sample)
+        C = cfg.con_dim if con else 0
+        dec_sizes = {"con_states": C, "con_gates": 3 * C, "co_mean": U if con else 0,
+                     "co_logvar": U if con else 0, "u": U if con else 0, "gen_states": G,
+                     "gen_gates": 3 * G, "factors": F}
+        out = ops.decoder_forward(dec, Tr, clip=clip, sample=sample,
+                                  out={k: self._buf(k, (Tr, B, n)) for k, n in dec_sizes.items()})
         c.update(dec=dec, dec_out=out, sample=sample)
 
         # Reconstruction (read-out + Poisson NLL, fused with its gradient) and the KL terms.
@@ -349,13 +368,15 @@ class LFADS:
         recon_scale = 1.0 / (batch.n_valid if cfg.recon_reduce_mean else B)
         grad_mask = None
         if cd_keep is not None:
-            grad_mask = np.ones((Tr, B, Nr), dtype=dt)
-            grad_mask[:Te, :, :Ne] = 1.0 - cd_keep
+            grad_mask = self._buf("grad_mask", (Tr, B, Nr))
+            grad_mask[...] = 1.0
+            np.subtract(1.0, cd_keep, out=grad_mask[:Te, :, :Ne])
         factors2d = out["factors"].reshape(Tr * B, F)
         elbo = ops.poisson_elbo(factors2d, p["readout_W"], p["readout_b"], batch.recon.reshape(Tr * B, Nr),
                                 T=Tr, scale=cfg.loss_scale * recon_scale,
                                 grad_mask=None if grad_mask is None else grad_mask.reshape(Tr * B, Nr),
-                                grads=grads, log_rates=outputs)
+                                grads=grads, log_rates=outputs,
+                                d_factors=self._buf("d_factors", (Tr * B, F)) if grads else None)
         terms["recon"] = elbo["loss"] / cfg.loss_scale
         c["elbo"] = elbo
 
@@ -441,8 +462,13 @@ class LFADS:
             d_co_logvar = c["kl_co"]["d_logvar"] * w
             g["co_prior_logtau"][...] = c["kl_co"]["d_logtau"] * w
             g["co_prior_lognvar"][...] = c["kl_co"]["d_lognvar"] * w
+        C = cfg.con_dim if con else 0
+        Uc = U if con else 0
+        ws = {"work": self._buf("dec_work", (Tr, B, 2 * F + 2 * G + 2 * Uc + C)),
+              "d_xgen": self._buf("d_xgen", (Tr, B, 3 * G)),
+              "d_xcon": self._buf("d_xcon", (Tr, B, 3 * C))}
         d = ops.decoder_backward(dec, out, elbo["d_factors"].reshape(Tr, B, F), d_co_mean, d_co_logvar,
-                                 clip=clip, sample=c["sample"])
+                                 clip=clip, sample=c["sample"], workspace=ws)
         g["gen_W_hh"][...] = d["d_W_gen_hh"]
         Ug = U if con else 0
         d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
@@ -459,13 +485,16 @@ class LFADS:
             g["con_b_ih"][...] = d_xcon.sum(axis=0)
             g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
             g["con_W_ih"][:, : 2 * Hc] = d_xcon.T @ c["ci_d"].reshape(Tr * B, 2 * Hc)
-            d_ci = (d_xcon @ p["con_W_ih"][:, : 2 * Hc]).reshape(Tr, B, 2 * Hc)
+            d_ci = self._buf("d_ci", (Tr, B, 2 * Hc))
+            np.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
             if c["drop_ci"] is not None:
                 d_ci *= c["drop_ci"]
             # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
             lag = cfg.ci_lag
-            d_cf = np.zeros((Te, B, Hc), dtype=dt)
-            d_cb = np.zeros((Te, B, Hc), dtype=dt)
+            d_cf = self._buf("d_cf", (Te, B, Hc))
+            d_cb = self._buf("d_cb", (Te, B, Hc))
+            d_cf[Te - lag :] = 0
+            d_cb[: min(lag, Te)] = 0
             if lag < Te:
                 d_cf[: Te - lag] = d_ci[lag:Te, :, :Hc]
                 d_cb[lag:] = d_ci[: Te - lag, :, Hc:]
@@ -497,14 +526,16 @@ class LFADS:
             d_h_n *= c["drop_ic"]
 
         # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
-        d_xproj = np.zeros_like(c["xproj"])
+        # Every column is written: each encoder's backward fills its own 3H columns.
+        d_xproj = self._buf("d_xproj", c["xproj"].shape)
         d_final = {"ic_enc_fwd": np.ascontiguousarray(d_h_n[:, :Hi]),
                    "ic_enc_bwd": np.ascontiguousarray(d_h_n[:, Hi:])}
         d_seq = {"ci_enc_fwd": d_cf, "ci_enc_bwd": d_cb} if con else {}
         for name, H, off, rev, h0_name, h0_row in self._encoders():
             hs, gates, h0 = c["enc"][name]
             d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip)
+                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip,
+                                            work=self._buf("gru_work", hs.shape))
             g[f"{name}_W_hh"][...] = d_W_hh
             g[h0_name][h0_row] = d_h0.sum(axis=0)
         d_W_enc, d_b_enc = self._enc_input_weights(grad)
@@ -521,6 +552,16 @@ class LFADS:
         return grad
 
     # ------------------------------------------------------------------ helpers
+
+    def _buf(self, name: str, shape: tuple) -> np.ndarray:
+        """Scratch array `name` of this shape, reusing the memory of earlier steps (it grows to
+        the largest size asked for, so batches of different sizes share it)."""
+        n = int(np.prod(shape))
+        a = self._ws.get(name)
+        if a is None or a.size < n:
+            a = np.empty(n, dtype=self.dtype)
+            self._ws[name] = a
+        return a[:n].reshape(shape)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         views, i = {}, 0
