@@ -1,0 +1,290 @@
+"""Figures of data and model outputs, written as PNG files.
+
+Figures are built as ``matplotlib.figure.Figure`` objects and saved through the Agg renderer,
+never through pyplot: importing this module switches no global backend, opens no window and
+leaves no figure alive in pyplot's registry, so it is safe in scripts, notebooks and servers.
+
+Rates are expected spike counts per bin, as everywhere in lfads_fast; given dt (seconds per
+bin), plots show time in seconds and rates in Hz.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+
+_TRUE_COLOR = "black"
+_INFERRED_COLOR = "tab:red"
+
+
+def plot_example_trials(
+    path: str | os.PathLike,
+    spikes: np.ndarray,
+    true_rates: np.ndarray | None = None,
+    inferred_rates: np.ndarray | None = None,
+    trials: Sequence[int] = (0, 1, 2),
+    neurons: Sequence[int] = (0, 1, 2, 3),
+    dt: float | None = None,
+) -> str:
+    """Spike counts, true and inferred rates of a few trials.
+
+    One row per trial: left, the counts of all neurons as an image; right, the rates of the
+    chosen neurons stacked with offsets (truth black, inferred red) with their spikes as ticks.
+
+    Args:
+        path: the PNG file to write.
+        spikes: counts, [B, T, N].
+        true_rates: true expected counts per bin, [B, T, N], or None.
+        inferred_rates: inferred expected counts per bin, [B, T, N] (e.g. output_params), or
+            None.
+        trials: trials to show.
+        neurons: neurons whose rates to show.
+        dt: bin width in seconds; None: time in bins and rates in counts per bin.
+
+    Returns:
+        The path written, as a string.
+    """
+    spikes = np.asarray(spikes)
+    trials, neurons = list(trials), list(neurons)
+    n_bins = spikes.shape[1]
+    time = np.arange(n_bins) * (dt or 1.0)
+    scale = 1.0 / dt if dt else 1.0
+    fig = Figure(figsize=(11, 2.4 * len(trials)), layout="constrained")
+    axes = fig.subplots(len(trials), 2, squeeze=False, width_ratios=(1, 1.4))
+    for row, trial in enumerate(trials):
+        image_ax, rate_ax = axes[row]
+        image_ax.imshow(spikes[trial].T, aspect="auto", origin="lower", cmap="Greys",
+                        interpolation="nearest", extent=(time[0], time[-1] + (dt or 1.0),
+                                                         -0.5, spikes.shape[2] - 0.5))
+        image_ax.set_ylabel(f"trial {trial}\nneuron")
+        shown = [np.asarray(a)[trial][:, neurons] for a in (true_rates, inferred_rates)
+                 if a is not None]
+        peak = max((float(np.nanmax(a)) for a in shown), default=0.0) * scale
+        offset = 1.2 * peak if peak > 0 else 1.0
+        for k, n in enumerate(neurons):
+            base = k * offset
+            if true_rates is not None:
+                rate_ax.plot(time, base + scale * np.asarray(true_rates)[trial, :, n],
+                             color=_TRUE_COLOR, lw=1.2, label="true" if k == 0 else None)
+            if inferred_rates is not None:
+                rate_ax.plot(time, base + scale * np.asarray(inferred_rates)[trial, :, n],
+                             color=_INFERRED_COLOR, lw=1.2,
+                             label="inferred" if k == 0 else None)
+            fired = np.nonzero(np.nan_to_num(spikes[trial, :, n]) > 0)[0]
+            rate_ax.plot(time[fired], np.full(fired.size, base), "|", color="tab:blue",
+                         ms=6, label="spikes" if k == 0 else None)
+        rate_ax.set_yticks([k * offset for k in range(len(neurons))],
+                           [f"n{n}" for n in neurons])
+        rate_ax.set_ylabel("rate (Hz)" if dt else "rate (counts/bin)")
+        if row == 0:
+            rate_ax.legend(loc="upper right", fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("time (s)" if dt else "bin")
+    return _save(fig, path)
+
+
+def plot_factor_trajectories(
+    path: str | os.PathLike,
+    factors: np.ndarray,
+    conditions: np.ndarray | None = None,
+    max_trajectories: int = 24,
+) -> str:
+    """Factor trajectories in the space of their top three principal components.
+
+    Args:
+        path: the PNG file to write.
+        factors: [B, T, F].
+        conditions: condition id per trial, [B]; given, trials are averaged per condition
+            first and one trajectory per condition is drawn.
+        max_trajectories: at most this many trajectories are drawn (all enter the PCA).
+
+    Returns:
+        The path written, as a string.
+    """
+    factors = np.asarray(factors, dtype=np.float64)
+    title = "single trials"
+    if conditions is not None:
+        conditions = np.asarray(conditions)
+        labels = np.unique(conditions)
+        factors = np.stack([factors[conditions == c].mean(axis=0) for c in labels])
+        title = "condition averages"
+    n_traj, n_bins, n_factors = factors.shape
+    points = factors.reshape(-1, n_factors)
+    centred = points - points.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    n_pcs = min(3, vt.shape[0])
+    projected = np.zeros((points.shape[0], 3))
+    projected[:, :n_pcs] = centred @ vt[:n_pcs].T
+    projected = projected.reshape(n_traj, n_bins, 3)
+    explained = singular[:n_pcs] ** 2 / max(np.sum(singular**2), np.finfo(float).tiny)
+
+    fig = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    colors = _colors(min(n_traj, max_trajectories))
+    for i, color in enumerate(colors):
+        x, y, z = projected[i].T
+        ax.plot(x, y, z, color=color, lw=1.0)
+        ax.scatter(x[:1], y[:1], z[:1], color=color, s=12)
+    for axis_label, k in zip(("x", "y", "z"), range(3)):
+        text = f"PC{k + 1} ({explained[k]:.0%})" if k < n_pcs else f"PC{k + 1}"
+        getattr(ax, f"set_{axis_label}label")(text)
+    ax.set_title(f"factors, top PCs ({title}; dots: start)")
+    return _save(fig, path)
+
+
+def plot_inferred_inputs(
+    path: str | os.PathLike,
+    inputs: np.ndarray,
+    pulse_times: np.ndarray | None = None,
+    trials: Sequence[int] = (0, 1, 2, 3),
+    dt: float | None = None,
+) -> str:
+    """Inferred inputs (e.g. co_means or gen_inputs) of a few trials against true pulse times.
+
+    One panel per trial with every input dimension and a dashed line at the true pulse; with
+    pulse times, a last panel shows the mean absolute input of all trials aligned to their
+    pulse, which peaks at lag 0 when the pulses are inferred at the right time.
+
+    Args:
+        path: the PNG file to write.
+        inputs: [B, T, U].
+        pulse_times: bin of the true pulse per trial, [B], or None.
+        trials: trials to show.
+        dt: bin width in seconds; None: time in bins.
+
+    Returns:
+        The path written, as a string.
+    """
+    inputs = np.asarray(inputs, dtype=np.float64)
+    trials = list(trials)
+    n_trials, n_bins, n_inputs = inputs.shape
+    step = dt or 1.0
+    time = np.arange(n_bins) * step
+    n_panels = len(trials) + (pulse_times is not None)
+    fig = Figure(figsize=(8, 1.8 * n_panels), layout="constrained")
+    axes = fig.subplots(n_panels, 1, squeeze=False)[:, 0]
+    colors = _colors(n_inputs)
+    for ax, trial in zip(axes, trials):
+        for u in range(n_inputs):
+            ax.plot(time, inputs[trial, :, u], color=colors[u], lw=1.0, label=f"input {u}")
+        if pulse_times is not None:
+            ax.axvline(pulse_times[trial] * step, color=_TRUE_COLOR, ls="--", lw=1.0,
+                       label="true pulse")
+        ax.set_ylabel(f"trial {trial}")
+    axes[0].legend(loc="upper right", fontsize="small", ncols=min(n_inputs + 1, 5))
+    axes[len(trials) - 1].set_xlabel("time (s)" if dt else "bin")
+    if pulse_times is not None:
+        lags = np.arange(-n_bins + 1, n_bins)
+        magnitude = np.abs(inputs).sum(axis=2)
+        total = np.zeros(lags.size)
+        count = np.zeros(lags.size)
+        for trial in range(n_trials):
+            index = np.arange(n_bins) - pulse_times[trial] + n_bins - 1
+            total[index] += magnitude[trial]
+            count[index] += 1
+        seen = count > 0
+        ax = axes[-1]
+        ax.plot(lags[seen] * step, total[seen] / count[seen], color=_INFERRED_COLOR)
+        ax.axvline(0.0, color=_TRUE_COLOR, ls="--", lw=1.0)
+        ax.set_xlabel("time from true pulse (s)" if dt else "bins from true pulse")
+        ax.set_ylabel("mean |input|")
+    return _save(fig, path)
+
+
+def plot_training_curves(
+    path: str | os.PathLike,
+    log: Sequence[dict] | str | os.PathLike,
+    metrics: Sequence[str] | None = None,
+) -> str:
+    """Training curves from a per-epoch log.
+
+    Columns named ``train_<m>`` / ``valid_<m>`` (or ``train/<m>``, ``valid/<m>``) share one
+    panel per metric m; other numeric columns get a panel each. The x axis is the ``epoch``
+    column when present, else the row number. Panels of positive values spanning more than
+    two decades use a log scale.
+
+    Args:
+        path: the PNG file to write.
+        log: one dict per epoch (column -> number), or a CSV file with a header row.
+        metrics: panel names to draw (after prefix grouping); None: all.
+
+    Returns:
+        The path written, as a string.
+    """
+    rows = _read_csv(log) if isinstance(log, (str, os.PathLike)) else list(log)
+    columns = _numeric_columns(rows)
+    epochs = columns.pop("epoch", np.arange(len(rows), dtype=np.float64))
+    panels: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for name, values in columns.items():
+        match = re.fullmatch(r"(train|valid)[_/](.+)", name)
+        panel, label = (match.group(2), match.group(1)) if match else (name, name)
+        panels.setdefault(panel, []).append((label, values))
+    if metrics is not None:
+        unknown = [m for m in metrics if m not in panels]
+        if unknown:
+            raise ValueError(f"metrics {unknown} not in the log (found {sorted(panels)})")
+        panels = {m: panels[m] for m in metrics}
+    if not panels:
+        raise ValueError("the log has no numeric columns to plot")
+    n_cols = min(3, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig = Figure(figsize=(4.2 * n_cols, 3.0 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (panel, series) in zip(axes, panels.items()):
+        for label, values in series:
+            ax.plot(epochs, values, label=label, lw=1.2)
+        finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
+        if finite.size and finite.min() > 0 and finite.max() > 100 * finite.min():
+            ax.set_yscale("log")
+        ax.set_title(panel)
+        ax.set_xlabel("epoch")
+        if len(series) > 1:
+            ax.legend(fontsize="small")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
+# Helpers ----------------------------------------------------------------------------------
+
+
+def _save(fig: Figure, path) -> str:
+    path = os.fspath(path)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def _colors(n: int) -> list:
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    return [colormaps["viridis"](i / (n - 1)) for i in range(n)]
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _numeric_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Columns whose entries all parse as numbers (blank or None: NaN), float64 [epochs]."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {}
+    for name in names:
+        values = []
+        for row in rows:
+            value = row.get(name)
+            if value is None or value == "":
+                values.append(np.nan)
+                continue
+            try:
+                values.append(float(value))
+            except (TypeError, ValueError):
+                break
+        else:
+            columns[name] = np.asarray(values, dtype=np.float64)
+    return columns
