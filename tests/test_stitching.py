@@ -1,0 +1,293 @@
+"""Multi-session models (per-session read-in and read-out), PCR initialisation, session files
+and the multi-session synthetic data."""
+import numpy as np
+import pytest
+
+from lfads_fast import LFADS, LFADSConfig, ops
+
+torch_reference = pytest.importorskip("torch_reference")
+
+# float64 model vs float64 torch: same math, different summation order.
+F64_RTOL = 1e-8
+# float32 model vs float64 torch, norm-wise per parameter (as tests/test_model.py).
+F32_GRAD_RTOL = 3e-3
+F32_LOSS_RTOL = 1e-4
+FD_STEP = 1e-6
+FD_RTOL = 1e-5
+# Sums of the same float64 terms in a different order.
+COMBINE_RTOL = 1e-10
+# PCR on exact linear views of shared latents: only the ridge term separates the recovered
+# projection from the true one.
+PCR_RTOL = 1e-4
+
+BASE = dict(encod_data_dim=5, encod_seq_len=8, recon_seq_len=8, ext_input_dim=0, ic_enc_dim=6,
+            ci_enc_dim=5, ci_lag=1, con_dim=5, co_dim=2, ic_dim=4, gen_dim=8, fac_dim=3,
+            dropout_rate=0.2, cd_rate=0.0, l2_gen_scale=1e-2, l2_con_scale=2e-3,
+            l2_ic_enc_scale=1e-3, l2_ci_enc_scale=5e-3, kl_ic_scale=1e-2, kl_co_scale=1e-2,
+            loss_scale=10.0, session_neurons=[7, 4, 9], train_readin=True)
+
+CASES = {
+    "controller": {},
+    "no_controller": dict(co_dim=0, con_dim=0, ci_enc_dim=0),
+    "held_out_neurons": dict(session_recon_neurons=[9, 4, 11]),
+    "forward_prediction_ext": dict(recon_seq_len=10, ext_input_dim=2),
+    "coordinated_dropout": dict(cd_rate=0.3),
+    "sum_reduction": dict(recon_reduce_mean=False),
+    "all_at_once": dict(session_recon_neurons=[8, 6, 9], recon_seq_len=10, ext_input_dim=2,
+                        cd_rate=0.25, ci_lag=2),
+}
+
+
+def session_data(cfg, sessions, sizes, rng, nan_frac=0.05):
+    """[(session, encod [B_s, T_e, n_s], recon [B_s, T_r, n_recon_s])] and ext [B, T_r, E]."""
+    parts = []
+    for s, B in zip(sessions, sizes):
+        n, n_r = cfg.session_neurons[s], cfg.session_recon_neurons[s]
+        encod = rng.poisson(1.5, size=(B, cfg.encod_seq_len, n)).astype(np.float64)
+        recon = rng.poisson(1.5, size=(B, cfg.recon_seq_len, n_r)).astype(np.float64)
+        recon[:, : cfg.encod_seq_len, :n] = encod
+        recon[rng.random(recon.shape) < nan_frac] = np.nan
+        parts.append((s, encod, recon))
+    ext = None
+    if cfg.ext_input_dim:
+        ext = rng.normal(size=(sum(sizes), cfg.recon_seq_len, cfg.ext_input_dim))
+    return parts, ext
+
+
+def with_ext(parts, ext):
+    """make_session_batch parts: each session's rows of the batch's external inputs."""
+    out, start = [], 0
+    for s, encod, recon in parts:
+        stop = start + encod.shape[0]
+        out.append((s, encod, recon, None if ext is None else ext[start:stop]))
+        start = stop
+    return out
+
+
+def perturbed_model(cfg, rng, dtype):
+    model = LFADS(cfg, seed=int(rng.integers(1 << 30)), dtype=dtype)
+    # Away from the initialisation, so that no gradient is trivially zero.
+    model.flat += (rng.normal(size=model.flat.shape) * 0.1).astype(dtype)
+    return model
+
+
+def run_both(case, rng, dtype, sessions=(2, 0, 1), sizes=(3, 2, 4)):
+    cfg = LFADSConfig(**dict(BASE, **CASES[case]))
+    model = perturbed_model(cfg, rng, dtype)
+    parts, ext = session_data(cfg, sessions, sizes, rng)
+    batch = model.make_session_batch(with_ext(parts, ext))
+    noise = model.draw_noise(batch, rng, train=True, sample=True)
+    terms, grad = model.loss_and_grads(batch, noise, kl_ramp=0.7, l2_ramp=0.4)
+    params64 = {k: v.astype(np.float64) for k, v in model.params.items()}
+    noise64 = {k: ([a.astype(np.float64) for a in v] if isinstance(v, list) else v.astype(np.float64))
+               for k, v in noise.items()}
+    ref_terms, ref_grads, _ = torch_reference.reference_multisession_loss_and_grads(
+        params64, cfg, parts, ext, noise64, kl_ramp=0.7, l2_ramp=0.4)
+    return model, terms, model.views(grad), ref_terms, ref_grads
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float64_matches_torch_reference(rng, case):
+    model, terms, grads, ref_terms, ref_grads = run_both(case, rng, np.float64)
+    for k in ("loss", "recon", "kl_ic", "kl_co", "l2"):
+        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=F64_RTOL, atol=1e-12, err_msg=k)
+    assert set(ref_grads) == set(grads)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=F64_RTOL, atol=1e-10, err_msg=k)
+
+
+def test_float32_matches_torch_reference(rng):
+    model, terms, grads, ref_terms, ref_grads = run_both("all_at_once", rng, np.float32)
+    np.testing.assert_allclose(terms["loss"], ref_terms["loss"], rtol=F32_LOSS_RTOL)
+    for k in grads:
+        ref = ref_grads[k]
+        err = np.linalg.norm(grads[k] - ref) / max(np.linalg.norm(ref), 1e-6)
+        assert err < F32_GRAD_RTOL, (k, err)
+
+
+def test_session_absent_from_batch_gets_zero_gradient(rng):
+    model, terms, grads, ref_terms, ref_grads = run_both("controller", rng, np.float64,
+                                                         sessions=(2,), sizes=(4,))
+    for s in (0, 1):
+        for name in ("readin_W", "readin_b", "readout_W", "readout_b"):
+            assert not np.any(grads[f"{name}_{s}"]), (name, s)
+    np.testing.assert_allclose(grads["readout_W_2"], ref_grads["readout_W_2"], rtol=F64_RTOL)
+
+
+def test_session_layers_finite_differences(rng):
+    """Read-in and read-out gradients (and some shared ones) against central differences of
+    the model's own float64 loss."""
+    cfg = LFADSConfig(**dict(BASE, session_recon_neurons=[9, 5, 9], recon_seq_len=10,
+                             ext_input_dim=1))
+    model = perturbed_model(cfg, rng, np.float64)
+    parts, ext = session_data(cfg, (1, 0, 2), (2, 3, 2), rng)
+    batch = model.make_session_batch(with_ext(parts, ext))
+    noise = model.draw_noise(batch, rng)
+    _, grad = model.loss_and_grads(batch, noise)
+    offsets, i = {}, 0
+    for name, shape in model.layout:
+        offsets[name] = (i, i + int(np.prod(shape)))
+        i = offsets[name][1]
+    idx = []
+    for s in range(3):
+        for name in ("readin_W", "readin_b", "readout_W", "readout_b"):
+            lo, hi = offsets[f"{name}_{s}"]
+            idx += list(rng.choice(np.arange(lo, hi), size=min(4, hi - lo), replace=False))
+    idx += list(rng.choice(offsets["readin_W_0"][0], size=10, replace=False))
+    for i in idx:
+        old = model.flat[i]
+        model.flat[i] = old + FD_STEP
+        up = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
+        model.flat[i] = old - FD_STEP
+        down = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
+        model.flat[i] = old
+        num = (up - down) / (2 * FD_STEP)
+        assert abs(num - grad[i]) <= FD_RTOL * max(1.0, abs(num)), (i, num, grad[i])
+
+
+def test_mixed_batch_is_the_session_weighted_combination(rng):
+    """Reconstruction: the mean over sessions of each session's mean; KL: the mean over all
+    trials. Gradients combine the same way."""
+    cfg = LFADSConfig(**dict(BASE, dropout_rate=0.0, session_recon_neurons=[8, 4, 10]))
+    model = perturbed_model(cfg, rng, np.float64)
+    sizes = (2, 5, 3)
+    parts, _ = session_data(cfg, (0, 1, 2), sizes, rng)
+    S, B = len(parts), sum(sizes)
+    # Posterior means; the inferred-input KL's own sample is shared by row.
+    eps = rng.standard_normal((cfg.recon_seq_len, B, cfg.co_dim))
+    bounds = np.cumsum((0,) + sizes)
+    own = [{"co_kl_eps": np.ascontiguousarray(eps[:, a:b])} for a, b in zip(bounds, bounds[1:])]
+    mixed_terms, mixed_grad = model.loss_and_grads(model.make_session_batch(parts),
+                                                   {"co_kl_eps": eps}, kl_ramp=0.5, l2_ramp=1.0)
+    alone = [model.loss_and_grads(model.make_batch(e, r, session=s), nz, kl_ramp=0.5)
+             for (s, e, r), nz in zip(parts, own)]
+    recon = sum(t["recon"] for t, _ in alone) / S
+    kl_ic = sum(b * t["kl_ic"] for b, (t, _) in zip(sizes, alone)) / B
+    kl_co = sum(b * t["kl_co"] for b, (t, _) in zip(sizes, alone)) / B
+    np.testing.assert_allclose(mixed_terms["recon"], recon, rtol=COMBINE_RTOL)
+    np.testing.assert_allclose(mixed_terms["kl_ic"], kl_ic, rtol=COMBINE_RTOL)
+    np.testing.assert_allclose(mixed_terms["kl_co"], kl_co, rtol=COMBINE_RTOL)
+    # Gradient of the total: (1/S) sum of the recon parts + (B_s/B) sum of the KL parts + L2.
+    # Each single-session gradient is recon_s + KL_s + L2, so take it apart with kl off.
+    def grad_of(i, kl_ramp, l2_ramp):
+        s, e, r = parts[i]
+        return model.loss_and_grads(model.make_batch(e, r, session=s), own[i], kl_ramp=kl_ramp,
+                                    l2_ramp=l2_ramp)[1]
+
+    expect = grad_of(0, 0.0, 1.0) - grad_of(0, 0.0, 0.0)
+    for i, b in enumerate(sizes):
+        g_recon = grad_of(i, 0.0, 0.0)
+        expect += g_recon / S + (grad_of(i, 0.5, 0.0) - g_recon) * (b / B)
+    np.testing.assert_allclose(mixed_grad, expect, rtol=1e-8, atol=1e-10)
+
+
+def test_one_session_with_identity_readin_is_the_single_session_model(rng):
+    shared = {k: v for k, v in BASE.items() if k not in ("session_neurons", "train_readin")}
+    single_cfg = LFADSConfig(**dict(shared, recon_data_dim=7, cd_rate=0.3))
+    multi_cfg = LFADSConfig(**dict(BASE, session_neurons=[5], session_recon_neurons=[7],
+                                   cd_rate=0.3))
+    single = LFADS(single_cfg, seed=4, dtype=np.float64)
+    multi = LFADS(multi_cfg, seed=4, dtype=np.float64)
+    for name, value in single.params.items():
+        multi.params[f"{name}_0" if name.startswith("readout") else name][...] = value
+    multi.params["readin_W_0"][...] = np.eye(5)
+    multi.params["readin_b_0"][...] = 0.0
+    encod = rng.poisson(1.0, size=(4, 8, 5)).astype(np.float64)
+    recon = rng.poisson(1.0, size=(4, 8, 7)).astype(np.float64)
+    recon[:, :, :5] = encod
+    b1 = single.make_batch(encod, recon)
+    b2 = multi.make_batch(encod, recon, session=0)
+    noise = single.draw_noise(4, rng)
+    noise2 = dict(noise, cd_keep=[noise["cd_keep"]])
+    t1, g1 = single.loss_and_grads(b1, noise)
+    t2, g2 = multi.loss_and_grads(b2, noise2)
+    for k in t1:
+        np.testing.assert_allclose(t2[k], t1[k], rtol=1e-12, err_msg=k)
+    v1, v2 = single.views(g1), multi.views(g2)
+    for name in v1:
+        other = name + "_0" if name.startswith("readout") else name
+        np.testing.assert_allclose(v2[other], v1[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_frozen_readin_has_zero_gradient_and_stays_put(rng):
+    cfg = LFADSConfig(**dict(BASE, train_readin=False))
+    model = perturbed_model(cfg, rng, np.float32)
+    parts, _ = session_data(cfg, (0, 1, 2), (2, 2, 2), rng)
+    batch = model.make_session_batch(parts)
+    _, grad = model.loss_and_grads(batch, model.draw_noise(batch, rng))
+    mask = model.trainable_mask()
+    assert mask.dtype == np.uint8 and mask.shape == model.flat.shape
+    views, gviews = model.views(mask), model.views(grad)
+    for s in range(3):
+        for name in (f"readin_W_{s}", f"readin_b_{s}"):
+            assert not views[name].any() and not gviews[name].any(), name
+        assert views[f"readout_W_{s}"].all()
+    assert mask.sum() == model.num_params - sum(5 * n + 5 for n in cfg.session_neurons)
+    before = model.flat.copy()
+    m, v = np.zeros_like(model.flat), np.zeros_like(model.flat)
+    grad_noisy = grad + 1.0  # even a non-zero gradient must not move frozen entries
+    ops.adam_step(model.flat, grad_noisy, m, v, lr=1e-2, weight_decay=0.1, step=1, mask=mask)
+    frozen = mask == 0
+    np.testing.assert_array_equal(model.flat[frozen], before[frozen])
+    assert np.all(model.flat[~frozen] != before[~frozen])
+    assert LFADS(LFADSConfig(**dict(BASE, train_readin=True))).trainable_mask().all()
+    assert LFADS(LFADSConfig(encod_data_dim=4)).trainable_mask().all()
+
+
+def test_forward_per_session(rng):
+    cfg = LFADSConfig(**dict(BASE, session_recon_neurons=[8, 4, 12], recon_seq_len=10))
+    model = LFADS(cfg, seed=0)
+    encod = rng.poisson(1.0, size=(3, 8, 9)).astype(np.float32)
+    out = model.forward(encod, session=2)
+    assert out["output_params"].shape == (3, 10, 12)
+    assert out["factors"].shape == (3, 10, 3)
+    assert np.all(np.isfinite(out["output_params"]))
+    names = [n for n, _ in model.layout]
+    assert "readout_W" not in names and "readin_W_2" in names
+    assert model.params["readin_W_1"].shape == (5, 4)
+    assert model.params["readout_W_2"].shape == (12, 3)
+
+
+def test_config_round_trip_and_errors():
+    cfg = LFADSConfig(**BASE)
+    again = LFADSConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.session_recon_neurons == [7, 4, 9] and again.n_sessions == 3
+    assert LFADSConfig(encod_data_dim=3).n_sessions == 1
+    for overrides, match in [
+        (dict(session_neurons=[]), "at least one session"),
+        (dict(session_neurons=[3, 0]), r"session_neurons\[1\] must be an integer >= 1"),
+        (dict(session_recon_neurons=[7, 4]), "one per session"),
+        (dict(session_recon_neurons=[7, 3, 9]), "session 1: session_recon_neurons"),
+        (dict(recon_data_dim=9), "recon_data_dim = 9 has no meaning"),
+        (dict(train_readin="yes"), "train_readin must be true or false"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            LFADSConfig(**dict(BASE, **overrides))
+
+
+def test_bad_session_batches(rng):
+    cfg = LFADSConfig(**dict(BASE, cd_rate=0.2))
+    model = LFADS(cfg)
+    parts, _ = session_data(cfg, (0, 1), (2, 3), rng)
+    with pytest.raises(ValueError, match="session= is required"):
+        model.make_batch(parts[0][1], parts[0][2])
+    with pytest.raises(ValueError, match="session 0 appears twice"):
+        model.make_session_batch([parts[0], parts[0]])
+    with pytest.raises(ValueError, match=r"session must be an integer in \[0, 3\)"):
+        model.make_session_batch([(3, parts[0][1])])
+    with pytest.raises(ValueError, match=r"session 1 encod_data must have shape \[3, 8, 4\]"):
+        model.make_session_batch([(1, np.zeros((3, 8, 5)))])
+    with pytest.raises(ValueError, match="session 0 encod_data has no trials"):
+        model.make_session_batch([(0, np.zeros((0, 8, 7)))])
+    with pytest.raises(ValueError, match="parts is empty"):
+        model.make_session_batch([])
+    with pytest.raises(ValueError, match="session= needs a config with session_neurons"):
+        LFADS(LFADSConfig(encod_data_dim=7, encod_seq_len=8)).make_batch(parts[0][1], session=0)
+    with pytest.raises(ValueError, match="pass the Batch to draw_noise"):
+        model.draw_noise(5, rng)
+    batch = model.make_session_batch(parts)
+    with pytest.raises(ValueError, match=r"noise\['cd_keep'\] must be a list of 2 arrays"):
+        model.loss_and_grads(batch, {"cd_keep": np.ones((8, 5, 7))})
