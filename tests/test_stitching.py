@@ -1,9 +1,11 @@
 """Multi-session models (per-session read-in and read-out), PCR initialisation, session files
 and the multi-session synthetic data."""
+import os
+
 import numpy as np
 import pytest
 
-from lfads_fast import LFADS, LFADSConfig, ops
+from lfads_fast import LFADS, LFADSConfig, data, ops, stitching, synth
 
 torch_reference = pytest.importorskip("torch_reference")
 
@@ -291,3 +293,234 @@ def test_bad_session_batches(rng):
     batch = model.make_session_batch(parts)
     with pytest.raises(ValueError, match=r"noise\['cd_keep'\] must be a list of 2 arrays"):
         model.loss_and_grads(batch, {"cd_keep": np.ones((8, 5, 7))})
+
+
+# ---------------------------------------------------------------------------------- PCR
+
+
+def linear_views(rng, sizes=(6, 9, 4), dim=3, n_conditions=5, n_bins=12, reps=(3, 2, 4)):
+    """Sessions that are exact affine views of shared latents: rates_s = L P_s^T + c_s, where
+    every trial of a condition has the same latents L [T, dim]."""
+    latents = rng.normal(size=(n_conditions, n_bins, dim))
+    spikes, labels, views = [], [], []
+    for n, r in zip(sizes, reps):
+        P, c = rng.normal(size=(n, dim)), rng.uniform(1.0, 2.0, size=n)
+        rates = latents @ P.T + c  # [C, T, n]
+        order = rng.permutation(n_conditions * r)  # trials in no particular order
+        cond = np.repeat(np.arange(n_conditions), r)[order]
+        spikes.append(rates[cond])
+        labels.append(cond + 10)  # labels need not start at 0
+        views.append((P, c))
+    return latents, spikes, labels, views
+
+
+def test_pcr_maps_every_session_to_the_same_shared_latents(rng):
+    latents, spikes, labels, views = linear_views(rng)
+    res = stitching.pcr_readins(spikes, 3, conditions=labels, sigma_bins=0.0, ridge=1e-9)
+    assert res.method == "conditions" and list(res.conditions) == [10, 11, 12, 13, 14]
+    np.testing.assert_allclose(res.explained_variance_ratio.sum(), 1.0, rtol=1e-9)
+    per_condition = []
+    for s, (P, c) in enumerate(views):
+        rates = latents @ P.T + c
+        z = rates @ res.readin_W[s].T + res.readin_b[s]  # [C, T, dim]
+        per_condition.append(z)
+        np.testing.assert_allclose(z.reshape(-1, 3), res.latents, rtol=PCR_RTOL, atol=PCR_RTOL)
+        np.testing.assert_allclose(res.mean_counts[s], spikes[s].mean(axis=(0, 1)), rtol=1e-12)
+    # The shared space is the latents' space: an invertible affine map links them.
+    flat = latents.reshape(-1, 3)
+    design = np.concatenate([flat, np.ones((flat.shape[0], 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, res.latents, rcond=None)
+    np.testing.assert_allclose(design @ coef, res.latents, atol=1e-6)
+    assert abs(np.linalg.det(coef[:3])) > 1e-3
+
+
+def test_pcr_trial_average_fallback(rng):
+    latents, spikes, _, views = linear_views(rng, reps=(2, 2, 2))
+    with pytest.warns(RuntimeWarning, match="rank"):  # one PSTH of 12 bins has rank <= 11 ...
+        res = stitching.pcr_readins(spikes, 12, sigma_bins=1.0)
+    assert res.method == "trial_average" and res.latents.shape == (12, 12)
+    res = stitching.pcr_readins(spikes, 3, sigma_bins=0.0, ridge=1e-9)
+    # ... and with dim 3 it recovers the trial-averaged latents exactly.
+    for s, (P, c) in enumerate(views):
+        mean_rates = spikes[s].mean(axis=0)
+        np.testing.assert_allclose(mean_rates @ res.readin_W[s].T + res.readin_b[s], res.latents,
+                                   rtol=PCR_RTOL, atol=PCR_RTOL)
+
+
+def test_pcr_errors(rng):
+    _, spikes, labels, _ = linear_views(rng)
+    with pytest.raises(ValueError, match="no condition is shared by all sessions"):
+        stitching.pcr_readins(spikes, 3, conditions=[labels[0], labels[1] + 100, labels[2]])
+    with pytest.raises(ValueError, match="session 1: 3 condition labels for 10 trials"):
+        stitching.pcr_readins(spikes, 3, conditions=[labels[0], labels[1][:3], labels[2]])
+    with pytest.raises(ValueError, match=r"session 2: spikes must be \[trials, 12 bins"):
+        stitching.pcr_readins(spikes[:2] + [spikes[2][:, :5]], 3)
+    with pytest.raises(ValueError, match="session 0: spikes has no trials"):
+        stitching.pcr_readins([spikes[0][:0]], 3)
+
+
+def session_datasets(rng, sizes=(6, 9, 4), held_out=(0, 2, 1), alignment=None):
+    """Datasets of linear-view sessions with Poisson counts and condition labels."""
+    latents, rates, labels, _ = linear_views(rng, sizes=sizes, n_bins=8)
+    out = []
+    for s, (r, cond) in enumerate(zip(rates, labels)):
+        r = np.concatenate([r, np.ones(r.shape[:2] + (held_out[s],))], axis=2)
+        counts = rng.poisson(np.abs(r)).astype(np.float32)
+        ds = data.from_arrays(counts[:, :, : sizes[s]], counts[:2, :, : sizes[s]],
+                              train_recon_data=counts, valid_recon_data=counts[:2],
+                              extra={"train_conditions": cond, "valid_conditions": cond[:2]})
+        if alignment is not None:
+            ds.other.update(alignment[s])
+        out.append(ds)
+    return out
+
+
+def test_init_session_layers_from_data(rng):
+    sessions = session_datasets(rng)
+    cfg = stitching.config_for_sessions(sessions, 3, fac_dim=3, ic_enc_dim=4, ci_enc_dim=4,
+                                        con_dim=4, co_dim=1, ic_dim=3, gen_dim=6)
+    assert cfg.session_neurons == [6, 9, 4] and cfg.session_recon_neurons == [6, 11, 5]
+    model = LFADS(cfg, seed=0, dtype=np.float64)
+    before = model.params["readout_W_1"].copy()
+    res = stitching.init_session_layers(model, sessions)
+    assert res.method == "conditions"
+    for s, ds in enumerate(sessions):
+        np.testing.assert_allclose(model.params[f"readin_W_{s}"], res.readin_W[s])
+        np.testing.assert_allclose(model.params[f"readin_b_{s}"], res.readin_b[s])
+        mean = ds.train.recon_data.astype(np.float64).mean(axis=(0, 1))
+        np.testing.assert_allclose(model.params[f"readout_b_{s}"],
+                                   np.log(np.maximum(mean, stitching.MIN_MEAN_COUNT)), atol=1e-12)
+        n = cfg.session_neurons[s]
+        # Held-in rows: the read-in's pseudo-inverse in log-rate units; held-out rows untouched.
+        expect = np.linalg.pinv(res.readin_W[s]) / np.maximum(res.mean_counts[s], 1e-3)[:, None]
+        np.testing.assert_allclose(model.params[f"readout_W_{s}"][:n], expect, rtol=1e-8)
+    np.testing.assert_array_equal(model.params["readout_W_1"][9:], before[9:])
+    # Without labels (or with conditions=None) the fallback is used.
+    assert stitching.init_session_layers(model, sessions, conditions=None).method == "trial_average"
+
+
+def test_init_session_layers_from_file_alignment(rng):
+    align = [{"readin_weight": rng.normal(size=(n, 3)), "readout_bias": rng.uniform(0.5, 1, n)}
+             for n in (6, 9)] + [{"alignment_matrix_cxf": rng.normal(size=(4, 3)),
+                                  "alignment_bias_c": rng.uniform(0.5, 1, 4)}]
+    sessions = session_datasets(rng, alignment=align)
+    cfg = stitching.config_for_sessions(sessions, 3, fac_dim=2)
+    model = LFADS(cfg, seed=0, dtype=np.float64)
+    res = stitching.init_session_layers(model, sessions)
+    assert res.method == "file"
+    for s, a in enumerate(align):
+        weight, bias = list(a.values())
+        x = rng.normal(size=(5, weight.shape[0]))
+        np.testing.assert_allclose(x @ model.params[f"readin_W_{s}"].T + model.params[f"readin_b_{s}"],
+                                   (x - bias) @ weight, rtol=1e-10)
+    assert stitching.init_session_layers(model, sessions, use_file_alignment=False).method == "conditions"
+    # Some sessions with, some without: refused.
+    del sessions[1].other["readin_weight"]
+    with pytest.raises(ValueError, match=r"sessions \[0, 2\] have alignment matrices but sessions \[1\]"):
+        stitching.init_session_layers(model, sessions)
+    bad = session_datasets(rng, alignment=[{"readin_weight": np.ones((6, 5))}] * 3)
+    with pytest.raises(ValueError, match="readin_weight has shape \\(6, 5\\) but the session has 9"):
+        stitching.init_session_layers(model, bad)
+    bad = session_datasets(rng, alignment=[{"readin_weight": np.ones((n, 5))} for n in (6, 9, 4)])
+    with pytest.raises(ValueError, match="maps to 5 dimensions but the model's encod_data_dim is 3"):
+        stitching.init_session_layers(model, bad)
+    with pytest.raises(ValueError, match="the model has 3 sessions, got 2 datasets"):
+        stitching.init_session_layers(model, bad[:2])
+
+
+def test_session_batches_mix_every_session(rng):
+    sessions = session_datasets(rng)  # 15, 10 and 20 train trials
+    batches = list(stitching.session_batches(sessions, 4, rng))
+    assert len(batches) == 5
+    seen = [[] for _ in sessions]
+    for parts in batches:
+        assert [p[0] for p in parts] == [0, 1, 2]
+        for s, encod, recon, ext in parts:
+            assert 1 <= encod.shape[0] <= 4 and recon.shape[0] == encod.shape[0] and ext is None
+            seen[s].append(encod.shape[0])
+    assert sum(seen[2]) == 20 and sum(seen[0]) >= 15 and sum(seen[1]) >= 10
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+def test_session_files_round_trip_and_posteriors(rng, tmp_path):
+    sessions = synth.chaotic_rnn_sessions(n_sessions=3, neurons_per_session=[5, 8, 6],
+                                          trials_per_condition=[3, 2, 4],
+                                          train_per_condition=[2, 1, 3], n_conditions=4,
+                                          n_units=20, n_bins=10)
+    paths = synth.save_sessions_h5(sessions, tmp_path / "data")
+    loaded = data.load_sessions(str(tmp_path / "data" / "session_*.h5"))
+    assert [ds.source for ds in loaded] == paths
+    assert [ds.encod_data_dim for ds in loaded] == [5, 8, 6]
+    assert [ds.train.n_trials for ds in loaded] == [8, 4, 12]
+    np.testing.assert_allclose(loaded[1].train.truth, sessions[1].train.rates, rtol=1e-6)
+    assert data.load_sessions(paths[::-1])[0].source == paths[2]
+    cfg = stitching.config_for_sessions(loaded, 4, fac_dim=4, ic_enc_dim=4, ci_enc_dim=4,
+                                        con_dim=4, co_dim=1, ic_dim=3, gen_dim=6)
+    model = LFADS(cfg, seed=0)
+    stitching.init_session_layers(model, loaded)
+    out = stitching.write_session_posteriors(model, loaded, tmp_path / "out", splits=("valid",))
+    assert [os.path.basename(p) for p in out] == [f"lfads_output_session_{s:02d}.h5" for s in range(3)]
+    post = data.read_posterior_h5(out[2])
+    assert post["valid_output_params"].shape == (4, 10, 6)
+    np.testing.assert_array_equal(post["valid_inds"], loaded[2].valid.inds)
+    direct = model.forward(loaded[2].valid.encod_data, session=2)
+    np.testing.assert_allclose(post["valid_factors"], direct["factors"], rtol=1e-6)
+
+
+def test_load_sessions_errors(rng, tmp_path):
+    def write(name, n_bins=10, n_neurons=5, trials=3, **other):
+        counts = rng.poisson(1.0, size=(trials, n_bins, n_neurons)).astype(np.float32)
+        arrays = {"train_encod_data": counts, "train_recon_data": counts,
+                  "valid_encod_data": counts[:1], "valid_recon_data": counts[:1], **other}
+        return data.write_h5_atomic(tmp_path / name, arrays)
+
+    a = write("a.h5")
+    with pytest.raises(ValueError, match="no session file matches"):
+        data.load_sessions(str(tmp_path / "missing_*.h5"))
+    with pytest.raises(ValueError, match=r"b.h5: encod_seq_len is 12 but .*a.h5 has 10"):
+        data.load_sessions([a, write("b.h5", n_bins=12)])
+    with pytest.raises(ValueError, match="c.h5: train_encod_data has no trials"):
+        data.load_sessions([a, write("c.h5", trials=0)])
+    with pytest.raises(ValueError, match=r"d.h5: readin_weight has shape \(4, 3\) but the session has 5"):
+        data.load_sessions([a, write("d.h5", readin_weight=np.ones((4, 3)))])
+    with pytest.raises(ValueError, match="e.h5: alignment_bias_c has 4 entries but the session has 5"):
+        data.load_sessions([write("e.h5", alignment_matrix_cxf=np.ones((5, 3)),
+                                  alignment_bias_c=np.ones(4))])
+    with pytest.raises(ValueError, match="alignment matrices map to different dimensions"):
+        data.load_sessions([write("f.h5", readin_weight=np.ones((5, 3))),
+                            write("g.h5", readin_weight=np.ones((5, 2)))])
+
+
+# ---------------------------------------------------------------------------------- synthetic
+
+
+def test_chaotic_rnn_sessions_share_latents_and_observe_them():
+    kw = dict(n_sessions=3, neurons_per_session=[4, 6, 5], n_conditions=3,
+              trials_per_condition=[3, 2, 4], train_per_condition=[2, 1, 3], n_units=12, n_bins=15)
+    sub = synth.chaotic_rnn_sessions(**kw)
+    for s, d in enumerate(sub):
+        assert d.name == "chaotic_rnn_sessions" and d.params["session"] == s
+        units = d.system["units"]
+        assert len(units) == kw["neurons_per_session"][s]
+        # Same condition, same latents in every session.
+        c0 = d.train.conditions == 0
+        np.testing.assert_array_equal(d.train.latents[c0][0], sub[0].train.latents[sub[0].train.conditions == 0][0])
+        # Rates are one affine map of the observed units in every condition.
+        x = d.train.latents[..., units].reshape(-1, len(units))
+        r = d.train.rates.reshape(-1, len(units))
+        slope = np.polyfit(x[:, 0], r[:, 0], 1)
+        np.testing.assert_allclose(np.polyval(slope, x[:, 0]), r[:, 0], atol=1e-6)
+        assert np.isclose(np.concatenate([d.train.rates, d.valid.rates]).max(), 0.3)
+    proj = synth.chaotic_rnn_sessions(**kw, observe="projection")
+    P = proj[1].system["projection"]
+    lat = proj[1].train.latents.reshape(-1, 12) @ P.T
+    r = proj[1].train.rates.reshape(-1, 6)
+    np.testing.assert_allclose(np.corrcoef(lat[:, 2], r[:, 2])[0, 1], 1.0, atol=1e-9)
+    again = synth.chaotic_rnn_sessions(**kw)
+    np.testing.assert_array_equal(again[2].train.spikes, sub[2].train.spikes)
+    with pytest.raises(ValueError, match="neurons_per_session has 2 entries for 3 sessions"):
+        synth.chaotic_rnn_sessions(**dict(kw, neurons_per_session=[3, 4]))
+    with pytest.raises(ValueError, match="session 1: neurons_per_session must be in"):
+        synth.chaotic_rnn_sessions(**dict(kw, neurons_per_session=[3, 13, 4]))
