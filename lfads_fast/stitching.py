@@ -7,9 +7,9 @@ in lfads_fast.model, switched on by LFADSConfig.session_neurons). This module pr
 model and its data:
 
 - :func:`config_for_sessions`: an LFADSConfig sized for a list of sessions.
-- :func:`pcr_readins` and :func:`init_session_layers`: the read-ins from principal-component
-  regression (PCR, Pandarinath et al. 2018), or from the alignment matrices stored in the
-  session files, and read-outs consistent with them.
+- :func:`init_session_layers`: read-ins from principal-component regression (PCR,
+  Pandarinath et al. 2018; :func:`pcr_readins`) or from the alignment matrices stored in the
+  session files, and read-outs consistent with them (:func:`pcr_readouts`).
 - :func:`session_batches`: training batches that mix the sessions.
 - :func:`session_posteriors` and :func:`write_session_posteriors`: outputs, one file per
   session.
@@ -23,17 +23,21 @@ PCR, step by step (docs/stitching.md has the reasoning):
    common to all trials, so the PCR read-in is then a rough start that train_readin=True
    should refine.
 3. Concatenate all sessions' neurons ([C * T, sum n_s]), centre each neuron, and keep the top
-   encod_data_dim principal components; their scores Z [C * T, encod_data_dim] are the shared
-   latents.
+   encod_data_dim principal components; their scores Z [C * T, encod_data_dim], scaled so
+   that the first has unit standard deviation, are the shared latents.
 4. For each session, ridge-regress Z on its own centred activity: W_s = argmin
    ||(M_s - mu_s) W^T - Z||^2 + lam ||W||^2, the read-in weight [encod_data_dim, n_s], with
    bias b_s = -W_s mu_s, so a bin of counts x maps to (x - mu_s) W_s^T. lam is ``ridge``
    times the mean variance of the session's neurons (so the penalty does not depend on
    units).
-5. Read-out: biases are the neurons' log mean counts per bin; when fac_dim equals
-   encod_data_dim the held-in rows of the weight are the read-in's pseudo-inverse, divided
-   by each neuron's mean (the first-order map from latents to log-rates around the mean);
-   otherwise, and for held-out neurons, the weights keep their random initialisation.
+5. Read-out (when fac_dim equals encod_data_dim, so that factors can play the shared
+   latents, each scaled to unit standard deviation): ridge-regress each session's averaged
+   recon neurons, held-out ones included, on its read-in's scaled output, and linearise
+   around each neuron's mean into log-rate units (pcr_readouts). Where a session sees the
+   shared space exactly this is the read-in's pseudo-inverse (up to the scaling); the
+   regression stays bounded where the pseudo-inverse of a ridge-shrunk read-in would not
+   (rows of norm ~80 were seen, whose exp overflows). With another fac_dim only the biases
+   are set, to the neurons' log mean counts per bin.
 
 The read-ins stay frozen during training unless the config has train_readin (the trainer's
 Adam mask is LFADS.trainable_mask()).
@@ -55,6 +59,7 @@ __all__ = [
     "PCRResult",
     "config_for_sessions",
     "pcr_readins",
+    "pcr_readouts",
     "init_session_layers",
     "session_batches",
     "session_posteriors",
@@ -68,6 +73,9 @@ DEFAULT_RIDGE = 1e-3
 # Floor of a neuron's mean count per bin where its logarithm or inverse is taken (a silent
 # neuron would otherwise get an infinitely negative bias).
 MIN_MEAN_COUNT = 1e-3
+# Floor of a shared dimension's standard deviation, relative to the largest, where the
+# read-out divides by it.
+MIN_RELATIVE_SCALE = 1e-3
 # Trials per forward call when computing posteriors (bounds the activation memory).
 POSTERIOR_CHUNK = 512
 
@@ -79,7 +87,6 @@ class PCRResult:
     Attributes:
         readin_W: per session, the read-in weight [dim, n_s].
         readin_b: per session, the read-in bias [dim].
-        mean_counts: per session, its encoder neurons' mean count per bin [n_s].
         method: "conditions" (condition averages), "trial_average" (the fallback without
             conditions) or "file" (alignment matrices of the session files).
         explained_variance_ratio: variance fraction of each shared component [dim] (NaN for
@@ -90,7 +97,6 @@ class PCRResult:
 
     readin_W: list[np.ndarray]
     readin_b: list[np.ndarray]
-    mean_counts: list[np.ndarray]
     method: str
     explained_variance_ratio: np.ndarray
     latents: np.ndarray | None = None
@@ -163,23 +169,71 @@ def pcr_readins(spikes: list[np.ndarray], dim: int, *, conditions: list[np.ndarr
     k = min(dim, vt.shape[0])
     latents = np.zeros((centred.shape[0], dim))
     latents[:, :k] = centred @ vt[:k].T
+    # Unit standard deviation of the first component: the read-in's output then has the scale
+    # of the model's other activations whatever the firing rates.
+    top = latents[:, 0].std()
+    if top > 0:
+        latents /= top
     variance = singular**2
     explained = np.zeros(dim)
     if variance.sum() > 0:
         explained[:k] = variance[:k] / variance.sum()
-    if k < dim or np.linalg.matrix_rank(centred) < dim:
-        warnings.warn(f"the averaged activity has rank {np.linalg.matrix_rank(centred)} < dim = {dim}: "
-                      "the extra shared inputs get zero read-in weights", RuntimeWarning, stacklevel=2)
+    rank = np.linalg.matrix_rank(centred)
+    if rank < dim:
+        warnings.warn(f"the averaged activity has rank {rank} < dim = {dim}: the extra shared inputs "
+                      "get (near) zero read-in weights", RuntimeWarning, stacklevel=2)
     readin_W, readin_b = [], []
     for b, m in zip(blocks, means):
-        xc = b - m
-        gram = xc.T @ xc
-        lam = ridge * max(np.trace(gram) / gram.shape[0], np.finfo(float).tiny)
-        W = np.linalg.solve(gram + lam * np.eye(gram.shape[0]), xc.T @ latents).T  # [dim, n_s]
+        W = _ridge(b - m, latents, ridge)  # [dim, n_s]
         readin_W.append(W)
         readin_b.append(-W @ m)
-    mean_counts = [_mean_counts(x) for x in spikes]
-    return PCRResult(readin_W, readin_b, mean_counts, method, explained, latents, labels)
+    return PCRResult(readin_W, readin_b, method, explained, latents, labels)
+
+
+def pcr_readouts(readin_W: list[np.ndarray], readin_b: list[np.ndarray], encod_spikes: list[np.ndarray],
+                 recon_spikes: list[np.ndarray], *, conditions: list[np.ndarray] | None = None,
+                 sigma_bins: float = DEFAULT_SIGMA_BINS, ridge: float = DEFAULT_RIDGE):
+    """Read-outs consistent with given read-ins, from factors to log-rates.
+
+    The factor space is the read-ins' output space with each dimension divided by its
+    standard deviation sigma [dim] (pooled over the sessions' averaged activity): factors
+    start out of order one in every dimension, so a read-out fit to unscaled minor dimensions
+    would turn them into huge log-rates. For each session, the smoothed and averaged recon
+    neurons a [rows, n_recon_s] (held-out ones included) are ridge-regressed on
+    f = readin(averaged encoder neurons) / sigma: a ~ mu + R (f - f_mean), mu the neurons'
+    means. Linearised around the mean, log a ~ log mu + (R / mu) (f - f_mean), so the read-out
+    is W = R / mu, b = log mu - W f_mean (mu floored at MIN_MEAN_COUNT). Where a session sees
+    the shared space exactly, R diag(1 / sigma) is the read-in's pseudo-inverse; unlike the
+    pseudo-inverse, R stays bounded along directions a ridge read-in has shrunk.
+
+    Args:
+        readin_W, readin_b: per session, [dim, n_s] and [dim].
+        encod_spikes: per session, encoder counts [B_s, T_e, n_s].
+        recon_spikes: per session, recon counts [B_s, T_r, n_recon_s] of the same trials; only
+            the first T_e bins are used.
+        conditions, sigma_bins, ridge: as in pcr_readins.
+
+    Returns:
+        (readouts, sigma): per session (W [n_recon_s, dim], b [n_recon_s]), and sigma [dim].
+    """
+    n_bins = np.shape(encod_spikes[0])[1]
+    encod = _averages([np.asarray(x, dtype=np.float64) for x in encod_spikes], conditions, sigma_bins)[0]
+    recon = _averages([np.asarray(x, dtype=np.float64)[:, :n_bins] for x in recon_spikes], conditions,
+                      sigma_bins)[0]
+    z = [e.reshape(-1, e.shape[-1]) @ W.T + b for W, b, e in zip(readin_W, readin_b, encod)]
+    sigma = np.concatenate(z).std(axis=0)
+    # A dimension the read-ins leave (nearly) empty must not be blown up to unit scale.
+    sigma = np.maximum(sigma, MIN_RELATIVE_SCALE * sigma.max()) if sigma.max() > 0 else np.ones_like(sigma)
+    readouts = []
+    for z_s, r in zip(z, recon):
+        f = z_s / sigma
+        a = r.reshape(-1, r.shape[-1])
+        f_mean, mu = f.mean(axis=0), a.mean(axis=0)
+        R = _ridge(f - f_mean, a - mu, ridge)  # [n_recon_s, dim]
+        scale = np.maximum(mu, MIN_MEAN_COUNT)
+        W = R / scale[:, None]
+        readouts.append((W, np.log(scale) - W @ f_mean))
+    return readouts, sigma
 
 
 def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, conditions="auto",
@@ -189,7 +243,8 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
 
     The read-ins come from the alignment matrices of the session files when every file has
     one (data.session_alignment), else from PCR on the training trials (pcr_readins). The
-    read-outs follow them (module docstring, step 5).
+    read-outs follow them (pcr_readouts; module docstring, step 5), using the same condition
+    averages (or their fallback).
 
     Args:
         model: a model with session_neurons; its parameters are set in place.
@@ -217,23 +272,26 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
         if (ds.encod_data_dim, ds.recon_data_dim) != want:
             raise ValueError(f"session {s} ({ds.source}) has {ds.encod_data_dim} encoder / {ds.recon_data_dim} "
                              f"recon neurons but the model expects {want[0]} / {want[1]}")
+    if isinstance(conditions, str) and conditions == "auto":
+        found = [ds.train.extra.get("conditions") for ds in sessions]
+        conditions = None if any(c is None for c in found) else found
     result = _file_alignment(sessions, cfg.encod_data_dim) if use_file_alignment else None
     if result is None:
-        if isinstance(conditions, str) and conditions == "auto":
-            found = [ds.train.extra.get("conditions") for ds in sessions]
-            conditions = None if any(c is None for c in found) else found
         result = pcr_readins([ds.train.encod_data for ds in sessions], cfg.encod_data_dim,
                              conditions=conditions, sigma_bins=sigma_bins, ridge=ridge)
     p, dt = model.params, model.dtype
-    for s, ds in enumerate(sessions):
+    readouts, _ = pcr_readouts(result.readin_W, result.readin_b, [ds.train.encod_data for ds in sessions],
+                            [ds.train.recon_data for ds in sessions], conditions=conditions,
+                            sigma_bins=sigma_bins, ridge=ridge)
+    for s, (W_out, b_out) in enumerate(readouts):
         p[f"readin_W_{s}"][...] = result.readin_W[s].astype(dt)
         p[f"readin_b_{s}"][...] = result.readin_b[s].astype(dt)
-        recon_mean = _mean_counts(ds.train.recon_data)
-        p[f"readout_b_{s}"][...] = np.log(np.maximum(recon_mean, MIN_MEAN_COUNT)).astype(dt)
         if cfg.fac_dim == cfg.encod_data_dim:
-            held_in = np.linalg.pinv(result.readin_W[s])  # [n_s, dim]: shared space -> counts
-            scale = np.maximum(result.mean_counts[s], MIN_MEAN_COUNT)[:, None]
-            p[f"readout_W_{s}"][: cfg.session_neurons[s]] = (held_in / scale).astype(dt)
+            p[f"readout_W_{s}"][...] = W_out.astype(dt)
+            p[f"readout_b_{s}"][...] = b_out.astype(dt)
+        else:  # the factors are not the read-in's space: only the mean rates carry over
+            mean = _mean_counts(sessions[s].train.recon_data)
+            p[f"readout_b_{s}"][...] = np.log(np.maximum(mean, MIN_MEAN_COUNT)).astype(dt)
     return result
 
 
@@ -388,6 +446,14 @@ def _mean_counts(x):
         return np.nan_to_num(np.nanmean(np.asarray(x, dtype=np.float64), axis=(0, 1)), nan=0.0)
 
 
+def _ridge(x, y, ridge):
+    """B [y columns, x columns] minimising ||x B^T - y||^2 + lam ||B||^2, with lam = ridge
+    times the mean variance (per row) of x's columns, so the penalty does not depend on units."""
+    gram = x.T @ x
+    lam = ridge * max(np.trace(gram) / gram.shape[0], np.finfo(float).tiny)
+    return np.linalg.solve(gram + lam * np.eye(gram.shape[0]), x.T @ y).T
+
+
 def _file_alignment(sessions, dim):
     """PCRResult from the files' alignment matrices, or None when no file has one."""
     found = [data_mod.session_alignment(ds) for ds in sessions]
@@ -405,5 +471,4 @@ def _file_alignment(sessions, dim):
                              f"the model's encod_data_dim is {dim}")
         readin_W.append(weight.T)
         readin_b.append(-bias @ weight)
-    means = [bias for _, bias in found]
-    return PCRResult(readin_W, readin_b, means, "file", np.full(dim, np.nan))
+    return PCRResult(readin_W, readin_b, "file", np.full(dim, np.nan))

@@ -325,13 +325,38 @@ def test_pcr_maps_every_session_to_the_same_shared_latents(rng):
         z = rates @ res.readin_W[s].T + res.readin_b[s]  # [C, T, dim]
         per_condition.append(z)
         np.testing.assert_allclose(z.reshape(-1, 3), res.latents, rtol=PCR_RTOL, atol=PCR_RTOL)
-        np.testing.assert_allclose(res.mean_counts[s], spikes[s].mean(axis=(0, 1)), rtol=1e-12)
+    assert np.isclose(res.latents[:, 0].std(), 1.0)
     # The shared space is the latents' space: an invertible affine map links them.
     flat = latents.reshape(-1, 3)
     design = np.concatenate([flat, np.ones((flat.shape[0], 1))], axis=1)
     coef, *_ = np.linalg.lstsq(design, res.latents, rcond=None)
     np.testing.assert_allclose(design @ coef, res.latents, atol=1e-6)
     assert abs(np.linalg.det(coef[:3])) > 1e-3
+
+
+def test_pcr_readouts_invert_the_readins_on_exact_views(rng):
+    """Held-in and held-out neurons that are affine in the latents are decoded exactly from
+    the read-in's output by the linearised read-out: mu * (1 + W z + b - log mu) = rates."""
+    latents, spikes, labels, views = linear_views(rng)
+    held_out = [rng.normal(size=(2, 3)) for _ in views]
+    recon = []
+    for x, h, (P, c) in zip(spikes, held_out, views):
+        extra = (x - c) @ np.linalg.pinv(P).T @ h.T + 3.0  # affine in the latents too
+        recon.append(np.concatenate([x, extra], axis=2))
+    res = stitching.pcr_readins(spikes, 3, conditions=labels, sigma_bins=0.0, ridge=1e-10)
+    outs, sigma = stitching.pcr_readouts(res.readin_W, res.readin_b, spikes, recon,
+                                         conditions=labels, sigma_bins=0.0, ridge=1e-10)
+    # The factor space: the shared latents with unit standard deviation per dimension.
+    np.testing.assert_allclose(sigma, res.latents.std(axis=0), rtol=1e-6)
+    for s, (W, b) in enumerate(outs):
+        assert W.shape == (recon[s].shape[2], 3)
+        f = (spikes[s] @ res.readin_W[s].T + res.readin_b[s]) / sigma
+        mu = recon[s].mean(axis=(0, 1))  # balanced conditions: the mean of the averages
+        decoded = mu * (1.0 + f @ W.T + b - np.log(mu))
+        np.testing.assert_allclose(decoded, recon[s], rtol=PCR_RTOL, atol=PCR_RTOL)
+        n = spikes[s].shape[2]  # held-in rows: the read-in's pseudo-inverse, scaled
+        np.testing.assert_allclose(W[:n] * mu[:n, None] / sigma, np.linalg.pinv(res.readin_W[s]),
+                                   rtol=PCR_RTOL, atol=PCR_RTOL)
 
 
 def test_pcr_trial_average_fallback(rng):
@@ -381,22 +406,27 @@ def test_init_session_layers_from_data(rng):
                                         con_dim=4, co_dim=1, ic_dim=3, gen_dim=6)
     assert cfg.session_neurons == [6, 9, 4] and cfg.session_recon_neurons == [6, 11, 5]
     model = LFADS(cfg, seed=0, dtype=np.float64)
-    before = model.params["readout_W_1"].copy()
     res = stitching.init_session_layers(model, sessions)
     assert res.method == "conditions"
+    encod = [ds.train.encod_data for ds in sessions]
+    recon = [ds.train.recon_data for ds in sessions]
+    labels = [ds.train.extra["conditions"] for ds in sessions]
+    outs, _ = stitching.pcr_readouts(res.readin_W, res.readin_b, encod, recon, conditions=labels)
     for s, ds in enumerate(sessions):
         np.testing.assert_allclose(model.params[f"readin_W_{s}"], res.readin_W[s])
         np.testing.assert_allclose(model.params[f"readin_b_{s}"], res.readin_b[s])
-        mean = ds.train.recon_data.astype(np.float64).mean(axis=(0, 1))
-        np.testing.assert_allclose(model.params[f"readout_b_{s}"],
-                                   np.log(np.maximum(mean, stitching.MIN_MEAN_COUNT)), atol=1e-12)
-        n = cfg.session_neurons[s]
-        # Held-in rows: the read-in's pseudo-inverse in log-rate units; held-out rows untouched.
-        expect = np.linalg.pinv(res.readin_W[s]) / np.maximum(res.mean_counts[s], 1e-3)[:, None]
-        np.testing.assert_allclose(model.params[f"readout_W_{s}"][:n], expect, rtol=1e-8)
-    np.testing.assert_array_equal(model.params["readout_W_1"][9:], before[9:])
+        np.testing.assert_allclose(model.params[f"readout_W_{s}"], outs[s][0])
+        np.testing.assert_allclose(model.params[f"readout_b_{s}"], outs[s][1])
     # Without labels (or with conditions=None) the fallback is used.
     assert stitching.init_session_layers(model, sessions, conditions=None).method == "trial_average"
+    # Factors that are not the shared space: read-out weights untouched, biases log means.
+    other = LFADS(stitching.config_for_sessions(sessions, 3, fac_dim=2), seed=0, dtype=np.float64)
+    before = other.params["readout_W_1"].copy()
+    stitching.init_session_layers(other, sessions)
+    np.testing.assert_array_equal(other.params["readout_W_1"], before)
+    mean = recon[1].astype(np.float64).mean(axis=(0, 1))
+    np.testing.assert_allclose(other.params["readout_b_1"],
+                               np.log(np.maximum(mean, stitching.MIN_MEAN_COUNT)), atol=1e-12)
 
 
 def test_init_session_layers_from_file_alignment(rng):
