@@ -1,9 +1,9 @@
 // The fused LFADS decoder on the GPU: one persistent kernel runs the coupled controller /
 // sampling / generator / factor recurrence for all T steps (forward), one runs its BPTT
 // (backward). Each block owns BB batch rows and keeps the weights that fit in shared memory
-// (largest first: W_gen_hh, W_con_hh, ...); see recurrent_cuda.cuh for the scheme. Per step the
-// forward has six dependent phases (controller z/r, controller n, controller output and sample,
-// generator z/r, generator n, factors), the backward six as well (three with a controller).
+// (largest first); see recurrent_cuda.cuh for the scheme. Per step the forward has six
+// dependent phases (controller z/r, controller n, controller output and sample, generator z/r,
+// generator n, factors), the backward six as well (three without a controller).
 #define LFADS_CUDA_OP "decoder"
 #include "cuda_check.h"
 #include "decoder_cuda.h"
@@ -21,17 +21,32 @@ using rnn_cuda::kMaxThreads;
 using rnn_cuda::kNumTiles;
 using rnn_cuda::WeightSlots;
 
-// Weight slots, the same index in both passes (forward: transposed; backward: as given).
-enum Slot { kConF = 0, kConHH, kCo, kGenU, kGenHH, kFac, kNumSlots };
+// Weight slots, the same index in both passes (forward: transposed; backward: as given). Each
+// recurrent matrix is two slots, its z, r rows and its n rows, so that two thirds of it can stay
+// on chip when all of it can't.
+enum Slot { kConF = 0, kConZR, kConN, kCo, kGenU, kGenZR, kGenN, kFac, kNumSlots };
 
-void slot_shapes(const DecoderShape& s, int rows[kNumSlots], int cols[kNumSlots]) {
-  // Shapes as given in DecoderForwardArgs: [rows, cols].
-  const int r[kNumSlots] = {3 * s.C, 3 * s.C, 2 * s.U, 3 * s.G, 3 * s.G, s.F};
-  const int c[kNumSlots] = {s.F, s.C, s.C, s.U, s.G, s.G};
-  for (int i = 0; i < kNumSlots; ++i) {
-    rows[i] = r[i];
-    cols[i] = c[i];
-  }
+// Each slot as given: rows [row0, row0 + rows) of a [*, cols] matrix.
+struct SlotSource {
+  const float* base;
+  int row0, rows, cols;
+};
+
+void slot_sources(const DecoderShape& s, const DecoderForwardArgs<float>& a,
+                  SlotSource out[kNumSlots]) {
+  const int C = s.C, U = s.U, G = s.G, F = s.F;
+  out[kConF] = {a.W_con_f, 0, 3 * C, F};
+  out[kConZR] = {a.W_con_hh, 0, 2 * C, C};
+  out[kConN] = {a.W_con_hh, 2 * C, C, C};
+  out[kCo] = {a.W_co, 0, 2 * U, C};
+  out[kGenU] = {a.W_gen_u, 0, 3 * G, U};
+  out[kGenZR] = {a.W_gen_hh, 0, 2 * G, G};
+  out[kGenN] = {a.W_gen_hh, 2 * G, G, G};
+  out[kFac] = {a.W_fac, 0, F, G};
+}
+
+const float* slot_pointer(const SlotSource& src) {
+  return src.base ? src.base + static_cast<int64_t>(src.row0) * src.cols : nullptr;
 }
 
 void check_shape(const DecoderShape& s) {
@@ -124,7 +139,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_forward_kernel(DecoderFor
           ah[b] = 0.f;
         }
         dot_cols<BB>(W[kConF], C3, o, s_fd, F, F, x);
-        if (o < C2) dot_cols<BB>(W[kConHH], C3, o, s_c, C, C, ah);
+        if (o < C2) dot_cols<BB>(W[kConZR], C2, o, s_c, C, C, ah);
 #pragma unroll
         for (int b = 0; b < BB; ++b) {
           if (o < C2) {
@@ -143,7 +158,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_forward_kernel(DecoderFor
         float acc[BB];
 #pragma unroll
         for (int b = 0; b < BB; ++b) acc[b] = 0.f;
-        dot_cols<BB>(W[kConHH] + C2, C3, o, s_rc, C, C, acc);
+        dot_cols<BB>(W[kConN], C, o, s_rc, C, C, acc);
 #pragma unroll
         for (int b = 0; b < BB; ++b) {
           float n;
@@ -191,7 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_forward_kernel(DecoderFor
         ah[b] = 0.f;
       }
       dot_cols<BB>(W[kGenU], G3, o, s_u, U, U, x);
-      if (o < G2) dot_cols<BB>(W[kGenHH], G3, o, s_g, G, G, ah);
+      if (o < G2) dot_cols<BB>(W[kGenZR], G2, o, s_g, G, G, ah);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         if (o < G2) {
@@ -210,7 +225,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_forward_kernel(DecoderFor
       float acc[BB];
 #pragma unroll
       for (int b = 0; b < BB; ++b) acc[b] = 0.f;
-      dot_cols<BB>(W[kGenHH] + G2, G3, o, s_rg, G, G, acc);
+      dot_cols<BB>(W[kGenN], G, o, s_rg, G, G, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         float n;
@@ -367,7 +382,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_backward_kernel(DecoderBa
       float acc[BB];
 #pragma unroll
       for (int b = 0; b < BB; ++b) acc[b] = 0.f;
-      dot_cols<BB>(W[kGenHH] + G2 * G, G, o, s_dgen + G2, G3, G, acc);
+      dot_cols<BB>(W[kGenN], G, o, s_dgen + G2, G3, G, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         float dr, dhr;
@@ -386,7 +401,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_backward_kernel(DecoderBa
       if (o < G) {
 #pragma unroll
         for (int b = 0; b < BB; ++b) acc[b] = s_dhg[b * G + o];
-        dot_cols<BB>(W[kGenHH], G, o, s_dgen, G3, G2, acc);
+        dot_cols<BB>(W[kGenZR], G, o, s_dgen, G3, G2, acc);
 #pragma unroll
         for (int b = 0; b < BB; ++b) s_dg[b * G + o] = acc[b];
       } else if (o < G + U) {
@@ -462,7 +477,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_backward_kernel(DecoderBa
         float acc[BB];
 #pragma unroll
         for (int b = 0; b < BB; ++b) acc[b] = 0.f;
-        dot_cols<BB>(W[kConHH] + C2 * C, C, o, s_dcon + C2, C3, C, acc);
+        dot_cols<BB>(W[kConN], C, o, s_dcon + C2, C3, C, acc);
 #pragma unroll
         for (int b = 0; b < BB; ++b) {
           float dr, dhr;
@@ -479,7 +494,7 @@ __global__ void __launch_bounds__(kMaxThreads) decoder_backward_kernel(DecoderBa
         if (o < C) {
 #pragma unroll
           for (int b = 0; b < BB; ++b) acc[b] = s_dhc[b * C + o];
-          dot_cols<BB>(W[kConHH], C, o, s_dcon, C3, C2, acc);
+          dot_cols<BB>(W[kConZR], C, o, s_dcon, C3, C2, acc);
 #pragma unroll
           for (int b = 0; b < BB; ++b) s_dc[b * C + o] = acc[b];
         } else {
@@ -522,10 +537,10 @@ constexpr BackwardKernel kBackwardKernels[kNumTiles] = {
 // Forward
 
 size_t decoder_forward_cuda_workspace_size(const DecoderShape& s) {
-  int rows[kNumSlots], cols[kNumSlots];
-  slot_shapes(s, rows, cols);
+  SlotSource src[kNumSlots];
+  slot_sources(s, DecoderForwardArgs<float>{}, src);
   size_t floats = 0;
-  for (int i = 0; i < kNumSlots; ++i) floats += align4(rows[i] * cols[i]);
+  for (int i = 0; i < kNumSlots; ++i) floats += align4(src[i].rows * src[i].cols);
   return floats * sizeof(float);
 }
 
@@ -542,9 +557,8 @@ void decoder_forward_cuda(const DecoderShape& s, const DecoderForwardArgs<float>
   LFADS_CUDA_REQUIRE(s.U == 0 || (a.W_co && a.b_co && a.W_gen_u && a.co_mean && a.co_logvar &&
                                   a.u && (!s.sample || a.eps)),
                      "decoder_forward_cuda: a required controller-output pointer is null");
-  int rows[kNumSlots], cols[kNumSlots];
-  slot_shapes(s, rows, cols);
-  const float* given[kNumSlots] = {a.W_con_f, a.W_con_hh, a.W_co, a.W_gen_u, a.W_gen_hh, a.W_fac};
+  SlotSource src[kNumSlots];
+  slot_sources(s, a, src);
   rnn_cuda::TransposeJobs jobs{};
   DecoderForwardParams p{s.T,      s.B,      s.C,     s.U,    s.G,
                          s.F,      s.ld_xc,  s.ld_xg, static_cast<float>(s.clip),
@@ -554,16 +568,16 @@ void decoder_forward_cuda(const DecoderShape& s, const DecoderForwardArgs<float>
                          a.gen_states, a.gen_gates, a.factors, WeightSlots{}};
   float* dst = static_cast<float*>(workspace);
   for (int i = 0; i < kNumSlots; ++i) {
-    const int n = rows[i] * cols[i];
-    jobs.src[jobs.count] = given[i];
-    jobs.dst[jobs.count] = dst;
-    jobs.rows[jobs.count] = n > 0 ? rows[i] : 0;
-    jobs.cols[jobs.count] = n > 0 ? cols[i] : 0;
-    ++jobs.count;
+    const int n = src[i].rows * src[i].cols;
+    jobs.src[i] = slot_pointer(src[i]);
+    jobs.dst[i] = dst;
+    jobs.rows[i] = n > 0 ? src[i].rows : 0;
+    jobs.cols[i] = n > 0 ? src[i].cols : 0;
     p.w.global[i] = dst;
     p.w.floats[i] = n;
     dst += align4(n);
   }
+  jobs.count = kNumSlots;
   p.w.count = kNumSlots;
   rnn_cuda::transpose_all(jobs, stream);
   const int outputs = std::max({3 * s.C, 3 * s.G, s.F, s.U});
@@ -595,9 +609,8 @@ void decoder_backward_cuda(const DecoderShape& s, const DecoderBackwardArgs<floa
   LFADS_CUDA_REQUIRE(s.U == 0 || (f.W_co && f.W_gen_u && work.d_co &&
                                   (!s.sample || (f.eps && f.co_logvar))),
                      "decoder_backward_cuda: a required controller-output pointer is null");
-  int rows[kNumSlots], cols[kNumSlots];
-  slot_shapes(s, rows, cols);
-  const float* given[kNumSlots] = {f.W_con_f, f.W_con_hh, f.W_co, f.W_gen_u, f.W_gen_hh, f.W_fac};
+  SlotSource src[kNumSlots];
+  slot_sources(s, f, src);
   DecoderBackwardParams p{s.T,           s.B,          s.C,           s.U,
                           s.G,           s.F,          s.ld_xc,       s.ld_xg,
                           static_cast<float>(s.clip),  s.sample,      f.c0,
@@ -608,8 +621,8 @@ void decoder_backward_cuda(const DecoderShape& s, const DecoderBackwardArgs<floa
                           a.d_f0,        work.d_factors_total, work.d_co, work.rh_gen,
                           work.rh_con,   WeightSlots{}};
   for (int i = 0; i < kNumSlots; ++i) {
-    p.w.global[i] = given[i];
-    p.w.floats[i] = rows[i] * cols[i];
+    p.w.global[i] = slot_pointer(src[i]);
+    p.w.floats[i] = src[i].rows * src[i].cols;
   }
   p.w.count = kNumSlots;
   int outputs = std::max({s.G + s.U, s.C + s.F, s.G});

@@ -11,9 +11,10 @@
 
 namespace lfads {
 
-// Device workspace of decoder_forward_cuda: transposed copies of the six weight matrices
-// (W_con_f^T [F, 3C], W_con_hh^T [C, 3C], W_co^T [C, 2U], W_gen_u^T [U, 3G], W_gen_hh^T [G, 3G],
-// W_fac^T [G, F]), each rounded up to 16 bytes.
+// Device workspace of decoder_forward_cuda: transposed copies of the weights in the layout the
+// persistent kernel reads (recurrent_cuda.cuh): W_con_f^T [F, 3C], [W_con_hz; W_con_hr]^T
+// [C, 2C], W_con_hn^T [C, C], W_co^T [C, 2U], W_gen_u^T [U, 3G], [W_gen_hz; W_gen_hr]^T [G, 2G],
+// W_gen_hn^T [G, G], W_fac^T [G, F] float, each rounded up to 16 bytes.
 size_t decoder_forward_cuda_workspace_size(const DecoderShape& s);
 
 // One persistent kernel for all T steps. workspace: decoder_forward_cuda_workspace_size(s)

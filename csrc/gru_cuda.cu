@@ -27,7 +27,7 @@ struct GruForwardParams {
   const float* h0;     // [B, H]
   float* hs;           // [T, B, H]
   float* gates;        // [T, B, 3H]
-  WeightSlots w;       // slot 0: W_hh^T [H, 3H]
+  WeightSlots w;       // slot 0: [W_hz; W_hr]^T [H, 2H], slot 1: W_hn^T [H, H]
 };
 
 // Per-row state: h, r * h, z.
@@ -45,7 +45,8 @@ __global__ void __launch_bounds__(kMaxThreads) gru_forward_kernel(GruForwardPara
 
   const float* ptr[kMaxSlots];
   rnn_cuda::load_weights(p.w, smem, ptr);
-  const float* Wt = ptr[0];  // element (k, o) = W_hh[o, k]
+  const float* Wt_zr = ptr[0];  // element (k, o) = W_hh[o, k], o < 2H
+  const float* Wt_n = ptr[1];   // element (k, o) = W_hh[2H + o, k]
   for (int i = threadIdx.x; i < BB * H; i += blockDim.x) {
     const int b = i / H;
     s_h[i] = b < nb ? p.h0[static_cast<int64_t>(b0 + b) * H + i % H] : 0.f;
@@ -63,7 +64,7 @@ __global__ void __launch_bounds__(kMaxThreads) gru_forward_kernel(GruForwardPara
         x[b] = b < nb ? __ldg(p.xproj + (row0 + b) * p.ldx + o) : 0.f;
         acc[b] = 0.f;
       }
-      dot_cols<BB>(Wt, H3, o, s_h, H, H, acc);
+      dot_cols<BB>(Wt_zr, H2, o, s_h, H, H, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         const float g = gru_gate(x[b], acc[b]);
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kMaxThreads) gru_forward_kernel(GruForwardPara
         x[b] = b < nb ? __ldg(p.xproj + (row0 + b) * p.ldx + H2 + o) : 0.f;
         acc[b] = 0.f;
       }
-      dot_cols<BB>(Wt + H2, H3, o, s_rh, H, H, acc);
+      dot_cols<BB>(Wt_n, H, o, s_rh, H, H, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         float n;
@@ -115,7 +116,7 @@ struct GruBackwardParams {
   float* d_xproj;      // [T, B, ldx]
   float* d_h0;         // [B, H]
   float* work;         // [T, B, H] r * h_prev
-  WeightSlots w;       // slot 0: W_hh [3H, H] as given
+  WeightSlots w;       // W_hh as given: slot 0 its rows z, r [2H, H]; slot 1 rows n [H, H]
 };
 
 // Per-row state: carried dh, h_prev, r, the partial dh, and the three pre-activation gradients.
@@ -135,7 +136,8 @@ __global__ void __launch_bounds__(kMaxThreads) gru_backward_kernel(GruBackwardPa
 
   const float* ptr[kMaxSlots];
   rnn_cuda::load_weights(p.w, smem, ptr);
-  const float* W = ptr[0];  // element (i, k) = W_hh[i, k]: product with W^T, outputs k
+  const float* W_zr = ptr[0];  // element (i, k) = W_hh[i, k]: products with W^T, outputs k
+  const float* W_n = ptr[1];   // element (i, k) = W_hh[2H + i, k]
   for (int i = threadIdx.x; i < BB * H; i += blockDim.x) {
     const int b = i / H;
     s_dh[i] = (b < nb && p.d_hT) ? p.d_hT[static_cast<int64_t>(b0 + b) * H + i % H] : 0.f;
@@ -174,7 +176,7 @@ __global__ void __launch_bounds__(kMaxThreads) gru_backward_kernel(GruBackwardPa
       float acc[BB];
 #pragma unroll
       for (int b = 0; b < BB; ++b) acc[b] = 0.f;
-      dot_cols<BB>(W + H2 * H, H, k, s_d + H2, H3, H, acc);
+      dot_cols<BB>(W_n, H, k, s_d + H2, H3, H, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) {
         float dr, dhr;
@@ -190,7 +192,7 @@ __global__ void __launch_bounds__(kMaxThreads) gru_backward_kernel(GruBackwardPa
       float acc[BB];
 #pragma unroll
       for (int b = 0; b < BB; ++b) acc[b] = s_dhd[b * H + k];
-      dot_cols<BB>(W, H, k, s_d, H3, H2, acc);
+      dot_cols<BB>(W_zr, H, k, s_d, H3, H2, acc);
 #pragma unroll
       for (int b = 0; b < BB; ++b) s_dh[b * H + k] = acc[b];
     }
@@ -214,7 +216,8 @@ void check_shape(const GruShape& s) {
 // Forward
 
 size_t gru_forward_cuda_workspace_size(const GruShape& s) {
-  return static_cast<size_t>(3) * s.H * s.H * sizeof(float);
+  const size_t floats = rnn_cuda::align4(2 * s.H * s.H) + rnn_cuda::align4(s.H * s.H);
+  return floats * sizeof(float);
 }
 
 void gru_forward_cuda(const GruShape& s, const GruForwardArgs<float>& a, void* workspace,
@@ -224,20 +227,28 @@ void gru_forward_cuda(const GruShape& s, const GruForwardArgs<float>& a, void* w
   LFADS_CUDA_REQUIRE(a.xproj && a.W_hh && a.h0 && a.hs && a.gates && workspace,
                      "gru_forward_cuda: a required pointer is null");
   const int H = s.H;
-  float* Wt = static_cast<float*>(workspace);  // [H, 3H]
+  // W^T in two parts, so that the z, r part (two thirds) can stay on chip when all of it can't.
+  float* Wt_zr = static_cast<float*>(workspace);        // [H, 2H]
+  float* Wt_n = Wt_zr + rnn_cuda::align4(2 * H * H);   // [H, H]
   rnn_cuda::TransposeJobs jobs{};
   jobs.src[0] = a.W_hh;
-  jobs.dst[0] = Wt;
-  jobs.rows[0] = 3 * H;
+  jobs.dst[0] = Wt_zr;
+  jobs.rows[0] = 2 * H;
   jobs.cols[0] = H;
-  jobs.count = 1;
+  jobs.src[1] = a.W_hh + 2 * H * H;
+  jobs.dst[1] = Wt_n;
+  jobs.rows[1] = H;
+  jobs.cols[1] = H;
+  jobs.count = 2;
   rnn_cuda::transpose_all(jobs, stream);
 
   GruForwardParams p{s.T, s.B, H, s.ldx, s.reverse, static_cast<float>(s.clip),
                      a.xproj, a.h0, a.hs, a.gates, WeightSlots{}};
-  p.w.global[0] = Wt;
-  p.w.floats[0] = 3 * H * H;
-  p.w.count = 1;
+  p.w.global[0] = Wt_zr;
+  p.w.floats[0] = 2 * H * H;
+  p.w.global[1] = Wt_n;
+  p.w.floats[1] = H * H;
+  p.w.count = 2;
   const rnn_cuda::LaunchPlan plan =
       rnn_cuda::plan_launch(kForwardKernels, s.B, rnn_cuda::round_threads(2 * H), p.w,
                             [H](int bb) { return forward_state_floats(bb, H); });
@@ -254,14 +265,17 @@ void gru_backward_cuda(const GruShape& s, const GruBackwardArgs<float>& a, cudaS
                      "gru_backward_cuda does not compute d_W_hh (pass nullptr; the caller "
                      "reduces it from d_xproj, hs, h0 and work with one GEMM per gate group)");
   if (s.B == 0) return;
-  LFADS_CUDA_REQUIRE(a.W_hh && a.h0 && a.d_h0 && (s.T == 0 || (a.hs && a.gates && a.d_xproj && a.work)),
-                     "gru_backward_cuda: a required pointer is null");
+  LFADS_CUDA_REQUIRE(
+      a.W_hh && a.h0 && a.d_h0 && (s.T == 0 || (a.hs && a.gates && a.d_xproj && a.work)),
+      "gru_backward_cuda: a required pointer is null");
   const int H = s.H;
   GruBackwardParams p{s.T, s.B, H, s.ldx, s.reverse, static_cast<float>(s.clip), a.h0, a.hs,
                       a.gates, a.d_hs, a.d_hT, a.d_xproj, a.d_h0, a.work, WeightSlots{}};
   p.w.global[0] = a.W_hh;
-  p.w.floats[0] = 3 * H * H;
-  p.w.count = 1;
+  p.w.floats[0] = 2 * H * H;
+  p.w.global[1] = a.W_hh + 2 * H * H;
+  p.w.floats[1] = H * H;
+  p.w.count = 2;
   const rnn_cuda::LaunchPlan plan =
       rnn_cuda::plan_launch(kBackwardKernels, s.B, rnn_cuda::round_threads(H), p.w,
                             [H](int bb) { return backward_state_floats(bb, H); });

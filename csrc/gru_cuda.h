@@ -11,8 +11,9 @@
 
 namespace lfads {
 
-// Device workspace of gru_forward_cuda: a transposed copy of W_hh, [H, 3H] float (the layout the
-// persistent kernel reads, see recurrent_cuda.cuh). 3 * H * H * 4 bytes.
+// Device workspace of gru_forward_cuda: a transposed copy of W_hh in the layout the persistent
+// kernel reads (recurrent_cuda.cuh), as [W_hz; W_hr]^T [H, 2H] and W_hn^T [H, H] float, each
+// rounded up to 16 bytes: about 12 * H * H bytes.
 size_t gru_forward_cuda_workspace_size(const GruShape& s);
 
 // Writes hs and gates. workspace: gru_forward_cuda_workspace_size(s) bytes, aliasing nothing.

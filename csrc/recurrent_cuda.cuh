@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "cuda_check.h"
 
@@ -29,7 +31,7 @@ namespace rnn_cuda {
 constexpr int kMaxThreads = 512;
 // The batch-tile sizes BB the kernels are instantiated for (index i holds 1 << i).
 constexpr int kNumTiles = 4;
-constexpr int kMaxSlots = 6;
+constexpr int kMaxSlots = 8;
 
 inline int align4(int n) { return (n + 3) & ~3; }
 
@@ -104,6 +106,17 @@ struct LaunchPlan {
   WeightSlots slots;
 };
 
+// The batch tile forced by the environment variable LFADS_FAST_CUDA_TILE (1, 2, 4 or 8), for
+// tests and benchmarks of every instantiation; 0 when unset.
+inline int forced_tile() {
+  const char* v = std::getenv("LFADS_FAST_CUDA_TILE");
+  if (!v || !*v) return 0;
+  const int bb = std::atoi(v);
+  LFADS_CUDA_REQUIRE(bb == 1 || bb == 2 || bb == 4 || bb == 8,
+                     std::string("LFADS_FAST_CUDA_TILE must be 1, 2, 4 or 8, got '") + v + "'");
+  return bb;
+}
+
 // Chooses the smallest batch tile whose blocks are all resident at once (a persistent kernel
 // whose blocks ran in several waves would take several times as long); with more rows than
 // that even at the largest tile, the largest tile. `state_floats(bb)` is the per-block state of
@@ -111,6 +124,7 @@ struct LaunchPlan {
 template <typename Kernel, typename StateFloats>
 LaunchPlan plan_launch(const Kernel (&kernels)[kNumTiles], int B, int threads,
                        const WeightSlots& slots, StateFloats state_floats) {
+  const int forced = forced_tile();
   int device = 0, sms = 0, optin = 0;
   LFADS_CUDA_CHECK(cudaGetDevice(&device));
   LFADS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -120,6 +134,7 @@ LaunchPlan plan_launch(const Kernel (&kernels)[kNumTiles], int B, int threads,
   bool have = false;
   for (int i = 0; i < kNumTiles; ++i) {
     const int bb = 1 << i;
+    if (forced && bb != forced) continue;
     LaunchPlan p;
     p.tile = i;
     p.threads = threads;
@@ -159,12 +174,14 @@ static __global__ void transpose_kernel(TransposeJobs jobs) {
   if (r0 >= rows || c0 >= cols) return;  // whole block leaves: the grid covers the largest job
   for (int dy = threadIdx.y; dy < kTransposeTile; dy += blockDim.y) {
     const int r = r0 + dy, c = c0 + threadIdx.x;
-    if (r < rows && c < cols) tile[dy][threadIdx.x] = jobs.src[j][static_cast<int64_t>(r) * cols + c];
+    if (r < rows && c < cols)
+      tile[dy][threadIdx.x] = jobs.src[j][static_cast<int64_t>(r) * cols + c];
   }
   __syncthreads();
   for (int dy = threadIdx.y; dy < kTransposeTile; dy += blockDim.y) {
     const int c = c0 + dy, r = r0 + threadIdx.x;
-    if (r < rows && c < cols) jobs.dst[j][static_cast<int64_t>(c) * rows + r] = tile[threadIdx.x][dy];
+    if (r < rows && c < cols)
+      jobs.dst[j][static_cast<int64_t>(c) * rows + r] = tile[threadIdx.x][dy];
   }
 }
 
