@@ -90,7 +90,7 @@ int forward_state_floats(int bb, const DecoderShape& s) {
 }
 
 template <int BB>
-__global__ void __launch_bounds__(kMaxThreads) decoder_forward_kernel(DecoderForwardParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) decoder_forward_kernel(DecoderForwardParams p) {
   extern __shared__ __align__(16) float smem[];
   const int C = p.C, U = p.U, G = p.G, F = p.F;
   const int C2 = 2 * C, C3 = 3 * C, G2 = 2 * G, G3 = 3 * G, U2 = 2 * U;
@@ -306,7 +306,7 @@ int backward_state_floats(int bb, const DecoderShape& s) {
 }
 
 template <int BB>
-__global__ void __launch_bounds__(kMaxThreads) decoder_backward_kernel(DecoderBackwardParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) decoder_backward_kernel(DecoderBackwardParams p) {
   extern __shared__ __align__(16) float smem[];
   const int C = p.C, U = p.U, G = p.G, F = p.F;
   const int C2 = 2 * C, C3 = 3 * C, G2 = 2 * G, G3 = 3 * G, U2 = 2 * U;

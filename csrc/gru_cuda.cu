@@ -34,7 +34,7 @@ struct GruForwardParams {
 int forward_state_floats(int bb, int H) { return bb * 3 * H; }
 
 template <int BB>
-__global__ void __launch_bounds__(kMaxThreads) gru_forward_kernel(GruForwardParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) gru_forward_kernel(GruForwardParams p) {
   extern __shared__ __align__(16) float smem[];
   const int H = p.H, H2 = 2 * H, H3 = 3 * H;
   float* s_h = smem;           // [BB, H] state h_{t-1}, then h_t
@@ -123,7 +123,7 @@ struct GruBackwardParams {
 int backward_state_floats(int bb, int H) { return bb * 7 * H; }
 
 template <int BB>
-__global__ void __launch_bounds__(kMaxThreads) gru_backward_kernel(GruBackwardParams p) {
+__global__ void __launch_bounds__(kMaxThreads, 1) gru_backward_kernel(GruBackwardParams p) {
   extern __shared__ __align__(16) float smem[];
   const int H = p.H, H2 = 2 * H, H3 = 3 * H;
   float* s_dh = smem;            // [BB, H]  gradient on the state after this step

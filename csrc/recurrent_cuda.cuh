@@ -26,8 +26,10 @@
 namespace lfads {
 namespace rnn_cuda {
 
-// Threads per block never exceed this; __launch_bounds__ then lets the compiler use up to 128
-// registers per thread, enough for BB = 8 accumulators without spilling.
+// Threads per block never exceed this. The kernels declare __launch_bounds__(kMaxThreads, 1):
+// one resident block per SM is the design (the weights fill shared memory), so the compiler may
+// use up to 128 registers per thread; without the 1 it chose 64 for one sm_80 instantiation
+// and spilled.
 constexpr int kMaxThreads = 512;
 // The batch-tile sizes BB the kernels are instantiated for (index i holds 1 << i).
 constexpr int kNumTiles = 4;
