@@ -19,7 +19,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <set>
 #include <string>
+#include <utility>
 
 #include "cuda_check.h"
 
@@ -122,16 +126,49 @@ inline int forced_tile() {
 // Chooses the smallest batch tile whose blocks are all resident at once (a persistent kernel
 // whose blocks ran in several waves would take several times as long); with more rows than
 // that even at the largest tile, the largest tile. `state_floats(bb)` is the per-block state of
-// a tile of bb rows. Raises each instantiation's dynamic shared memory limit as it goes.
+// a tile of bb rows.
+// Multiprocessor count and per-block shared-memory limit of a device, queried once: planning
+// runs on every call and should cost microseconds, not driver round trips.
+struct DeviceLimits {
+  int sms = 0, smem_optin = 0;
+};
+
+inline DeviceLimits device_limits(int device) {
+  static std::mutex mu;
+  static std::map<int, DeviceLimits> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  DeviceLimits l;
+  LFADS_CUDA_CHECK(cudaDeviceGetAttribute(&l.sms, cudaDevAttrMultiProcessorCount, device));
+  LFADS_CUDA_CHECK(
+      cudaDeviceGetAttribute(&l.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  cache[device] = l;
+  return l;
+}
+
+// Raises a kernel's dynamic shared-memory limit to the device's maximum, once per device (the
+// attribute belongs to the kernel in that device's context).
+template <typename Kernel>
+void allow_max_smem(Kernel kernel, int device, int bytes) {
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  if (done.count(key)) return;
+  LFADS_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  done.insert(key);
+}
+
 template <typename Kernel, typename StateFloats>
 LaunchPlan plan_launch(const Kernel (&kernels)[kNumTiles], int B, int threads,
                        const WeightSlots& slots, StateFloats state_floats) {
   const int forced = forced_tile();
-  int device = 0, sms = 0, optin = 0;
+  int device = 0;
   LFADS_CUDA_CHECK(cudaGetDevice(&device));
-  LFADS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  LFADS_CUDA_CHECK(
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const DeviceLimits lim = device_limits(device);
+  const int sms = lim.sms, optin = lim.smem_optin;
   LaunchPlan best;
   bool have = false;
   for (int i = 0; i < kNumTiles; ++i) {
@@ -144,8 +181,7 @@ LaunchPlan plan_launch(const Kernel (&kernels)[kNumTiles], int B, int threads,
     p.slots = slots;
     p.smem = plan_weights(p.slots, state_floats(bb), static_cast<size_t>(optin));
     if (p.smem == 0) break;  // larger tiles need even more state
-    LFADS_CUDA_CHECK(cudaFuncSetAttribute(kernels[i], cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(p.smem)));
+    allow_max_smem(kernels[i], device, optin);
     int per_sm = 0;
     LFADS_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernels[i], threads, p.smem));
