@@ -369,7 +369,7 @@ class LFADS:
         Hi, Hc, G, F, U, E = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.fac_dim, cfg.co_dim, cfg.ext_input_dim
         con = cfg.use_con
         clip = cfg.cell_clip
-        nz = _NoiseReader(noise, dt, B, cfg)
+        nz = _NoiseReader(noise, dt)
         c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
 
         # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
@@ -890,7 +890,7 @@ class _NoiseReader:
     KEYS = ("ic_eps", "co_eps", "co_kl_eps", "cd_keep", "drop_data", "drop_ic_hn", "drop_ci",
             "drop_fac_in", "drop_g0", "drop_gen", "drop_ext")
 
-    def __init__(self, noise: dict, dtype, B: int, cfg: LFADSConfig):
+    def __init__(self, noise: dict, dtype):
         unknown = sorted(set(noise) - set(self.KEYS))
         if unknown:
             raise ValueError(f"unknown noise entries: {', '.join(unknown)} (expected some of {', '.join(self.KEYS)})")
