@@ -36,8 +36,8 @@ PCR, step by step (docs/stitching.md has the reasoning):
    around each neuron's mean into log-rate units (pcr_readouts). Where a session sees the
    shared space exactly this is the read-in's pseudo-inverse (up to the scaling); the
    regression stays bounded where the pseudo-inverse of a ridge-shrunk read-in would not
-   (rows of norm ~80 were seen, whose exp overflows). With another fac_dim only the biases
-   are set, to the neurons' log mean counts per bin.
+   (read-out weights up to ~80 were seen, whose exp overflows). With another fac_dim only
+   the biases are set, to the neurons' log mean counts per bin.
 
 The read-ins stay frozen during training unless the config has train_readin (the trainer's
 Adam mask is LFADS.trainable_mask()).
@@ -302,8 +302,8 @@ def session_batches(sessions: list[data_mod.Dataset], batch_size: int, rng: np.r
     Every batch holds up to batch_size trials of every session, as lfads-torch cycles its
     per-session loaders: the epoch ends when the session with the most batches has used all
     its trials once, and a session that runs out earlier starts another random pass (the
-    last batch of a pass may be smaller). Each session thus weighs the same in every step, matching the model's
-    session-mean reconstruction loss.
+    last batch of a pass may be smaller). Each session thus weighs the same in every step,
+    matching the model's session-mean reconstruction loss.
 
     Args:
         sessions: one Dataset per session.

@@ -535,8 +535,8 @@ def test_chaotic_rnn_sessions_share_latents_and_observe_them():
         units = d.system["units"]
         assert len(units) == kw["neurons_per_session"][s]
         # Same condition, same latents in every session.
-        c0 = d.train.conditions == 0
-        np.testing.assert_array_equal(d.train.latents[c0][0], sub[0].train.latents[sub[0].train.conditions == 0][0])
+        first = sub[0].train.latents[sub[0].train.conditions == 0][0]
+        np.testing.assert_array_equal(d.train.latents[d.train.conditions == 0][0], first)
         # Rates are one affine map of the observed units in every condition.
         x = d.train.latents[..., units].reshape(-1, len(units))
         r = d.train.rates.reshape(-1, len(units))
