@@ -6,12 +6,13 @@
     is trained on that session alone with the same budget: the same number of steps with the
     same trials of that session per step (batches of the stitched model hold that many
     trials of every session), so every session sees the same data for the same number of
-    updates and the total compute is about equal. Reported per session: the R^2 of the
-    inferred rates (posterior means) against the true rates on held-out trials (the valid
-    split), with the Gaussian-smoothing baseline for scale; and, for the stitched model, the
-    mean over session pairs and factors of the correlation between condition-averaged factor
-    trajectories (the same conditions seen through different neurons should give the same
-    factors).
+    updates and the total compute is about equal. Each model keeps the parameters with the
+    lowest reconstruction loss on its valid spikes (lfads-torch's best checkpoint; the true
+    rates play no part in it). Reported per session: the R^2 of the inferred rates
+    (posterior means) against the true rates on held-out trials (the valid split), with the
+    Gaussian-smoothing baseline for scale; and, for the stitched model, the mean over session
+    pairs and factors of the correlation between condition-averaged factor trajectories (the
+    same conditions seen through different neurons should give the same factors).
 (b) Speed. Median time of one training step (forward + backward + Adam) of a multi-session
     model on a batch mixing 5 sessions against a batch of the same total size from one
     session, measured interleaved in the same run; a single-session model without read-in
@@ -19,7 +20,10 @@
 
 Writes bench/results/stitching_cpu.md.
 
-    python bench/bench_stitching.py [--steps 1200] [--threads 2] [--repeats 15]
+    python bench/bench_stitching.py [--steps 1200] [--threads 1] [--repeats 15]
+
+On a machine shared with other jobs, one thread avoids OpenMP threads waiting on each other
+(at two threads a busy 2-core machine made a small step seven times slower).
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ BATCH_PER_SESSION = 16
 LR = 5e-3
 # The KL and L2 terms ramp up over this fraction of the steps (as lfads-torch's epoch ramps).
 RAMP_FRACTION = 0.3
+# Steps between validation losses for the choice of the best parameters.
+EVAL_EVERY = 50
 SPEED = dict(batch=100, sessions=[30, 45, 60, 40, 50], encod_data_dim=40, seq_len=100)
 
 
@@ -95,6 +101,9 @@ def quality(steps: int) -> list[str]:
         f"- training: {steps} Adam steps, lr {LR}, gradient clip 200, KL/L2 ramps over the first "
         f"{RAMP_FRACTION:.0%} of the steps, {BATCH_PER_SESSION} trials per session per step "
         f"(stitched batch: {BATCH_PER_SESSION * DATA['n_sessions']} trials)",
+        "- model choice: each model keeps its parameters of lowest reconstruction loss on its "
+        "valid spikes (stitched: the mean over sessions), checked every "
+        f"{EVAL_EVERY} steps once the ramps are done",
         "- R^2: pooled over bins and neurons of the valid trials, posterior-mean rates against the "
         "true rates; smoothing: best Gaussian kernel chosen on train",
         "",
@@ -113,12 +122,15 @@ def quality(steps: int) -> list[str]:
                 batch = stitched.make_session_batch(parts, check_counts=False)
                 yield batch, stitched.draw_noise(batch, rng)
 
-    train(stitched, stitched_batches(), steps)
+    valid = stitched.make_session_batch([(s, ds.valid.encod_data, ds.valid.recon_data)
+                                         for s, ds in enumerate(sessions)])
+    best_stitched = train(stitched, stitched_batches(), steps,
+                          (valid, stitched.draw_noise(valid, rng, train=False, sample=False)))
     t_stitched = time.perf_counter() - t0
     r2_stitched = [valid_r2(stitched, ds, s) for s, ds in enumerate(sessions)]
 
     t0 = time.perf_counter()
-    r2_single, singles = [], []
+    r2_single, best_single = [], []
     for s, ds in enumerate(sessions):
         model = LFADS(LFADSConfig(encod_data_dim=ds.encod_data_dim, encod_seq_len=ds.encod_seq_len,
                                   **MODEL), seed=0)
@@ -131,9 +143,10 @@ def quality(steps: int) -> list[str]:
                     batch = model.make_batch(encod, recon, check_counts=False)
                     yield batch, model.draw_noise(batch.size, own_rng)
 
-        train(model, single_batches(), steps)
+        valid = model.make_batch(ds.valid.encod_data, ds.valid.recon_data)
+        best_single.append(train(model, single_batches(), steps,
+                                 (valid, model.draw_noise(valid, own_rng, train=False, sample=False))))
         r2_single.append(valid_r2(model, ds, None))
-        singles.append(model)
     t_single = time.perf_counter() - t0
     r2_smooth = [metrics.best_smoothing_r2(ds.train.encod_data, ds.train.truth,
                                            eval_spikes=ds.valid.encod_data,
@@ -155,24 +168,43 @@ def quality(steps: int) -> list[str]:
         f"Condition-averaged factor consistency across sessions (mean Pearson r over session "
         f"pairs and factors, all trials): stitched {consistency:.3f}; with the conditions of "
         f"sessions 1-4 permuted (reference: the common time course alone) {shuffled:.3f}.",
+        f"Parameters kept (lowest validation reconstruction loss, checked every {EVAL_EVERY} "
+        f"steps after the ramps): stitched step {best_stitched}, single-session steps "
+        f"{best_single}.",
         f"Training time: stitched {t_stitched:.0f} s, 5 single-session models {t_single:.0f} s "
         "in total.",
         "",
     ]
-    print("\n".join(out[-(len(sessions) + 8):]), flush=True)
+    print("\n".join(out[-(len(sessions) + 9):]), flush=True)
     return out
 
 
-def train(model: LFADS, batches, steps: int) -> None:
-    """Adam with KL and L2 ramps; the read-ins stay as the mask says."""
+def train(model: LFADS, batches, steps: int, valid) -> int:
+    """Adam with KL and L2 ramps (the read-ins stay as the mask says), keeping the parameters
+    of the lowest validation reconstruction loss after the ramps (lfads-torch's best
+    checkpoint; it uses the valid spikes, never the true rates).
+
+    Args:
+        valid: (batch, noise) of the validation trials, posterior means, no dropout.
+
+    Returns:
+        The step whose parameters the model ends with.
+    """
     mask = model.trainable_mask()
     m, v = np.zeros_like(model.flat), np.zeros_like(model.flat)
     ramp_steps = max(int(RAMP_FRACTION * steps), 1)
+    best, best_step, best_flat = np.inf, 0, model.flat.copy()
     for step in range(1, steps + 1):
         batch, noise = next(batches)
         ramp = min(step / ramp_steps, 1.0)
         _, grad = model.loss_and_grads(batch, noise, kl_ramp=ramp, l2_ramp=ramp)
         ops.adam_step(model.flat, grad, m, v, lr=LR, max_grad_norm=200.0, step=step, mask=mask)
+        if step >= ramp_steps and (step % EVAL_EVERY == 0 or step == steps):
+            recon = model.loss_and_grads(*valid, grads=False)[0]["recon"]
+            if recon < best:
+                best, best_step, best_flat = recon, step, model.flat.copy()
+    model.flat[...] = best_flat
+    return best_step
 
 
 def valid_r2(model: LFADS, ds, session) -> float:
