@@ -281,8 +281,8 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
                              conditions=conditions, sigma_bins=sigma_bins, ridge=ridge)
     p, dt = model.params, model.dtype
     readouts, _ = pcr_readouts(result.readin_W, result.readin_b, [ds.train.encod_data for ds in sessions],
-                            [ds.train.recon_data for ds in sessions], conditions=conditions,
-                            sigma_bins=sigma_bins, ridge=ridge)
+                               [ds.train.recon_data for ds in sessions], conditions=conditions,
+                               sigma_bins=sigma_bins, ridge=ridge)
     for s, (W_out, b_out) in enumerate(readouts):
         p[f"readin_W_{s}"][...] = result.readin_W[s].astype(dt)
         p[f"readin_b_{s}"][...] = result.readin_b[s].astype(dt)
