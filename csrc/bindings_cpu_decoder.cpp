@@ -98,6 +98,7 @@ void backward(py::dict a, py::dict g, double clip, bool sample) {
   b.d_g0 = checked<S>(g["d_g0"], "d_g0", {B, G}, true);
   b.d_f0 = checked<S>(g["d_f0"], "d_f0", {B, F}, true);
   b.d_W_fac = checked<S>(g["d_W_fac"], "d_W_fac", {F, G}, true);
+  b.work = checked<S>(g["work"], "work", {T, B, 2 * F + 2 * G + 2 * U + C}, true);
   const DecoderShape s = shape_of(d, clip, sample);
   py::gil_scoped_release nogil;
   decoder_backward_cpu<S>(s, b);

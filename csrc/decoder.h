@@ -74,6 +74,7 @@ struct DecoderBackwardArgs {
   S* d_g0;        // [B, G]
   S* d_f0;        // [B, F]
   S* d_W_fac;     // [F, G]  gradient on the row-normalised W_fac
+  S* work;        // [T, B, 2F + 2G + 2U + C] scratch: per-step values for the weight gradients
 };
 
 template <typename S>

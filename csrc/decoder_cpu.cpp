@@ -101,9 +101,13 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
   const int T = s.T, B = s.B, C = s.C, U = s.U, G = s.G, F = s.F;
   const int64_t R = static_cast<int64_t>(T) * B;
   const S clip = static_cast<S>(s.clip);
-  // Per-step values kept for the weight gradients after the loop.
-  std::vector<S> d_ftot(R * F), gd_all(R * G), rh_g(R * G);
-  std::vector<S> d_co(R * 2 * U), rh_c(R * C), fd_all(R * F);
+  // Per-step values kept for the weight gradients after the loop, carved out of a.work.
+  S* d_ftot = a.work;            // [R, F]  total gradient on f_t
+  S* gd_all = d_ftot + R * F;    // [R, G]  mask_g * g_t
+  S* rh_g = gd_all + R * G;      // [R, G]  r * g_{t-1} of the generator
+  S* d_co = rh_g + R * G;        // [R, 2U] gradient on [co_mean, co_logvar]
+  S* rh_c = d_co + R * 2 * U;    // [R, C]  r * c_{t-1} of the controller
+  S* fd_all = rh_c + R * C;      // [R, F]  mask_f * f_{t-1}
   const int nt = threads_for(B);
 #pragma omp parallel num_threads(nt)
   {
@@ -122,12 +126,12 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
         const int64_t row = static_cast<int64_t>(t) * B + b0;
         const int64_t prev = row - B;
         // factors -> generator state
-        S* dft = d_ftot.data() + row * F;
+        S* dft = d_ftot + row * F;
         for (int i = 0; i < Bs * F; ++i) dft[i] = df_carry[i] + (a.d_factors ? a.d_factors[row * F + i] : S(0));
         gemm<S>(false, false, Bs, G, F, S(1), dft, F, f.W_fac, G, S(0), tmp_g.data(), G);
         const S* mg = f.mask_g ? f.mask_g + row * G : nullptr;
         const S* g_t = f.gen_states + row * G;
-        S* gd = gd_all.data() + row * G;
+        S* gd = gd_all + row * G;
         for (int i = 0; i < Bs * G; ++i) {
           dg[i] += mg ? tmp_g[i] * mg[i] : tmp_g[i];
           gd[i] = mg ? g_t[i] * mg[i] : g_t[i];
@@ -135,7 +139,7 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
         // generator GRU
         const S* g_prev = t == 0 ? f.g0 + static_cast<int64_t>(b0) * G : f.gen_states + prev * G;
         const S* gg = f.gen_gates + row * 3 * G;
-        S* rg = rh_g.data() + row * G;
+        S* rg = rh_g + row * G;
         for (int b = 0; b < Bs; ++b)
           for (int j = 0; j < G; ++j) rg[b * G + j] = gg[b * 3 * G + G + j] * g_prev[b * G + j];
         S* dxg = a.d_xgen + row * s.ld_xg;
@@ -143,7 +147,7 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
         if (C > 0) {
           // inferred input -> controller output distribution -> controller state
           gemm<S>(false, false, Bs, U, 3 * G, S(1), dxg, s.ld_xg, f.W_gen_u, U, S(0), du.data(), U);
-          S* dco = d_co.data() + row * 2 * U;
+          S* dco = d_co + row * 2 * U;
           for (int b = 0; b < Bs; ++b) {
             const int64_t o = (row + b) * U;
             for (int k = 0; k < U; ++k) {
@@ -159,7 +163,7 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
           // controller GRU
           const S* c_prev = t == 0 ? f.c0 + static_cast<int64_t>(b0) * C : f.con_states + prev * C;
           const S* cg = f.con_gates + row * 3 * C;
-          S* rc = rh_c.data() + row * C;
+          S* rc = rh_c + row * C;
           for (int b = 0; b < Bs; ++b)
             for (int j = 0; j < C; ++j) rc[b * C + j] = cg[b * 3 * C + C + j] * c_prev[b * C + j];
           S* dxc = a.d_xcon + row * s.ld_xc;
@@ -168,7 +172,7 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
           gemm<S>(false, false, Bs, F, 3 * C, S(1), dxc, s.ld_xc, f.W_con_f, F, S(0), dfd.data(), F);
           const S* mf = f.mask_f ? f.mask_f + row * F : nullptr;
           const S* f_prev = t == 0 ? f.f0 + static_cast<int64_t>(b0) * F : f.factors + prev * F;
-          S* fdp = fd_all.data() + row * F;
+          S* fdp = fd_all + row * F;
           for (int i = 0; i < Bs * F; ++i) {
             df_carry[i] = mf ? dfd[i] * mf[i] : dfd[i];
             fdp[i] = mf ? f_prev[i] * mf[i] : f_prev[i];
@@ -179,16 +183,16 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
     }
   }
   // Weight gradients: one large product per weight over all T * B rows.
-  par_gemm<S>(true, false, F, G, int(R), S(1), d_ftot.data(), F, gd_all.data(), G, S(0), a.d_W_fac, G);
-  gru_weight_grad_cpu<S>(T, B, G, a.d_xgen, s.ld_xg, f.gen_states, f.g0, rh_g.data(), false, a.d_W_gen_hh);
+  par_gemm<S>(true, false, F, G, int(R), S(1), d_ftot, F, gd_all, G, S(0), a.d_W_fac, G);
+  gru_weight_grad_cpu<S>(T, B, G, a.d_xgen, s.ld_xg, f.gen_states, f.g0, rh_g, false, a.d_W_gen_hh);
   if (C > 0) {
     par_gemm<S>(true, false, 3 * G, U, int(R), S(1), a.d_xgen, s.ld_xg, f.u, U, S(0), a.d_W_gen_u, U);
-    par_gemm<S>(true, false, 2 * U, C, int(R), S(1), d_co.data(), 2 * U, f.con_states, C, S(0), a.d_W_co, C);
+    par_gemm<S>(true, false, 2 * U, C, int(R), S(1), d_co, 2 * U, f.con_states, C, S(0), a.d_W_co, C);
     for (int k = 0; k < 2 * U; ++k) a.d_b_co[k] = S(0);
     for (int64_t r = 0; r < R; ++r)
       for (int k = 0; k < 2 * U; ++k) a.d_b_co[k] += d_co[r * 2 * U + k];
-    gru_weight_grad_cpu<S>(T, B, C, a.d_xcon, s.ld_xc, f.con_states, f.c0, rh_c.data(), false, a.d_W_con_hh);
-    par_gemm<S>(true, false, 3 * C, F, int(R), S(1), a.d_xcon, s.ld_xc, fd_all.data(), F, S(0), a.d_W_con_f, F);
+    gru_weight_grad_cpu<S>(T, B, C, a.d_xcon, s.ld_xc, f.con_states, f.c0, rh_c, false, a.d_W_con_hh);
+    par_gemm<S>(true, false, 3 * C, F, int(R), S(1), a.d_xcon, s.ld_xc, fd_all, F, S(0), a.d_W_con_f, F);
   }
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -17,6 +18,14 @@ class LFADSConfig:
     ext_input_dim (external inputs to the generator).
 
     The controller is on when co_dim > 0; it then needs ci_enc_dim > 0 and con_dim > 0.
+
+    Several sessions (dynamic neural stitching, docs/stitching.md): session_neurons lists the
+    encoder neurons of each session. Each session s then has its own linear read-in from its
+    session_neurons[s] neurons to the encod_data_dim inputs shared by the encoders, and its own
+    read-out from the factors to its session_recon_neurons[s] neurons (default: the same
+    neurons; more means held-out neurons after the held-in ones). recon_data_dim has no role
+    then. train_readin lets the read-ins learn; by default they stay as initialised (random,
+    or the principal-component regression of lfads_fast.stitching).
     """
 
     encod_data_dim: int = 50
@@ -48,8 +57,13 @@ class LFADSConfig:
     l2_con_scale: float = 0.0
     kl_ic_scale: float = 1e-4
     kl_co_scale: float = 1e-4
+    session_neurons: list[int] | None = None
+    session_recon_neurons: list[int] | None = None
+    train_readin: bool = False
 
     def __post_init__(self):
+        if self.session_neurons is not None:
+            self._check_sessions()
         if self.recon_data_dim is None:
             self.recon_data_dim = self.encod_data_dim
         if self.recon_seq_len is None:
@@ -83,6 +97,34 @@ class LFADSConfig:
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
+    def _check_sessions(self) -> None:
+        self.session_neurons = _int_list(self.session_neurons, "session_neurons")
+        if self.session_recon_neurons is None:
+            self.session_recon_neurons = list(self.session_neurons)
+        self.session_recon_neurons = _int_list(self.session_recon_neurons, "session_recon_neurons")
+        if len(self.session_recon_neurons) != len(self.session_neurons):
+            raise ValueError(f"session_recon_neurons has {len(self.session_recon_neurons)} entries but "
+                             f"session_neurons has {len(self.session_neurons)} (one per session)")
+        for s, (n, nr) in enumerate(zip(self.session_neurons, self.session_recon_neurons)):
+            if nr < n:
+                raise ValueError(f"session {s}: session_recon_neurons ({nr}) must be >= session_neurons "
+                                 f"({n}): the extra neurons are the held-out ones")
+        if self.recon_data_dim not in (None, self.encod_data_dim):
+            raise ValueError(f"recon_data_dim = {self.recon_data_dim} has no meaning with session_neurons: "
+                             "each session reconstructs its session_recon_neurons; leave it unset")
+        if not isinstance(self.train_readin, bool):
+            raise ValueError(f"train_readin must be true or false, got {self.train_readin!r}")
+
+    @property
+    def n_sessions(self) -> int:
+        """Number of sessions (1 without session_neurons)."""
+        return 1 if self.session_neurons is None else len(self.session_neurons)
+
+    @property
+    def multisession(self) -> bool:
+        """True when the model has per-session read-ins and read-outs (session_neurons set)."""
+        return self.session_neurons is not None
+
     @property
     def use_con(self) -> bool:
         """True when the model has a controller (inferred inputs)."""
@@ -101,6 +143,19 @@ class LFADSConfig:
         if unknown:
             raise ValueError(f"unknown LFADSConfig fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+def _int_list(values, name: str) -> list[int]:
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of neuron counts, one per session, got {values!r}") from None
+    if not values:
+        raise ValueError(f"{name} must name at least one session, got []")
+    for s, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"{name}[{s}] must be an integer >= 1, got {v!r}")
+    return [int(v) for v in values]
 
 
 def _int_at_least(cfg, name: str, low: int) -> None:

@@ -23,6 +23,12 @@ TF1 LFADS plotted ``model rates * conversion_factor`` against the truth. Reading
 divides by ``conversion_factor`` (1 when the key is absent), so ``Split.truth`` is always in
 expected counts per bin, the unit of the model's ``output_params``.
 
+Several sessions (stitching, docs/stitching.md): :func:`load_sessions` reads one such file per
+session. Sessions may differ in neurons and trials but must agree in bins and external
+inputs. A session file may carry the alignment of its neurons to the shared encoder inputs
+(:func:`session_alignment`): lfads-torch's ``readin_weight`` [n_s, N_e] and ``readout_bias``
+[n_s], or TF1 LFADS's ``alignment_matrix_cxf`` [n_s, N_e] and ``alignment_bias_c`` [n_s].
+
 Missing data: NaN in encod_data or recon_data marks a missing bin (no input, no loss). Every
 other value must be a non-negative integer count. A bin missing from the encoder input must
 also be missing from the reconstruction target where the two overlap, since both describe the
@@ -30,6 +36,7 @@ same recording.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -179,6 +186,92 @@ def load_dataset(path: str | os.PathLike, group: str | None = None) -> Dataset:
         f"{source}: unknown layout; expected train_encod_data (lfads-torch), train_data (TF1) "
         f"or train_spikes_heldin (NLB), found keys {sorted(arrays)}"
     )
+
+
+def load_sessions(paths, group: str | None = None) -> list[Dataset]:
+    """Reads one HDF5 file per session and checks that the sessions fit one model.
+
+    Args:
+        paths: a glob pattern (its matches in sorted order are the sessions 0, 1, ...), or a
+            list of paths (in the order given; entries may be patterns too).
+        group: as in load_dataset, for every file.
+
+    Returns:
+        One Dataset per session.
+
+    Raises:
+        ValueError: no file matches, a file fails load_dataset (a split with zero trials
+            among other problems), the sessions disagree in encod_seq_len, recon_seq_len or
+            ext_input_dim, or an alignment matrix does not fit its session's neurons or the
+            other sessions' matrices.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in paths:
+        p = os.fspath(p)
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise ValueError(f"no session file matches {p!r}")
+            files += matches
+        else:
+            files.append(p)
+    if not files:
+        raise ValueError("no session files given")
+    sessions = [load_dataset(f, group) for f in files]
+    first = sessions[0]
+    for ds in sessions[1:]:
+        for name in ("encod_seq_len", "recon_seq_len", "ext_input_dim"):
+            got, want = getattr(ds, name), getattr(first, name)
+            if got != want:
+                raise ValueError(f"{ds.source}: {name} is {got} but {first.source} has {want}; "
+                                 "all sessions of one model need the same bins and inputs")
+    dims = {}
+    for ds in sessions:
+        a = session_alignment(ds)
+        if a is not None:
+            dims.setdefault(a[0].shape[1], ds.source)
+    if len(dims) > 1:
+        detail = ", ".join(f"{src}: {k}" for k, src in dims.items())
+        raise ValueError(f"the sessions' alignment matrices map to different dimensions ({detail})")
+    return sessions
+
+
+def session_alignment(dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """The alignment of a session's neurons to the shared encoder inputs, if its file has one.
+
+    The shared input of a bin with counts x [n_s] is ``(x - bias) @ weight``.
+
+    Args:
+        dataset: one session.
+
+    Returns:
+        (weight [n_s, N_e], bias [n_s]) as float64 from lfads-torch's readin_weight and
+        readout_bias or TF1's alignment_matrix_cxf and alignment_bias_c (bias 0 when the file
+        has the matrix only), or None when the file has neither matrix.
+
+    Raises:
+        ValueError: the matrix is not 2-D, its rows are not the session's encoder neurons,
+            it is not finite, or the bias does not have one entry per neuron.
+    """
+    keys = (("readin_weight", "readout_bias"), ("alignment_matrix_cxf", "alignment_bias_c"))
+    for w_key, b_key in keys:
+        if w_key not in dataset.other:
+            continue
+        weight = np.asarray(dataset.other[w_key], dtype=np.float64)
+        n = dataset.encod_data_dim
+        if weight.ndim != 2 or weight.shape[0] != n:
+            raise ValueError(f"{dataset.source}: {w_key} has shape {weight.shape} but the session has "
+                             f"{n} encoder neurons; expected [{n}, encod_data_dim]")
+        bias = np.asarray(dataset.other.get(b_key, np.zeros(n)), dtype=np.float64).reshape(-1)
+        if bias.shape != (n,):
+            raise ValueError(f"{dataset.source}: {b_key} has {bias.size} entries but the session has "
+                             f"{n} encoder neurons")
+        if not (np.isfinite(weight).all() and np.isfinite(bias).all()):
+            raise ValueError(f"{dataset.source}: {w_key} or {b_key} has NaN or infinite values")
+        return weight, bias
+    return None
 
 
 def from_arrays(

@@ -15,7 +15,7 @@ import numpy as np
 from . import ops
 from .config import LFADSConfig
 
-__all__ = ["LFADS", "Batch", "param_layout"]
+__all__ = ["LFADS", "Batch", "Segment", "param_layout"]
 
 
 def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -23,6 +23,9 @@ def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
 
     The input weights (and biases) of the four encoder GRUs are adjacent, so together they
     form one [3 * (2 ic_enc_dim + 2 ci_enc_dim), encod_data_dim] matrix for a single GEMM.
+    With several sessions, the single read-out is replaced by readin_W_{s} [N_e, n_s],
+    readin_b_{s} [N_e], readout_W_{s} [n_recon_s, F] and readout_b_{s} [n_recon_s] per session
+    s, at the end of the vector.
     """
     Ne, Nr = cfg.encod_data_dim, cfg.recon_data_dim
     Hi, Hc = cfg.ic_enc_dim, cfg.ci_enc_dim
@@ -54,13 +57,44 @@ def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
         ("ic_to_g0_W", (G, cfg.ic_dim)),
         ("ic_to_g0_b", (G,)),
         ("fac_W", (F, G)),
-        ("readout_W", (Nr, F)),
-        ("readout_b", (Nr,)),
-        ("ic_prior_mean", (cfg.ic_dim,)),
     ]
+    if not cfg.multisession:
+        layout += [("readout_W", (Nr, F)), ("readout_b", (Nr,))]
+    layout += [("ic_prior_mean", (cfg.ic_dim,))]
     if cfg.use_con:
         layout += [("co_prior_logtau", (U,)), ("co_prior_lognvar", (U,))]
+    if cfg.multisession:
+        # Read-ins together, then read-outs: the frozen read-ins form one block of the mask.
+        for s, n in enumerate(cfg.session_neurons):
+            layout += [(f"readin_W_{s}", (Ne, n)), (f"readin_b_{s}", (Ne,))]
+        for s, n in enumerate(cfg.session_recon_neurons):
+            layout += [(f"readout_W_{s}", (n, F)), (f"readout_b_{s}", (n,))]
     return layout
+
+
+@dataclass
+class Segment:
+    """The trials of one session inside a multi-session batch (rows start..stop-1).
+
+    Attributes:
+        session: the session's index.
+        start, stop: its rows along the batch axis.
+        encod: encoder input counts of the session's own neurons, [T_e, B_s, n_s]; missing
+            bins are 0.
+        recon: reconstruction targets [T_r, B_s, n_recon_s]; NaN = missing bin.
+        n_valid: number of non-missing bins of recon.
+    """
+
+    session: int
+    start: int
+    stop: int
+    encod: np.ndarray
+    recon: np.ndarray
+    n_valid: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
 
 
 @dataclass
@@ -68,22 +102,28 @@ class Batch:
     """One batch, time-major, validated.
 
     Attributes:
-        encod: encoder input counts, [T_e, B, N_e]; missing bins are 0.
-        recon: reconstruction target counts, [T_r, B, N_r]; NaN = missing bin.
+        encod: encoder input counts, [T_e, B, N_e]; missing bins are 0. None with sessions.
+        recon: reconstruction target counts, [T_r, B, N_r]; NaN = missing bin. None with
+            sessions.
         ext: external inputs [T_r, B, E] (zero-padded after T_e if shorter), or None.
-        n_valid: number of non-missing bins of recon.
+        n_valid: number of non-missing bins of recon (of all segments).
+        segments: with sessions, the session-contiguous blocks of trials in batch order, each
+            with its own counts; None for a single-session model.
         recon_weight: per-bin weights of the reconstruction loss and its gradient
             [T_r, B, N_r], or None (all 1); set by sample validation.
     """
 
-    encod: np.ndarray
+    encod: np.ndarray | None
     recon: np.ndarray | None
     ext: np.ndarray | None
     n_valid: int
+    segments: list[Segment] | None = None
     recon_weight: np.ndarray | None = None
 
     @property
     def size(self) -> int:
+        if self.segments is not None:
+            return self.segments[-1].stop
         return self.encod.shape[1]
 
 
@@ -108,6 +148,10 @@ class LFADS:
         self.flat = np.zeros(sum(int(np.prod(s)) for _, s in self.layout), dtype=dtype)
         self.params = self._views(self.flat)
         self._init_params(np.random.default_rng(seed))
+        # Scratch reused from step to step: fresh multi-100-MB arrays cost more in page faults
+        # than the kernels that fill them. A model is therefore not safe to use from two
+        # threads at once.
+        self._ws: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -121,15 +165,34 @@ class LFADS:
             raise ValueError(f"flat must have shape {self.flat.shape}, got {flat.shape}")
         return self._views(flat)
 
-    def make_batch(self, encod_data, recon_data=None, ext_input=None, *, check_counts=True,
-                   sv_mask=None, sv_rate: float = 0.0) -> Batch:
+    def trainable_mask(self) -> np.ndarray:
+        """Which parameters the optimizer may change, for ops.adam_step(mask=...).
+
+        Returns:
+            uint8 [num_params] of the flat layout: 0 on the session read-ins unless the
+            config has train_readin, 1 elsewhere.
+        """
+        mask = np.ones(self.flat.shape, dtype=np.uint8)
+        if self.config.multisession and not self.config.train_readin:
+            views = self._views(mask)
+            for s in range(self.config.n_sessions):
+                views[f"readin_W_{s}"][...] = 0
+                views[f"readin_b_{s}"][...] = 0
+        return mask
+
+    def make_batch(self, encod_data, recon_data=None, ext_input=None, *, session: int | None = None,
+                   check_counts=True, sv_mask=None, sv_rate: float = 0.0) -> Batch:
         """Validates batch-major data and turns it into a time-major Batch.
 
         Args:
             encod_data: spike counts [B, encod_seq_len, encod_data_dim]; NaN = missing bin.
-            recon_data: spike counts [B, recon_seq_len, recon_data_dim]; NaN = missing bin.
-                None uses encod_data (only when the two sizes agree).
+                With sessions: [B, encod_seq_len, session_neurons[session]].
+            recon_data: spike counts [B, recon_seq_len, recon_data_dim] (with sessions:
+                session_recon_neurons[session]); NaN = missing bin. None uses encod_data (only
+                when the two sizes agree).
             ext_input: external inputs [B, recon_seq_len or encod_seq_len, ext_input_dim].
+            session: the session the trials come from; required with sessions, else None.
+                make_session_batch mixes sessions.
             check_counts: check that counts are non-negative integers (off for speed when
                 the data were validated on load).
             sv_mask: sample validation (lfads-torch's SampleValidation), 0/1 or bool
@@ -137,62 +200,95 @@ class LFADS:
                 Held-out bins are zeroed in the encoder input and left out of the
                 reconstruction loss; kept bins are scaled by 1 / (1 - sv_rate) in both, so
                 input sums and loss means stay comparable. Forward-prediction bins and
-                held-out neurons keep weight 1.
-            sv_rate: the expected fraction of held-out bins, in [0, 1); required with sv_mask.
+                held-out neurons keep weight 1. Single-session models only.
+            sv_rate: the expected fraction of held-out bins, in (0, 1); required with sv_mask.
         """
         cfg = self.config
+        if sv_mask is not None and cfg.multisession:
+            raise ValueError("sample validation (sv_mask) is not available for models with sessions")
+        if cfg.multisession:
+            if session is None:
+                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
+                                 "(make_session_batch mixes several)")
+            return self.make_session_batch([(session, encod_data, recon_data, ext_input)],
+                                            check_counts=check_counts)
+        if session is not None:
+            raise ValueError("session= needs a config with session_neurons")
         encod_data = _as_array("encod_data", encod_data, 3)
         B = encod_data.shape[0]
-        _expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, cfg.encod_data_dim))
-        if recon_data is None:
-            if (cfg.recon_seq_len, cfg.recon_data_dim) != (cfg.encod_seq_len, cfg.encod_data_dim):
-                raise ValueError("recon_data is required when recon_seq_len/recon_data_dim differ "
-                                 "from encod_seq_len/encod_data_dim")
-            recon_data = encod_data
-        recon_data = _as_array("recon_data", recon_data, 3)
-        _expect_shape("recon_data", recon_data, (B, cfg.recon_seq_len, cfg.recon_data_dim))
-        if check_counts:
-            _check_counts("encod_data", encod_data)
-            _check_counts("recon_data", recon_data)
-        encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
-        recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
+        encod, recon, n_valid = self._time_major_counts("", encod_data, recon_data, cfg.encod_data_dim,
+                                                        cfg.recon_data_dim, check_counts)
         recon_weight = None
         if sv_mask is not None:
             keep = self._sv_keep_scaled(sv_mask, sv_rate, B)  # [T_e, B, N_e]
             encod *= keep
             recon_weight = np.ones_like(recon)
             recon_weight[: cfg.encod_seq_len, :, : cfg.encod_data_dim] = keep
-        ext = None
-        if cfg.ext_input_dim > 0:
-            if ext_input is None:
-                raise ValueError(f"ext_input is required: ext_input_dim is {cfg.ext_input_dim}")
-            ext_input = _as_array("ext_input", ext_input, 3)
-            if ext_input.shape[0] != B or ext_input.shape[2] != cfg.ext_input_dim or \
-                    ext_input.shape[1] not in (cfg.encod_seq_len, cfg.recon_seq_len):
-                raise ValueError(f"ext_input must be [{B}, {cfg.recon_seq_len} (or {cfg.encod_seq_len}), "
-                                 f"{cfg.ext_input_dim}], got {ext_input.shape}")
-            if not np.all(np.isfinite(ext_input)):
-                raise ValueError("ext_input must be finite (no NaN or inf)")
-            ext = np.zeros((cfg.recon_seq_len, B, cfg.ext_input_dim), dtype=self.dtype)
-            ext[: ext_input.shape[1]] = ext_input.transpose(1, 0, 2)
-        elif ext_input is not None and np.asarray(ext_input).size > 0:
-            raise ValueError("ext_input was given but the config has ext_input_dim = 0")
-        n_valid = int(np.count_nonzero(~np.isnan(recon)))
-        if n_valid == 0:
-            raise ValueError("recon_data has no valid (non-NaN) bins")
-        return Batch(encod, recon, ext, n_valid, recon_weight)
+        return Batch(encod, recon, self._time_major_ext("ext_input", ext_input, B), n_valid,
+                     recon_weight=recon_weight)
 
-    def draw_noise(self, batch_size: int, rng: np.random.Generator, *, train: bool = True,
+    def make_session_batch(self, parts, *, check_counts=True) -> Batch:
+        """A batch mixing the trials of several sessions (a model with session_neurons).
+
+        The trials are stacked along the batch axis in the order given, each session's trials
+        contiguous; the encoders and the decoder then run once over the whole batch.
+
+        Args:
+            parts: a sequence of (session, encod_data, recon_data, ext_input) tuples, each
+                session at most once: encod_data [B_s, encod_seq_len, session_neurons[s]],
+                recon_data [B_s, recon_seq_len, session_recon_neurons[s]] or None (as in
+                make_batch), ext_input [B_s, T, ext_input_dim] or None. The last two may be
+                left out of the tuple.
+            check_counts: as in make_batch.
+
+        Returns:
+            The batch, with one Segment per part.
+        """
+        cfg = self.config
+        if not cfg.multisession:
+            raise ValueError("make_session_batch needs a config with session_neurons")
+        parts = [tuple(p) for p in parts]
+        if not parts:
+            raise ValueError("parts is empty: a batch needs the trials of at least one session")
+        segments, exts, seen, start = [], [], set(), 0
+        for part in parts:
+            if not 2 <= len(part) <= 4:
+                raise ValueError("each part must be (session, encod_data[, recon_data[, ext_input]]), "
+                                 f"got a tuple of {len(part)}")
+            s, encod_data, recon_data, ext_input = part + (None,) * (4 - len(part))
+            s = self._session_index(s)
+            if s in seen:
+                raise ValueError(f"session {s} appears twice in one batch; concatenate its trials")
+            seen.add(s)
+            label = f"session {s} "
+            encod_data = _as_array(label + "encod_data", encod_data, 3)
+            B_s = encod_data.shape[0]
+            if B_s == 0:
+                raise ValueError(f"{label}encod_data has no trials")
+            encod, recon, n_valid = self._time_major_counts(
+                label, encod_data, recon_data, cfg.session_neurons[s], cfg.session_recon_neurons[s],
+                check_counts)
+            segments.append(Segment(s, start, start + B_s, encod, recon, n_valid))
+            exts.append(self._time_major_ext(label + "ext_input", ext_input, B_s))
+            start += B_s
+        ext = None if cfg.ext_input_dim == 0 else np.ascontiguousarray(np.concatenate(exts, axis=1))
+        return Batch(None, None, ext, sum(seg.n_valid for seg in segments), segments)
+
+    def draw_noise(self, batch_size, rng: np.random.Generator, *, train: bool = True,
                    sample: bool = True) -> dict:
         """Draws the sampling noise and dropout masks of one step (docs/math.md, 'Noise').
 
         Args:
-            batch_size: B.
+            batch_size: B, or the Batch itself. A model with sessions and cd_rate > 0 needs
+                the Batch: its coordinated-dropout mask is a list with one [T_e, B_s, n_s]
+                array per segment (each session's own neurons).
             rng: numpy Generator.
             train: draw dropout and coordinated-dropout masks (else none).
             sample: draw posterior samples (else the posterior means are used).
         """
-        cfg, dt, B = self.config, self.dtype, int(batch_size)
+        cfg, dt = self.config, self.dtype
+        batch = batch_size if isinstance(batch_size, Batch) else None
+        B = batch.size if batch is not None else int(batch_size)
         Te, Tr = cfg.encod_seq_len, cfg.recon_seq_len
         noise: dict = {}
         if sample:
@@ -217,7 +313,17 @@ class LFADS:
             if cfg.ext_input_dim > 0:
                 noise["drop_ext"] = drop(Tr, B, cfg.ext_input_dim)
         if train and cfg.cd_rate > 0:
-            noise["cd_keep"] = (rng.random((Te, B, cfg.encod_data_dim), dtype=dt) >= cfg.cd_rate).astype(dt)
+            def keep(*shape):
+                return (rng.random(shape, dtype=dt) >= cfg.cd_rate).astype(dt)
+
+            if not cfg.multisession:
+                noise["cd_keep"] = keep(Te, B, cfg.encod_data_dim)
+            elif batch is None:
+                raise ValueError("coordinated dropout with sessions masks each session's own neurons: "
+                                 "pass the Batch to draw_noise instead of its size")
+            else:
+                noise["cd_keep"] = [keep(Te, seg.size, cfg.session_neurons[seg.session])
+                                    for seg in batch.segments]
         return noise
 
     def loss_and_grads(self, batch: Batch, noise: dict | None = None, *, kl_ramp: float = 1.0,
@@ -240,29 +346,38 @@ class LFADS:
         return cache["terms"], grad
 
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
-                recon_data=None, sv_mask=None, sv_rate: float = 0.0) -> dict:
+                recon_data=None, session: int | None = None, sv_mask=None,
+                sv_rate: float = 0.0) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
-            encod_data: [B, encod_seq_len, encod_data_dim] spike counts.
+            encod_data: [B, encod_seq_len, encod_data_dim] spike counts (with sessions:
+                session_neurons[session] neurons).
             ext_input: [B, T, ext_input_dim] or None.
             sample: sample the posteriors (seeded by `seed`) instead of using their means.
-            recon_data: optional targets [B, recon_seq_len, recon_data_dim] (for the loss terms).
+            recon_data: optional targets [B, recon_seq_len, recon_data_dim] (with sessions:
+                session_recon_neurons[session]), for the loss terms.
+            session: the session of the trials; required with sessions, else None.
             sv_mask, sv_rate: sample validation, as in make_batch.
 
         Returns:
             dict with lfads-torch's output names, batch-major: output_params (rates, expected
-            counts per bin) [B, T_r, N_r], factors [B, T_r, F], gen_states [B, T_r, G],
-            gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C],
-            co_means, co_stds [B, T_r, U], ic_mean, ic_std [B, ic_dim]; and `terms` (loss
-            terms, meaningful when recon_data is given).
+            counts per bin) [B, T_r, N_r] (with sessions: that session's recon neurons),
+            factors [B, T_r, F], gen_states [B, T_r, G], gen_init [B, G],
+            gen_inputs [B, T_r, U + E], con_states [B, T_r, C], co_means, co_stds [B, T_r, U],
+            ic_mean, ic_std [B, ic_dim]; and `terms` (loss terms, meaningful when recon_data
+            is given).
         """
+        cfg = self.config
         encod_data = _as_array("encod_data", encod_data, 3)
         if recon_data is None:
-            cfg = self.config
-            recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, cfg.recon_data_dim), np.float32)
-        batch = self.make_batch(encod_data, recon_data, ext_input, sv_mask=sv_mask, sv_rate=sv_rate)
-        noise = self.draw_noise(batch.size, np.random.default_rng(seed), train=False, sample=sample)
+            n_r = cfg.recon_data_dim
+            if cfg.multisession and session is not None:
+                n_r = cfg.session_recon_neurons[self._session_index(session)]
+            recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, n_r), np.float32)
+        batch = self.make_batch(encod_data, recon_data, ext_input, session=session, sv_mask=sv_mask,
+                                sv_rate=sv_rate)
+        noise = self.draw_noise(batch, np.random.default_rng(seed), train=False, sample=sample)
         cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True)
         return cache["outputs"]
 
@@ -271,34 +386,44 @@ class LFADS:
     def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
                  outputs: bool) -> dict:
         cfg, p, dt = self.config, self.params, self.dtype
-        Te, B, Ne = batch.encod.shape
+        Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
         Tr, Nr = cfg.recon_seq_len, cfg.recon_data_dim
         Hi, Hc, G, F, U, E = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.fac_dim, cfg.co_dim, cfg.ext_input_dim
         con = cfg.use_con
         clip = cfg.cell_clip
-        nz = _NoiseReader(noise, dt, B, cfg)
+        nz = _NoiseReader(noise, dt)
         c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
 
-        # Encoder input: coordinated dropout, then dropout.
-        x = batch.encod
-        cd_keep = nz.get("cd_keep", (Te, B, Ne))
-        if cd_keep is not None:
-            x = x * (cd_keep * dt.type(1.0 / (1.0 - cfg.cd_rate)))
+        # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
+        # then dropout.
+        x = self._buf("x", (Te, B, Ne))
+        if batch.segments is None:
+            x[...] = batch.encod
+            cd_keep = nz.get("cd_keep", (Te, B, Ne))
+            if cd_keep is not None:
+                x *= cd_keep
+                x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
+        else:
+            cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
+                                                  for seg in batch.segments])
+            c["readin_in"] = self._readin(batch.segments, cd_keep, x)
         drop_data = nz.get("drop_data", (Te, B, Ne))
         if drop_data is not None:
-            x = x * drop_data
-        x = np.ascontiguousarray(x, dtype=dt)
-        c["x"] = x
+            x *= drop_data
+        c.update(x=x, drop_data=drop_data)
 
         # One GEMM projects the input for all encoder GRUs.
         enc = self._encoders()
         W_enc, b_enc = self._enc_input_weights(self.flat)
-        xproj = (x.reshape(Te * B, Ne) @ W_enc.T + b_enc).reshape(Te, B, -1)
+        xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
+        np.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
+        xproj += b_enc
         c["xproj"] = xproj
         c["enc"] = {}
         for name, H, off, rev, h0_name, h0_row in enc:
             h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
-            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip)
+            out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
+            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
             c["enc"][name] = (hs, gates, h0)
 
         # Initial-condition posterior.
@@ -329,17 +454,22 @@ class LFADS:
         dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
                "mask_g": nz.get("drop_gen", (Tr, B, G))}
         if con:
-            ci = np.zeros((Tr, B, 2 * Hc), dtype=dt)
+            ci = self._buf("ci", (Tr, B, 2 * Hc))
+            ci[...] = 0
             lag = cfg.ci_lag
             cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
             if lag < Te:
                 ci[lag:Te, :, :Hc] = cf[: Te - lag]
                 ci[: Te - lag, :, Hc:] = cb[lag:]
             drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
-            ci_d = ci * drop_ci if drop_ci is not None else ci
-            W_con_ci = p["con_W_ih"][:, : 2 * Hc]
-            xcon = (ci_d.reshape(Tr * B, 2 * Hc) @ W_con_ci.T + p["con_b_ih"]).reshape(Tr, B, -1)
-            dec.update(xcon=np.ascontiguousarray(xcon, dtype=dt),
+            if drop_ci is not None:
+                ci *= drop_ci
+            ci_d = ci
+            xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
+            np.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+                      out=xcon.reshape(Tr * B, -1))
+            xcon += p["con_b_ih"]
+            dec.update(xcon=xcon,
                        W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
                        W_con_hh=p["con_W_hh"],
                        c0=np.ascontiguousarray(np.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
@@ -349,34 +479,43 @@ class LFADS:
                        W_gen_u=np.ascontiguousarray(p["gen_W_ih"][:, :U]))
             c.update(ci_d=ci_d, drop_ci=drop_ci)
         Ug = U if con else 0
+        xgen = self._buf("xgen", (Tr, B, 3 * G))
         if E > 0:
             drop_ext = nz.get("drop_ext", (Tr, B, E))
             ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
-            W_ext = p["gen_W_ih"][:, Ug:]
-            xgen = (ext_d.reshape(Tr * B, E) @ W_ext.T + p["gen_b_ih"]).reshape(Tr, B, -1)
+            np.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
+            xgen += p["gen_b_ih"]
             c.update(ext_d=ext_d)
         else:
-            xgen = np.broadcast_to(p["gen_b_ih"], (Tr, B, 3 * G))
-        dec["xgen"] = np.ascontiguousarray(xgen, dtype=dt)
+            xgen[...] = p["gen_b_ih"]
+        dec["xgen"] = xgen
         sample = con and dec.get("eps") is not None
-        out = ops.decoder_forward(dec, Tr, clip=clip, sample=sample)
+        C = cfg.con_dim if con else 0
+        dec_sizes = {"con_states": C, "con_gates": 3 * C, "co_mean": U if con else 0,
+                     "co_logvar": U if con else 0, "u": U if con else 0, "gen_states": G,
+                     "gen_gates": 3 * G, "factors": F}
+        out = ops.decoder_forward(dec, Tr, clip=clip, sample=sample,
+                                  out={k: self._buf(k, (Tr, B, n)) for k, n in dec_sizes.items()})
         c.update(dec=dec, dec_out=out, sample=sample)
 
         # Reconstruction (read-out + Poisson NLL, fused with its gradient) and the KL terms.
         terms = {}
-        recon_scale = 1.0 / (batch.n_valid if cfg.recon_reduce_mean else B)
-        grad_mask = None
-        if cd_keep is not None:
-            grad_mask = np.ones((Tr, B, Nr), dtype=dt)
-            grad_mask[:Te, :, :Ne] = 1.0 - cd_keep
-        factors2d = out["factors"].reshape(Tr * B, F)
-        loss_weight = None if batch.recon_weight is None else batch.recon_weight.reshape(Tr * B, Nr)
-        elbo = ops.poisson_elbo(factors2d, p["readout_W"], p["readout_b"], batch.recon.reshape(Tr * B, Nr),
-                                T=Tr, scale=cfg.loss_scale * recon_scale, loss_weight=loss_weight,
-                                grad_mask=None if grad_mask is None else grad_mask.reshape(Tr * B, Nr),
-                                grads=grads, log_rates=outputs)
-        terms["recon"] = elbo["loss"] / cfg.loss_scale
-        c["elbo"] = elbo
+        d_factors = self._buf("d_factors", (Tr, B, F)) if grads else None
+        if batch.segments is None:
+            recon_scale = 1.0 / (batch.n_valid if cfg.recon_reduce_mean else B)
+            weight = None if batch.recon_weight is None else batch.recon_weight.reshape(Tr * B, Nr)
+            elbo = ops.poisson_elbo(out["factors"].reshape(Tr * B, F), p["readout_W"], p["readout_b"],
+                                    batch.recon.reshape(Tr * B, Nr), T=Tr, scale=cfg.loss_scale * recon_scale,
+                                    loss_weight=weight,
+                                    grad_mask=self._recon_grad_mask(cd_keep, B, Nr),
+                                    grads=grads, log_rates=outputs,
+                                    d_factors=None if d_factors is None else d_factors.reshape(Tr * B, F))
+            elbos = [elbo]
+        else:
+            elbos = self._session_elbos(batch.segments, cd_keep, out["factors"], d_factors,
+                                        grads=grads, log_rates=outputs)
+        terms["recon"] = sum(e["loss"] for e in elbos) / cfg.loss_scale
+        c.update(elbos=elbos, d_factors=d_factors)
 
         kl_ic_w = cfg.loss_scale * kl_ramp * cfg.kl_ic_scale
         kl = ops.kl_ic(ic_mean, ic_logvar, p["ic_prior_mean"],
@@ -410,6 +549,75 @@ class LFADS:
             c["outputs"] = self._outputs(c, terms)
         return c
 
+    def _readin(self, segments: list[Segment], cd_keep: list | None, x: np.ndarray) -> list:
+        """Writes each session's read-in of its counts into its rows of x [T_e, B, N_e], one
+        GEMM per session over all its bins.
+
+        Returns:
+            The read-ins' inputs per segment, [T_e * B_s, n_s] (counts after coordinated
+            dropout), which the read-in weight gradients need.
+        """
+        cfg, p, dt = self.config, self.params, self.dtype
+        Te, Ne = cfg.encod_seq_len, cfg.encod_data_dim
+        inputs = []
+        for i, seg in enumerate(segments):
+            counts = seg.encod
+            if cd_keep is not None:
+                counts = counts * cd_keep[i]
+                counts *= dt.type(1.0 / (1.0 - cfg.cd_rate))
+            counts = counts.reshape(Te * seg.size, -1)
+            proj = counts @ p[f"readin_W_{seg.session}"].T
+            proj += p[f"readin_b_{seg.session}"]
+            x[:, seg.start : seg.stop] = proj.reshape(Te, seg.size, Ne)
+            inputs.append(counts)
+        return inputs
+
+    def _session_elbos(self, segments: list[Segment], cd_keep: list | None, factors: np.ndarray,
+                       d_factors: np.ndarray | None, *, grads: bool, log_rates: bool) -> list:
+        """One fused read-out + Poisson NLL per session, on that session's factor rows.
+
+        Each session's reconstruction term is its own mean over its valid bins (or, with
+        recon_reduce_mean off, its sum per trial), and the total is the mean over the sessions
+        in the batch, so every session counts equally whatever its number of trials or
+        neurons (lfads-torch's multi-session loss).
+
+        Args:
+            factors: [T_r, B, F] of the whole batch.
+            d_factors: [T_r, B, F] receiving each segment's factor gradient, or None.
+
+        Returns:
+            The poisson_elbo results, one per segment.
+        """
+        cfg, p = self.config, self.params
+        Tr, F = cfg.recon_seq_len, cfg.fac_dim
+        elbos = []
+        for i, seg in enumerate(segments):
+            Bs, n_r = seg.size, seg.recon.shape[2]
+            norm = seg.n_valid if cfg.recon_reduce_mean else Bs
+            e = ops.poisson_elbo(np.ascontiguousarray(factors[:, seg.start : seg.stop]).reshape(Tr * Bs, F),
+                                 p[f"readout_W_{seg.session}"], p[f"readout_b_{seg.session}"],
+                                 seg.recon.reshape(Tr * Bs, n_r), T=Tr,
+                                 scale=cfg.loss_scale / (len(segments) * norm),
+                                 grad_mask=self._recon_grad_mask(None if cd_keep is None else cd_keep[i],
+                                                                 Bs, n_r),
+                                 grads=grads, log_rates=log_rates)
+            if grads:
+                d_factors[:, seg.start : seg.stop] = e["d_factors"].reshape(Tr, Bs, F)
+            elbos.append(e)
+        return elbos
+
+    def _recon_grad_mask(self, cd_keep: np.ndarray | None, B: int, n_r: int) -> np.ndarray | None:
+        """Coordinated dropout's gradient mask of the reconstruction, [T_r * B, n_r]: 0 where
+        the encoder saw the bin (it may not learn to copy it), 1 elsewhere; None without."""
+        if cd_keep is None:
+            return None
+        Te, n_e = cd_keep.shape[0], cd_keep.shape[2]
+        Tr = self.config.recon_seq_len
+        mask = self._buf("grad_mask", (Tr, B, n_r))
+        mask[...] = 1.0
+        np.subtract(1.0, cd_keep, out=mask[:Te, :, :n_e])
+        return mask.reshape(Tr * B, n_r)
+
     def _outputs(self, c: dict, terms: dict) -> dict:
         cfg = self.config
         out = c["dec_out"]
@@ -418,7 +626,8 @@ class LFADS:
         def bm(a):  # time-major -> batch-major
             return np.ascontiguousarray(a.transpose(1, 0, 2))
 
-        log_rates = c["elbo"]["log_rates"].reshape(Tr, B, cfg.recon_data_dim)
+        # forward() runs one session at a time, so there is one read-out here.
+        log_rates = c["elbos"][0]["log_rates"].reshape(Tr, B, -1)
         gen_inputs = [out["u"]] if cfg.use_con else []
         if cfg.ext_input_dim > 0:
             gen_inputs.append(c["ext_d"])
@@ -444,15 +653,20 @@ class LFADS:
         grad = np.zeros_like(self.flat)
         g = self._views(grad)
         batch, nz = c["batch"], c["nz"]
-        Te, B, Ne = batch.encod.shape
+        Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
         Tr, F, G, U, E = cfg.recon_seq_len, cfg.fac_dim, cfg.gen_dim, cfg.co_dim, cfg.ext_input_dim
         Hi, Hc = cfg.ic_enc_dim, cfg.ci_enc_dim
         con = cfg.use_con
         clip = cfg.cell_clip
-        dec, out, elbo = c["dec"], c["dec_out"], c["elbo"]
+        dec, out = c["dec"], c["dec_out"]
 
-        g["readout_W"][...] = elbo["d_W_ro"]
-        g["readout_b"][...] = elbo["d_b_ro"]
+        if batch.segments is None:
+            g["readout_W"][...] = c["elbos"][0]["d_W_ro"]
+            g["readout_b"][...] = c["elbos"][0]["d_b_ro"]
+        else:
+            for seg, e in zip(batch.segments, c["elbos"]):
+                g[f"readout_W_{seg.session}"][...] = e["d_W_ro"]
+                g[f"readout_b_{seg.session}"][...] = e["d_b_ro"]
         d_co_mean = d_co_logvar = None
         if con:
             w = dt.type(c["kl_co_w"])
@@ -460,8 +674,13 @@ class LFADS:
             d_co_logvar = c["kl_co"]["d_logvar"] * w
             g["co_prior_logtau"][...] = c["kl_co"]["d_logtau"] * w
             g["co_prior_lognvar"][...] = c["kl_co"]["d_lognvar"] * w
-        d = ops.decoder_backward(dec, out, elbo["d_factors"].reshape(Tr, B, F), d_co_mean, d_co_logvar,
-                                 clip=clip, sample=c["sample"])
+        C = cfg.con_dim if con else 0
+        Uc = U if con else 0
+        ws = {"work": self._buf("dec_work", (Tr, B, 2 * F + 2 * G + 2 * Uc + C)),
+              "d_xgen": self._buf("d_xgen", (Tr, B, 3 * G)),
+              "d_xcon": self._buf("d_xcon", (Tr, B, 3 * C))}
+        d = ops.decoder_backward(dec, out, c["d_factors"], d_co_mean, d_co_logvar,
+                                 clip=clip, sample=c["sample"], workspace=ws)
         g["gen_W_hh"][...] = d["d_W_gen_hh"]
         Ug = U if con else 0
         d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
@@ -478,13 +697,16 @@ class LFADS:
             g["con_b_ih"][...] = d_xcon.sum(axis=0)
             g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
             g["con_W_ih"][:, : 2 * Hc] = d_xcon.T @ c["ci_d"].reshape(Tr * B, 2 * Hc)
-            d_ci = (d_xcon @ p["con_W_ih"][:, : 2 * Hc]).reshape(Tr, B, 2 * Hc)
+            d_ci = self._buf("d_ci", (Tr, B, 2 * Hc))
+            np.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
             if c["drop_ci"] is not None:
                 d_ci *= c["drop_ci"]
             # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
             lag = cfg.ci_lag
-            d_cf = np.zeros((Te, B, Hc), dtype=dt)
-            d_cb = np.zeros((Te, B, Hc), dtype=dt)
+            d_cf = self._buf("d_cf", (Te, B, Hc))
+            d_cb = self._buf("d_cb", (Te, B, Hc))
+            d_cf[Te - lag :] = 0
+            d_cb[: min(lag, Te)] = 0
             if lag < Te:
                 d_cf[: Te - lag] = d_ci[lag:Te, :, :Hc]
                 d_cb[lag:] = d_ci[: Te - lag, :, Hc:]
@@ -516,20 +738,34 @@ class LFADS:
             d_h_n *= c["drop_ic"]
 
         # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
-        d_xproj = np.zeros_like(c["xproj"])
+        # Every column is written: each encoder's backward fills its own 3H columns.
+        d_xproj = self._buf("d_xproj", c["xproj"].shape)
         d_final = {"ic_enc_fwd": np.ascontiguousarray(d_h_n[:, :Hi]),
                    "ic_enc_bwd": np.ascontiguousarray(d_h_n[:, Hi:])}
         d_seq = {"ci_enc_fwd": d_cf, "ci_enc_bwd": d_cb} if con else {}
         for name, H, off, rev, h0_name, h0_row in self._encoders():
             hs, gates, h0 = c["enc"][name]
             d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip)
+                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip,
+                                            work=self._buf("gru_work", hs.shape))
             g[f"{name}_W_hh"][...] = d_W_hh
             g[h0_name][h0_row] = d_h0.sum(axis=0)
         d_W_enc, d_b_enc = self._enc_input_weights(grad)
         d_xp = d_xproj.reshape(Te * B, -1)
         np.matmul(d_xp.T, c["x"].reshape(Te * B, Ne), out=d_W_enc)
         d_b_enc[...] = d_xp.sum(axis=0)
+
+        # Session read-ins (frozen ones keep a zero gradient): x = dropout(readin(counts)).
+        if batch.segments is not None and cfg.train_readin:
+            d_x = self._buf("d_x", (Te, B, Ne))
+            W_enc = self._enc_input_weights(self.flat)[0]
+            np.matmul(d_xp, W_enc, out=d_x.reshape(Te * B, Ne))
+            if c["drop_data"] is not None:
+                d_x *= c["drop_data"]
+            for seg, counts in zip(batch.segments, c["readin_in"]):
+                d_x_s = np.ascontiguousarray(d_x[:, seg.start : seg.stop]).reshape(-1, Ne)
+                np.matmul(d_x_s.T, counts, out=g[f"readin_W_{seg.session}"])
+                g[f"readin_b_{seg.session}"][...] = d_x_s.sum(axis=0)
 
         # L2 penalty on the recurrent weights.
         if c["l2_denom"] > 0:
@@ -544,7 +780,7 @@ class LFADS:
     def _sv_keep_scaled(self, sv_mask, sv_rate: float, B: int) -> np.ndarray:
         """The sample-validation mask, time-major [T_e, B, N_e], kept bins 1 / (1 - sv_rate)."""
         cfg = self.config
-        if not (isinstance(sv_rate, (int, float)) and 0.0 < sv_rate < 1.0):
+        if isinstance(sv_rate, bool) or not isinstance(sv_rate, (int, float)) or not 0.0 < sv_rate < 1.0:
             raise ValueError(f"sv_rate must be in (0, 1) when sv_mask is given, got {sv_rate!r}")
         sv_mask = np.asarray(sv_mask)
         _expect_shape("sv_mask", sv_mask, (B, cfg.encod_seq_len, cfg.encod_data_dim))
@@ -552,6 +788,65 @@ class LFADS:
             raise ValueError("sv_mask must hold only 0 and 1 (1 = bin kept)")
         keep = sv_mask.transpose(1, 0, 2).astype(self.dtype) * self.dtype.type(1.0 / (1.0 - sv_rate))
         return np.ascontiguousarray(keep)
+
+    def _session_index(self, session) -> int:
+        n = self.config.n_sessions
+        if isinstance(session, bool) or not isinstance(session, (int, np.integer)) or not 0 <= session < n:
+            raise ValueError(f"session must be an integer in [0, {n}), got {session!r}")
+        return int(session)
+
+    def _time_major_counts(self, label: str, encod_data: np.ndarray, recon_data, n_e: int, n_r: int,
+                           check_counts: bool):
+        """Checked time-major (encod [T_e, B, n_e] with NaN -> 0, recon [T_r, B, n_r], n_valid)."""
+        cfg = self.config
+        B = encod_data.shape[0]
+        _expect_shape(label + "encod_data", encod_data, (B, cfg.encod_seq_len, n_e))
+        if recon_data is None:
+            if (cfg.recon_seq_len, n_r) != (cfg.encod_seq_len, n_e):
+                raise ValueError(f"{label}recon_data is required when its bins or neurons differ from "
+                                 "those of encod_data")
+            recon_data = encod_data
+        recon_data = _as_array(label + "recon_data", recon_data, 3)
+        _expect_shape(label + "recon_data", recon_data, (B, cfg.recon_seq_len, n_r))
+        if check_counts:
+            _check_counts(label + "encod_data", encod_data)
+            _check_counts(label + "recon_data", recon_data)
+        encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
+        recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
+        n_valid = int(np.count_nonzero(~np.isnan(recon)))
+        if n_valid == 0:
+            raise ValueError(f"{label}recon_data has no valid (non-NaN) bins")
+        return encod, recon, n_valid
+
+    def _time_major_ext(self, name: str, ext_input, B: int):
+        """Checked external inputs [T_r, B, E] (zero-padded after T_e), or None when E = 0."""
+        cfg = self.config
+        if cfg.ext_input_dim == 0:
+            if ext_input is not None and np.asarray(ext_input).size > 0:
+                raise ValueError(f"{name} was given but the config has ext_input_dim = 0")
+            return None
+        if ext_input is None:
+            raise ValueError(f"{name} is required: ext_input_dim is {cfg.ext_input_dim}")
+        ext_input = _as_array(name, ext_input, 3)
+        if ext_input.shape[0] != B or ext_input.shape[2] != cfg.ext_input_dim or \
+                ext_input.shape[1] not in (cfg.encod_seq_len, cfg.recon_seq_len):
+            raise ValueError(f"{name} must be [{B}, {cfg.recon_seq_len} (or {cfg.encod_seq_len}), "
+                             f"{cfg.ext_input_dim}], got {ext_input.shape}")
+        if not np.all(np.isfinite(ext_input)):
+            raise ValueError(f"{name} must be finite (no NaN or inf)")
+        ext = np.zeros((cfg.recon_seq_len, B, cfg.ext_input_dim), dtype=self.dtype)
+        ext[: ext_input.shape[1]] = ext_input.transpose(1, 0, 2)
+        return ext
+
+    def _buf(self, name: str, shape: tuple) -> np.ndarray:
+        """Scratch array `name` of this shape, reusing the memory of earlier steps (it grows to
+        the largest size asked for, so batches of different sizes share it)."""
+        n = int(np.prod(shape))
+        a = self._ws.get(name)
+        if a is None or a.size < n:
+            a = np.empty(n, dtype=self.dtype)
+            self._ws[name] = a
+        return a[:n].reshape(shape)
 
     def _views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         views, i = {}, 0
@@ -607,7 +902,9 @@ class LFADS:
                 normal(f"{name}_W_ih", 1 / np.sqrt(n_in))
             normal(f"{name}_W_hh", 1 / np.sqrt(H))
             p[f"{name}_b_ih"][: 2 * H] = 1.0
-        linears = ["ic_linear_W", "ic_to_g0_W", "fac_W", "readout_W"]
+        linears = ["ic_linear_W", "ic_to_g0_W", "fac_W"]
+        if not cfg.multisession:
+            linears.append("readout_W")
         if cfg.use_con:
             linears.append("co_linear_W")
         for name in linears:
@@ -616,6 +913,11 @@ class LFADS:
         if cfg.use_con:
             p["co_prior_logtau"][...] = np.log(cfg.co_prior_tau)
             p["co_prior_lognvar"][...] = np.log(cfg.co_prior_nvar)
+        # Session layers: lfads-torch's fan-in linear layers (lfads_fast.stitching replaces them
+        # with the principal-component regression).
+        for s in range(cfg.n_sessions if cfg.multisession else 0):
+            normal(f"readin_W_{s}", 1 / np.sqrt(cfg.session_neurons[s]))
+            normal(f"readout_W_{s}", 1 / np.sqrt(cfg.fac_dim))
 
 
 class _NoiseReader:
@@ -624,7 +926,7 @@ class _NoiseReader:
     KEYS = ("ic_eps", "co_eps", "co_kl_eps", "cd_keep", "drop_data", "drop_ic_hn", "drop_ci",
             "drop_fac_in", "drop_g0", "drop_gen", "drop_ext")
 
-    def __init__(self, noise: dict, dtype, B: int, cfg: LFADSConfig):
+    def __init__(self, noise: dict, dtype):
         unknown = sorted(set(noise) - set(self.KEYS))
         if unknown:
             raise ValueError(f"unknown noise entries: {', '.join(unknown)} (expected some of {', '.join(self.KEYS)})")
@@ -638,6 +940,22 @@ class _NoiseReader:
         if a.shape != tuple(shape):
             raise ValueError(f"noise['{key}'] must have shape {list(shape)}, got {list(a.shape)}")
         return np.ascontiguousarray(a, dtype=self.dtype)
+
+    def get_segments(self, key: str, shapes: list[tuple]):
+        """A per-segment list of arrays (coordinated dropout with sessions), or None."""
+        a = self.noise.get(key)
+        if a is None:
+            return None
+        if not isinstance(a, (list, tuple)) or len(a) != len(shapes):
+            raise ValueError(f"noise['{key}'] must be a list of {len(shapes)} arrays, one per session "
+                             "segment of the batch")
+        out = []
+        for i, (ai, shape) in enumerate(zip(a, shapes)):
+            ai = np.asarray(ai)
+            if ai.shape != tuple(shape):
+                raise ValueError(f"noise['{key}'][{i}] must have shape {list(shape)}, got {list(ai.shape)}")
+            out.append(np.ascontiguousarray(ai, dtype=self.dtype))
+        return out
 
     def require(self, key: str, shape: tuple):
         a = self.get(key, shape)

@@ -37,7 +37,8 @@ def get_num_threads() -> int:
     return cpu.get_num_threads()
 
 
-def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: float = 5.0):
+def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: float = 5.0,
+                out=None):
     """Runs a clipped GRU over a whole sequence.
 
     Args:
@@ -48,6 +49,7 @@ def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: 
         h0: initial state [B, H].
         reverse: process t = T-1 .. 0 (outputs stay at their time index).
         clip: cell clip value.
+        out: optional preallocated (hs, gates) to write into.
 
     Returns:
         (hs [T, B, H], gates [T, B, 3H]): states and the saved gates for gru_backward.
@@ -55,14 +57,15 @@ def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: 
     xp = _xp(xproj)
     T, B, _ = _shape(xproj, "xproj", 3)
     H = _shape(W_hh, "W_hh", 2)[1]
-    hs = xp.empty((T, B, H), dtype=xproj.dtype)
-    gates = xp.empty((T, B, 3 * H), dtype=xproj.dtype)
+    if out is None:
+        out = (xp.empty((T, B, H), dtype=xproj.dtype), xp.empty((T, B, 3 * H), dtype=xproj.dtype))
+    hs, gates = out
     _module(xproj).gru_forward(xproj, int(x_offset), W_hh, h0, hs, gates, bool(reverse), float(clip))
     return hs, gates
 
 
 def gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset: int, *, reverse: bool = False,
-                 clip: float = 5.0):
+                 clip: float = 5.0, work=None):
     """Backpropagates through gru_forward.
 
     Args:
@@ -72,6 +75,7 @@ def gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset: int, *, rev
         d_xproj: [T, B, LD] buffer; columns x_offset .. x_offset + 3H receive the gradient of
             the pre-activations (= of xproj).
         x_offset, reverse, clip: as in gru_forward.
+        work: optional scratch [T, B, H] (reused between calls to avoid fresh allocations).
 
     Returns:
         (d_W_hh [3H, H], d_h0 [B, H]).
@@ -80,7 +84,8 @@ def gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset: int, *, rev
     T, B, H = _shape(hs, "hs", 3)
     d_W_hh = xp.empty((3 * H, H), dtype=hs.dtype)
     d_h0 = xp.empty((B, H), dtype=hs.dtype)
-    work = xp.empty((T, B, H), dtype=hs.dtype)
+    if work is None:
+        work = xp.empty((T, B, H), dtype=hs.dtype)
     _module(hs).gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, int(x_offset), d_W_hh, d_h0,
                              work, bool(reverse), float(clip))
     return d_W_hh, d_h0
@@ -92,7 +97,8 @@ DECODER_OUTPUTS = ("con_states", "con_gates", "co_mean", "co_logvar", "u", "gen_
                    "gen_gates", "factors")
 
 
-def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = True) -> dict:
+def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = True,
+                    out: dict | None = None) -> dict:
     """Runs the fused LFADS decoder (controller, sampling, generator, factors) for T steps.
 
     Args:
@@ -105,6 +111,7 @@ def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = T
         T: number of steps.
         clip: cell clip value.
         sample: draw u = co_mean + exp(co_logvar / 2) * eps (else u = co_mean).
+        out: optional preallocated outputs (a dict like the one returned).
 
     Returns:
         dict of the outputs named in DECODER_OUTPUTS, each [T, B, ...].
@@ -118,7 +125,8 @@ def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = T
     dt = g0.dtype
     sizes = {"con_states": C, "con_gates": 3 * C, "co_mean": U, "co_logvar": U, "u": U,
              "gen_states": G, "gen_gates": 3 * G, "factors": F}
-    out = {k: xp.empty((T, B, n), dtype=dt) for k, n in sizes.items()}
+    if out is None:
+        out = {k: xp.empty((T, B, n), dtype=dt) for k, n in sizes.items()}
     arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
     arrays.update(out)
     _module(g0).decoder_forward(arrays, float(clip), bool(sample))
@@ -126,7 +134,7 @@ def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = T
 
 
 def decoder_backward(inputs: dict, outputs: dict, d_factors, d_co_mean, d_co_logvar, *,
-                     clip: float = 5.0, sample: bool = True) -> dict:
+                     clip: float = 5.0, sample: bool = True, workspace=None) -> dict:
     """Backpropagates through decoder_forward (BPTT over all steps).
 
     Args:
@@ -134,6 +142,8 @@ def decoder_backward(inputs: dict, outputs: dict, d_factors, d_co_mean, d_co_log
         d_factors: gradient on the factors [T, B, F] (from the read-out), or None.
         d_co_mean, d_co_logvar: gradients on co_mean, co_logvar [T, B, U] (from the KL), or None.
         clip, sample: as in decoder_forward.
+        workspace: optional dict of preallocated arrays reused between calls: `work`
+            [T, B, 2F + 2G + 2U + C], `d_xcon` [T, B, LC], `d_xgen` [T, B, LG].
 
     Returns:
         dict with d_xcon [T, B, 3C], d_W_con_f, d_W_con_hh, d_c0 [B, C], d_W_co, d_b_co,
@@ -153,18 +163,22 @@ def decoder_backward(inputs: dict, outputs: dict, d_factors, d_co_mean, d_co_log
               "d_c0": (B, C), "d_W_co": (2 * U, C), "d_b_co": (2 * U,), "d_xgen": (T, B, LG),
               "d_W_gen_u": (3 * G, U), "d_W_gen_hh": (3 * G, G), "d_g0": (B, G), "d_f0": (B, F),
               "d_W_fac": (F, G)}
-    grads = {k: xp.empty(s, dtype=dt) for k, s in shapes.items()}
+    shapes["work"] = (T, B, 2 * F + 2 * G + 2 * U + C)
+    ws = workspace or {}
+    grads = {k: ws[k] if k in ws else xp.empty(s, dtype=dt) for k, s in shapes.items()}
     arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
     arrays.update(outputs)
     call = dict(grads, d_factors=d_factors, d_co_mean=d_co_mean, d_co_logvar=d_co_logvar)
     _module(g0).decoder_backward(arrays, call, float(clip), bool(sample))
+    del grads["work"]
     grads["d_xcon"] = grads["d_xcon"][..., : 3 * C]
     grads["d_xgen"] = grads["d_xgen"][..., : 3 * G]
     return grads
 
 
 def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weight=None,
-                 grad_mask=None, grads: bool = True, log_rates: bool = False) -> dict:
+                 grad_mask=None, grads: bool = True, log_rates: bool = False,
+                 d_factors=None) -> dict:
     """Read-out, Poisson NLL and its gradient, fused.
 
     Args:
@@ -177,6 +191,7 @@ def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weig
         grad_mask: [R, N]; 0 blocks a bin's gradient, its loss still counts; or None.
         grads: compute d_factors, d_W_ro, d_b_ro.
         log_rates: also return the log-rates [R, N].
+        d_factors: optional preallocated [R, F] for the factors' gradient.
 
     Returns:
         dict: loss (float), nll_tn ([T, N] unscaled weighted NLL summed over the batch),
@@ -192,7 +207,7 @@ def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weig
     out = {
         "nll_tn": xp.empty((T, N), dtype=dt),
         "log_rates": xp.empty((R, N), dtype=dt) if log_rates else None,
-        "d_factors": xp.empty((R, F), dtype=dt) if grads else None,
+        "d_factors": (d_factors if d_factors is not None else xp.empty((R, F), dtype=dt)) if grads else None,
         "d_W_ro": xp.empty((N, F), dtype=dt) if grads else None,
         "d_b_ro": xp.empty((N,), dtype=dt) if grads else None,
     }

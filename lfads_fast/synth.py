@@ -6,6 +6,8 @@
 - :func:`input_pulse`: the same RNN with stronger coupling (g = 2.5), kicked by one input pulse
   per trial at a random time; the pulse times are the ground truth for inferred inputs.
 - :func:`lorenz`: Lorenz-system latents read out through a random log-linear map.
+- :func:`chaotic_rnn_sessions`: one chaotic RNN recorded in several sessions, each seeing its
+  own random subset (or random projection) of the units, for stitching.
 
 Every generator is seeded and draws its parts (initial states, pulse times, readout, spikes)
 from independent streams of one ``np.random.SeedSequence``, so changing, say, the number of
@@ -292,6 +294,138 @@ def lorenz(
               "latent_mean": mean, "latent_std": std}
     return _assemble("lorenz", rates, latents, trials_per_condition, train_per_condition,
                      noise, dt, 1.0 / dt, params, system)
+
+
+def chaotic_rnn_sessions(
+    *,
+    n_sessions: int = 5,
+    neurons_per_session: int | list[int] = 30,
+    trials_per_condition: int | list[int] = 10,
+    train_per_condition: int | list[int] = 8,
+    n_conditions: int = 50,
+    n_units: int = 100,
+    observe: str = "subset",
+    g: float = 1.5,
+    tau: float = 0.025,
+    dt: float = 0.01,
+    n_bins: int = 100,
+    x0_std: float = 1.0,
+    max_firing_rate: float = 30.0,
+    seed: int = 0,
+    network_seed: int = 3,
+) -> list[SynthDataset]:
+    """Several recording sessions of one chaotic rate RNN, for stitching.
+
+    The network and its dynamics are those of :func:`chaotic_rnn` (``dx/dt = (-x + g W
+    tanh(x)) / tau``, one initial state per condition); the conditions, and so the latent
+    trajectories, are the same in every session. Session s observes n_s channels: a random
+    subset of the units' tanh(x) (``observe="subset"``, drawn without replacement per
+    session, so sessions may share units) or a random projection P_s tanh(x) with
+    P_s ~ N(0, 1/n_units) (``observe="projection"``). Each channel is min-max normalised over
+    all conditions and bins (not per trial as in chaotic_rnn, so that a session's rates are
+    one affine map of the latents in every condition) and scaled to max_firing_rate; counts
+    are Poisson(rate * dt).
+
+    Args:
+        n_sessions: number of sessions S.
+        neurons_per_session: observed channels n_s, one number for all sessions or one per
+            session.
+        trials_per_condition: trials per condition in each session (one number or one per
+            session).
+        train_per_condition: of those, the trials that go to train (the rest: valid).
+        n_conditions: conditions C, shared by all sessions.
+        n_units: RNN units.
+        observe: "subset" or "projection".
+        g, tau, dt, n_bins, x0_std, max_firing_rate: as in chaotic_rnn.
+        seed: seed of the initial states and, per session, of its observation and spikes.
+        network_seed: seed of W. At 100 units and g = 1.5 many draws still decay; the
+            default one is chaotic (a perturbation grows about 1.3 /s).
+
+    Returns:
+        One SynthDataset per session, name "chaotic_rnn_sessions"; ``system`` holds the shared
+        ``weights``, ``x0`` and the session's ``units`` [n_s] (subset) or ``projection``
+        [n_s, n_units]; latents are the units' tanh(x), [B, T, n_units], identical across
+        sessions for the same condition.
+
+    Warns:
+        RuntimeWarning: the network's activity dies out.
+    """
+    params = dict(locals())
+    if not isinstance(n_sessions, int) or n_sessions < 1:
+        raise ValueError(f"n_sessions must be an integer >= 1, got {n_sessions!r}")
+    if observe not in ("subset", "projection"):
+        raise ValueError(f"observe must be 'subset' or 'projection', got {observe!r}")
+    per_session = {}
+    for name in ("neurons_per_session", "trials_per_condition", "train_per_condition"):
+        value = params[name]
+        value = [value] * n_sessions if np.ndim(value) == 0 else list(value)
+        if len(value) != n_sessions:
+            raise ValueError(f"{name} has {len(value)} entries for {n_sessions} sessions")
+        per_session[name] = [int(v) for v in value]
+    for s in range(n_sessions):
+        _check_trials(n_conditions, per_session["trials_per_condition"][s],
+                      per_session["train_per_condition"][s], n_bins)
+        n_s = per_session["neurons_per_session"][s]
+        if n_s < 1 or (observe == "subset" and n_s > n_units):
+            raise ValueError(f"session {s}: neurons_per_session must be in [1, n_units = {n_units}] "
+                             f"for observe='subset', got {n_s}")
+    # Child 0: the shared initial states; then per session its observation and its spikes.
+    # Spawned children depend only on their index, so adding sessions changes none before.
+    children = np.random.SeedSequence(seed).spawn(1 + 2 * n_sessions)
+    net = np.random.default_rng(network_seed)
+    weights = net.standard_normal((n_units, n_units)) / np.sqrt(n_units)
+    x0 = x0_std * np.random.default_rng(children[0]).standard_normal((n_conditions, n_units))
+    states = _run_rnn(x0, weights, np.zeros(n_units), g, dt / tau, n_bins, 0.0, None)
+    if states[:, n_bins // 2:].std(axis=1).mean() < _DEAD_ACTIVITY_STD:
+        warnings.warn(f"the RNN's activity dies out (network_seed={network_seed}, g={g}); "
+                      "its rates barely change over the trial", RuntimeWarning, stacklevel=2)
+    sessions = []
+    for s in range(n_sessions):
+        observation = np.random.default_rng(children[1 + 2 * s])
+        noise = np.random.default_rng(children[2 + 2 * s])
+        n_s = per_session["neurons_per_session"][s]
+        system = {"weights": weights, "x0": x0}
+        if observe == "subset":
+            units = np.sort(observation.choice(n_units, size=n_s, replace=False))
+            system["units"] = units
+            observed = states[:, :, units]
+        else:
+            projection = observation.standard_normal((n_s, n_units)) / np.sqrt(n_units)
+            system["projection"] = projection
+            observed = states @ projection.T
+        low = observed.min(axis=(0, 1))
+        span = observed.max(axis=(0, 1)) - low
+        normalised = np.divide(observed - low, span, out=np.zeros_like(observed), where=span > 0)
+        rates = normalised * (max_firing_rate * dt)
+        reps = per_session["trials_per_condition"][s]
+        session_params = dict(params, session=s)
+        sessions.append(_assemble("chaotic_rnn_sessions", np.repeat(rates, reps, axis=0),
+                                  np.repeat(states, reps, axis=0), reps,
+                                  per_session["train_per_condition"][s], noise, dt,
+                                  1.0 / (max_firing_rate * dt), session_params, system))
+    return sessions
+
+
+def save_sessions_h5(
+    sessions: list[SynthDataset],
+    directory: str | os.PathLike,
+    layout: str = "lfads_torch",
+    prefix: str = "session",
+) -> list[str]:
+    """Writes each session of chaotic_rnn_sessions as its own LFADS input file.
+
+    Args:
+        sessions: the sessions.
+        directory: where the files go (created if needed).
+        layout: as in save_h5.
+        prefix: file names are ``{prefix}_{s:02d}.h5``, so a sorted glob lists them in order.
+
+    Returns:
+        The paths written, in session order.
+    """
+    os.makedirs(directory, exist_ok=True)
+    return [save_h5(d, os.path.join(os.fspath(directory), f"{prefix}_{s:02d}.h5"), layout)
+            for s, d in enumerate(sessions)]
 
 
 def save_h5(

@@ -169,6 +169,11 @@ def test_bad_batches(rng):
     bad[0, 0, 0] = 0.5
     with pytest.raises(ValueError, match="encod_data has non-integer spike counts"):
         model.make_batch(bad, recon)
+    with pytest.raises(ValueError, match="ext_input must be finite"):
+        ext_model = LFADS(LFADSConfig(**dict(BASE, ext_input_dim=1)))
+        ext = np.ones((2, 9, 1))
+        ext[1, 2, 0] = np.nan
+        ext_model.make_batch(encod, recon, ext)
     with pytest.raises(ValueError, match="ext_input was given"):
         model.make_batch(encod, recon, np.ones((2, 9, 1)))
     with pytest.raises(ValueError, match="must be a 3-d numeric array"):

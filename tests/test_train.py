@@ -48,7 +48,7 @@ def timeless(history):
 
 def test_ramp_follows_lfads_torch():
     assert [ramp(e, 0, 3) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert [ramp(e, 2, 1) for e in range(5)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [ramp(e, 2, 1) for e in range(5)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert ramp(0, 0, 0) == 1.0
 
 
@@ -173,12 +173,35 @@ def test_time_budget_stops_between_epochs(tiny, tmp_path):
     assert load_checkpoint(result.last_checkpoint).epoch == result.epochs
 
 
+def test_time_budget_final_phase_lowers_lr(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path, max_epochs=10_000, time_budget=2.0, lr_scheduler=False,
+                     time_budget_lr_factor=0.25)
+    result = t.fit()
+    lrs = [row["lr"] for row in result.history]
+    assert lrs[0] == 1e-2 and lrs[-1] == 2.5e-3
+    assert t.lr == 1e-2  # the schedule's own rate is untouched
+
+
 def test_sample_validation_runs_and_logs_heldout_recon(tiny, tmp_path):
     result = make_trainer(tiny, tmp_path, sv_rate=0.2).fit()
     h = result.history
     assert all(np.isfinite(row["valid_recon_sv"]) for row in h)
     # The held-out bins are never trained on, so their loss stays above the kept bins'.
     assert h[-1]["valid_recon_sv"] > h[-1]["valid_recon"] * 0.9
+
+
+def test_logged_metrics_agree_with_metrics_module(rng):
+    from lfads_fast import metrics
+    from lfads_fast.train import _bits_per_spike, _pooled_r2
+
+    truth = rng.gamma(2.0, 0.2, size=(20, 30, 7)).astype(np.float32)
+    rates = (truth * rng.uniform(0.5, 1.5, truth.shape)).astype(np.float32)
+    spikes = rng.poisson(truth).astype(np.float32)
+    spikes[rng.random(spikes.shape) < 0.05] = np.nan
+    spikes[:, :, 3] = np.nan  # a neuron never observed
+    assert _pooled_r2(rates, truth) == pytest.approx(metrics.r2(rates, truth), rel=1e-9)
+    assert _bits_per_spike(rates, spikes) == pytest.approx(metrics.bits_per_spike(rates, spikes),
+                                                           rel=1e-9)
 
 
 # ------------------------------------------------------------------ checkpoints and resume
@@ -391,7 +414,8 @@ def test_sv_mask_weights_the_loss_and_scales_the_input(rng):
     y = np.where(ok, recon, 0.0)
     nll = rates - y * np.log(rates) + np.vectorize(math.lgamma)(y + 1)
     assert out["terms"]["recon"] == pytest.approx(np.sum((w * nll)[ok]) / ok.sum(), rel=1e-10)
-    terms, _ = model.loss_and_grads(batch, None, grads=False)
+    noise = model.draw_noise(4, np.random.default_rng(0), train=False, sample=False)
+    terms, _ = model.loss_and_grads(batch, noise, grads=False)
     assert terms["recon"] == pytest.approx(out["terms"]["recon"], rel=1e-12)
 
 

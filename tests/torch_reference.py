@@ -8,6 +8,11 @@ Sizes: B batch, T_e encod_seq_len, T_r recon_seq_len, N_e encod_data_dim, N_r re
 E ext_input_dim, C con_dim, U co_dim, G gen_dim, F fac_dim.
 Noise and mask arrays are time-major ([T, B, ...]) as in the compiled core; data, parameters
 and outputs are batch-major.
+
+Several sessions (cfg.session_neurons set): ``reference_multisession_loss_and_grads``. Each
+session s has a linear read-in from its n_s neurons to the N_e encoder inputs and a linear
+read-out from the factors to its own neurons; the trials of all sessions share the encoders and
+the decoder, and the reconstruction is the mean over the sessions of each session's own mean.
 """
 
 import math
@@ -62,6 +67,8 @@ _DEFAULT_CONFIG = dict(
     l2_con_scale=0.03,
     kl_ic_scale=0.5,
     kl_co_scale=0.7,
+    session_neurons=None,
+    session_recon_neurons=None,
 )
 
 
@@ -147,6 +154,94 @@ def reference_loss_and_grads(
     return terms, grads, outputs
 
 
+def reference_multisession_loss_and_grads(
+    params,
+    cfg,
+    sessions,
+    ext_input=None,
+    noise=None,
+    kl_ramp=1.0,
+    l2_ramp=1.0,
+    dtype=torch.float64,
+):
+    """Loss terms and parameter gradients of one batch mixing several sessions.
+
+    Args:
+        params: dict name -> numpy array with the names and shapes of ``param_shapes(cfg)``
+            (readin_W_{s} [N_e, n_s], readin_b_{s} [N_e], readout_W_{s} [n_recon_s, F],
+            readout_b_{s} [n_recon_s] per session instead of readout_W, readout_b).
+        cfg: configuration with session_neurons and session_recon_neurons set.
+        sessions: list of (session index, encod_data [B_s, T_e, n_s], recon_data
+            [B_s, T_r, n_recon_s]) in batch order; the batch is their concatenation.
+        ext_input: external inputs of the whole batch [B, T_r or T_e, E], or None.
+        noise: as in reference_loss_and_grads for the whole batch of B trials, except
+            cd_keep: a list with one [T_e, B_s, n_s] array per entry of ``sessions``.
+        kl_ramp, l2_ramp, dtype: as in reference_loss_and_grads.
+
+    Returns:
+        terms: dict of floats as in reference_loss_and_grads; recon is the mean over the
+            sessions of each session's reconstruction term.
+        grads: dict name -> numpy array, d loss / d param.
+        rates: list of [B_s, T_r, n_recon_s] numpy arrays, one per entry of ``sessions``.
+    """
+    _check_params(params, cfg)
+    p = {
+        name: torch.tensor(np.asarray(value), dtype=dtype, requires_grad=True)
+        for name, value in params.items()
+    }
+    noise = dict(noise or {})
+    cd_keep = noise.pop("cd_keep", None)
+    B = sum(np.shape(encod)[0] for _, encod, _ in sessions)
+    inputs = {"ext_input": _ext_tensor(cfg, ext_input, B, dtype)}
+    inputs.update(_noise_tensors(cfg, B, noise, dtype))
+    inputs["cd_keep"] = None
+
+    # Read-ins: each session's counts (after coordinated dropout) into the shared inputs.
+    parts, targets = [], []
+    for i, (s, encod, recon) in enumerate(sessions):
+        x_s = torch.nan_to_num(torch.as_tensor(np.asarray(encod), dtype=dtype), nan=0.0)
+        keep = None
+        if cd_keep is not None:
+            keep = torch.as_tensor(np.asarray(cd_keep[i]), dtype=dtype).transpose(0, 1)
+            x_s = x_s * keep / (1.0 - cfg.cd_rate)
+        parts.append(x_s @ p[f"readin_W_{s}"].T + p[f"readin_b_{s}"])
+        targets.append((s, torch.as_tensor(np.asarray(recon), dtype=dtype), keep))
+    x = _scaled(torch.cat(parts, dim=0), inputs["drop_data"])
+
+    out = _forward(p, cfg, inputs, x=x)
+    recons, rates, start = [], [], 0
+    for s, y, keep in targets:
+        stop = start + y.shape[0]
+        log_rates = out["factors"][start:stop] @ p[f"readout_W_{s}"].T + p[f"readout_b_{s}"]
+        session_cfg = SimpleNamespace(encod_seq_len=cfg.encod_seq_len,
+                                      encod_data_dim=cfg.session_neurons[s],
+                                      recon_reduce_mean=cfg.recon_reduce_mean)
+        recons.append(_recon_loss(session_cfg, log_rates, {"recon_data": y, "cd_keep": keep}))
+        rates.append(torch.exp(log_rates).detach().numpy())
+        start = stop
+    recon = torch.stack(recons).mean()
+    kl_ic = _kl_ic(cfg, out["ic_mean"], out["ic_std"], p["ic_prior_mean"])
+    if uses_controller(cfg):
+        kl_co = _kl_co_ar1(
+            out["co_means"], out["co_stds"], inputs["co_kl_eps"],
+            p["co_prior_logtau"], p["co_prior_lognvar"],
+        )
+    else:
+        kl_co = recon.new_zeros(())
+    l2 = _l2_penalty(p, cfg)
+    loss = cfg.loss_scale * (
+        recon + l2_ramp * l2 + kl_ramp * (cfg.kl_ic_scale * kl_ic + cfg.kl_co_scale * kl_co)
+    )
+    d_params = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+    grads = {
+        name: (np.zeros(params[name].shape) if d is None else d.numpy())
+        for name, d in zip(p, d_params)
+    }
+    terms = {"loss": loss.item(), "recon": recon.item(), "kl_ic": kl_ic.item(),
+             "kl_co": kl_co.item(), "l2": l2.item()}
+    return terms, grads, rates
+
+
 def make_config(**overrides):
     """A small configuration with every attribute the reference reads.
 
@@ -203,12 +298,18 @@ def param_shapes(cfg):
     shapes["ic_to_g0_W"] = (g, cfg.ic_dim)
     shapes["ic_to_g0_b"] = (g,)
     shapes["fac_W"] = (f, g)
-    shapes["readout_W"] = (n_r, f)
-    shapes["readout_b"] = (n_r,)
+    if _sessions(cfg) is None:
+        shapes["readout_W"] = (n_r, f)
+        shapes["readout_b"] = (n_r,)
     shapes["ic_prior_mean"] = (cfg.ic_dim,)
     if uses_controller(cfg):
         shapes["co_prior_logtau"] = (u,)
         shapes["co_prior_lognvar"] = (u,)
+    for s, (n, n_recon) in enumerate(_sessions(cfg) or []):
+        shapes[f"readin_W_{s}"] = (n_e, n)
+        shapes[f"readin_b_{s}"] = (n_e,)
+        shapes[f"readout_W_{s}"] = (n_recon, f)
+        shapes[f"readout_b_{s}"] = (n_recon,)
     return shapes
 
 
@@ -343,6 +444,15 @@ def _noise_shapes(cfg, B):
     }
 
 
+def _sessions(cfg):
+    """[(n_s, n_recon_s)] per session, or None for a single-session config."""
+    neurons = getattr(cfg, "session_neurons", None)
+    if neurons is None:
+        return None
+    recon = getattr(cfg, "session_recon_neurons", None) or neurons
+    return list(zip(neurons, recon))
+
+
 def _check_params(params, cfg):
     expected = param_shapes(cfg)
     missing = sorted(set(expected) - set(params))
@@ -376,35 +486,42 @@ def _prepare_inputs(cfg, encod_data, recon_data, ext_input, noise, dtype):
     _check_shape("encod_data", encod_data, (B, t_e, cfg.encod_data_dim))
     _check_shape("recon_data", recon_data, (B, t_r, cfg.recon_data_dim))
 
-    def tensor(array):
-        return torch.as_tensor(np.asarray(array), dtype=dtype)
+    inputs = {
+        "encod_data": torch.as_tensor(encod_data, dtype=dtype),
+        "recon_data": torch.as_tensor(recon_data, dtype=dtype),
+        "ext_input": _ext_tensor(cfg, ext_input, B, dtype),
+    }
+    inputs.update(_noise_tensors(cfg, B, noise, dtype))
+    return inputs
 
-    if ext_input is None:
-        ext_full = torch.zeros(B, t_r, ext, dtype=dtype)
-    else:
+
+def _ext_tensor(cfg, ext_input, B, dtype):
+    """External inputs [B, T_r, E], zero-padded after T_e; zeros when None."""
+    t_e, t_r, ext = cfg.encod_seq_len, cfg.recon_seq_len, cfg.ext_input_dim
+    ext_full = torch.zeros(B, t_r, ext, dtype=dtype)
+    if ext_input is not None:
         ext_input = np.asarray(ext_input)
         if ext_input.shape not in ((B, t_r, ext), (B, t_e, ext)):
             raise ValueError(
                 f"ext_input must have shape {(B, t_r, ext)} or {(B, t_e, ext)}, "
                 f"got {ext_input.shape}"
             )
-        ext_full = torch.zeros(B, t_r, ext, dtype=dtype)
-        ext_full[:, : ext_input.shape[1]] = tensor(ext_input)
+        ext_full[:, : ext_input.shape[1]] = torch.as_tensor(ext_input, dtype=dtype)
+    return ext_full
 
+
+def _noise_tensors(cfg, B, noise, dtype):
+    """Every noise key present in NOISE_KEYS order as a checked batch-major tensor, or None."""
     unknown = sorted(set(noise) - set(NOISE_KEYS))
     if unknown:
         raise ValueError(f"noise has unknown keys {unknown}")
-    inputs = {
-        "encod_data": tensor(encod_data),
-        "recon_data": tensor(recon_data),
-        "ext_input": ext_full,
-    }
+    inputs = {}
     for key, shape in _noise_shapes(cfg, B).items():
         value = noise.get(key)
         if value is not None:
             value = np.asarray(value)
             _check_shape(key, value, shape)
-            value = tensor(value)
+            value = torch.as_tensor(value, dtype=dtype)
             if value.dim() == 3:
                 value = value.transpose(0, 1)
         inputs[key] = value
@@ -497,11 +614,16 @@ def _controller_inputs(cfg, x, p, drop_ci):
     return _scaled(ci, drop_ci)
 
 
-def _forward(p, cfg, inputs):
-    """The model's forward pass; returns batch-major tensors (see reference_loss_and_grads)."""
+def _forward(p, cfg, inputs, x=None):
+    """The model's forward pass; returns batch-major tensors (see reference_loss_and_grads).
+
+    x: the encoder input [B, T_e, N_e] when the caller made it (session read-ins); then the
+    read-outs, and log_rates, are also the caller's.
+    """
     has_con = uses_controller(cfg)
     clip = cfg.cell_clip
-    x = _encoder_input(cfg, inputs)
+    if x is None:
+        x = _encoder_input(cfg, inputs)
     B = x.shape[0]
 
     hf, hb = _bidirectional_gru(x, p, "ic_enc", clip)
@@ -551,7 +673,8 @@ def _forward(p, cfg, inputs):
     for key, steps in series.items():
         # Without a controller its series are empty: width-0 outputs.
         out[key] = torch.stack(steps, dim=1) if steps else x.new_zeros(B, cfg.recon_seq_len, 0)
-    out["log_rates"] = out["factors"] @ p["readout_W"].T + p["readout_b"]
+    if "readout_W" in p:
+        out["log_rates"] = out["factors"] @ p["readout_W"].T + p["readout_b"]
     out.update(gen_init=g0, ic_mean=ic_mean, ic_std=ic_std)
     return out
 
