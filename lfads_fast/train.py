@@ -71,7 +71,7 @@ CHECKPOINT_VERSION = 1
 RESUMABLE_FIELDS = ("max_epochs", "time_budget", "time_budget_lr_factor", "checkpoint_every",
                     "early_stopping_patience")
 # The final phase of a time budget (see TrainConfig.time_budget_lr_factor), as a fraction.
-BUDGET_FINAL_FRACTION = 0.1
+BUDGET_FINAL_FRACTION = 0.05
 # After this many consecutive non-finite steps the learning rate is multiplied by
 # NONFINITE_LR_FACTOR (again after each further run of that length).
 NONFINITE_LR_EVERY = 3
@@ -82,6 +82,7 @@ _LOSS_TERMS = ("loss", "recon", "kl_ic", "kl_co", "l2")
 _TERM_PARTS = ("recon", "kl_ic", "kl_co", "l2")
 # Independent random streams derived from TrainConfig.seed (sv masks from sv_seed).
 _TRAIN_STREAM, _VALID_STREAM, _SV_STREAM = 0, 1, 2
+_TIME_BAR = "{desc} {percentage:3.0f}%|{bar}| {elapsed} of {total:.0f} s{postfix}"
 # Columns of the log drawn in training_curves.png (train_/valid_ prefixes share a panel).
 _CURVES = ("loss", "recon", "recon_smth", "recon_sv", "kl_ic", "kl_co", "r2", "bps", "co_bps",
            "fp_bps")
@@ -118,7 +119,7 @@ class TrainConfig:
         seed: seed of the batch order, posterior samples and dropout masks.
         time_budget: wall-clock seconds one fit() call may train for (None: no limit); an
             epoch is not started when the previous one's duration would overrun the budget.
-        time_budget_lr_factor: epochs that start in the last tenth of the time budget train
+        time_budget_lr_factor: epochs that start in the last 5% of the time budget train
             with the learning rate multiplied by this factor (1: off). A budgeted run ends
             wherever the budget does, usually before the plateau schedule has lowered the
             rate far; a short phase at a lower rate settles the parameters (on the demo data
@@ -370,6 +371,11 @@ class Trainer:
         mask = model.trainable_mask()
         self._adam_mask = None if mask.all() else mask
         self._fingerprint = _data_fingerprint(self.data)
+        train = self.data.train
+        self._train_time_major = (
+            np.ascontiguousarray(train.encod_data.transpose(1, 0, 2)),
+            None if train.recon_data is train.encod_data
+            else np.ascontiguousarray(train.recon_data.transpose(1, 0, 2)))
         self._sv_masks = self._make_sv_masks()
         self._reset_state()
 
@@ -406,8 +412,12 @@ class Trainer:
         else:
             self._reset_state()
         self._write_config_yaml()
-        bar = tqdm(total=cfg.max_epochs, initial=min(self.epoch, cfg.max_epochs), unit="epoch",
-                   desc="LFADS", disable=not self.progress, dynamic_ncols=True, leave=True)
+        # With a time budget the bar measures the budget; otherwise epochs out of max_epochs.
+        by_time = cfg.time_budget is not None
+        bar = tqdm(total=cfg.time_budget if by_time else cfg.max_epochs,
+                   initial=0 if by_time else min(self.epoch, cfg.max_epochs),
+                   unit="s" if by_time else "epoch", desc="LFADS", disable=not self.progress,
+                   dynamic_ncols=True, leave=True, bar_format=_TIME_BAR if by_time else None)
         epochs_this_call, last_epoch_s, saved_epoch = 0, 0.0, None
         stop_reason = self._stop_reason()
         try:
@@ -428,8 +438,11 @@ class Trainer:
                     self._save(self.last_checkpoint)
                     saved_epoch = self.epoch
                 self._write_logs()
-                bar.set_postfix_str(_postfix(row), refresh=False)
-                bar.update(1)
+                bar.set_postfix_str(f"epoch {self.epoch}, {_postfix(row)}", refresh=False)
+                if by_time:
+                    bar.update(min(time.perf_counter() - t_start, cfg.time_budget) - bar.n)
+                else:
+                    bar.update(1)
         finally:
             bar.close()
         if saved_epoch != self.epoch and (epochs_this_call > 0 or not self.last_checkpoint.exists()):
@@ -685,9 +698,13 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
 
     def _batch(self, split: data_mod.Split, idx: np.ndarray, sv: np.ndarray | None):
+        # The training counts are kept time-major, so a batch is one gather along the trial
+        # axis, and make_batch's own time-major copies become views.
+        encod, recon = self._train_time_major
+        encod = encod[:, idx].transpose(1, 0, 2)
+        recon = encod if recon is None else recon[:, idx].transpose(1, 0, 2)
         ext = None if split.ext_input is None else split.ext_input[idx]
-        return self.model.make_batch(split.encod_data[idx], split.recon_data[idx], ext,
-                                     check_counts=False,
+        return self.model.make_batch(encod, recon, ext, check_counts=False,
                                      sv_mask=None if sv is None else sv[idx],
                                      sv_rate=self.config.sv_rate)
 
@@ -779,14 +796,15 @@ def _bits_per_spike(rates: np.ndarray, spikes: np.ndarray) -> float:
     n = spikes.shape[-1]
     y = spikes.reshape(-1, n)
     observed = ~np.isnan(y)
-    y = np.where(observed, y, 0.0)
-    r = rates.reshape(-1, n).astype(np.float64)
+    y = np.where(observed, y, 0)
+    r = rates.reshape(-1, n)
     total = y.sum(axis=0, dtype=np.float64)
     count = observed.sum(axis=0)
     if total.sum() == 0:
         return float("nan")
-    ll = float(np.sum(y * np.log(np.maximum(r, metrics.ZERO_RATE)))
-               - np.sum(np.where(observed, r, 0.0)))
+    # Per-bin terms in the rates' precision, sums in float64.
+    ll = float(np.sum(y * np.log(np.maximum(r, r.dtype.type(metrics.ZERO_RATE))), dtype=np.float64)
+               - np.sum(np.where(observed, r, 0), dtype=np.float64))
     null = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     ll_null = float(np.sum(total * np.log(np.maximum(null, metrics.ZERO_RATE)) - null * count))
     return (ll - ll_null) / float(total.sum()) / math.log(2.0)
