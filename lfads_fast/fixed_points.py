@@ -388,11 +388,12 @@ class FixedPoints:
         return cls(**arrays, info=info)
 
     def plot(self, path, trajectories=None, *, time_major: bool = False, n_components: int = 3,
-             mode_scale: float = 0.25, max_trajectories: int = 64) -> None:
+             mode_scale: float = 0.25, max_modes: int = 2, max_trajectories: int = 64) -> None:
         """Draws the points in the principal-component space of the trajectories.
 
-        Stable points are filled black dots, unstable ones red crosses with each unstable mode
-        (|eigenvalue| > 1, real part of its eigenvector) as a short red line through the point.
+        Stable points are filled black dots, unstable ones red crosses with their leading
+        unstable modes (|eigenvalue| > 1, real part of the eigenvector) as short red lines
+        through the point.
 
         Args:
             path: image file to write (format from the extension).
@@ -401,6 +402,7 @@ class FixedPoints:
             time_major: trajectories are [T, B, G].
             n_components: 2 or 3 (a 3-D plot).
             mode_scale: half-length of the mode lines, in state units.
+            max_modes: unstable modes drawn per point at most (the largest |eigenvalue| first).
             max_trajectories: trials drawn at most.
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -440,7 +442,7 @@ class FixedPoints:
             ax.scatter(*p, color="r", marker="x", s=30, zorder=3)
             if self.eigenvalues is None:
                 continue
-            for j in np.flatnonzero(np.abs(self.eigenvalues[i]) > 1):
+            for j in np.flatnonzero(np.abs(self.eigenvalues[i]) > 1)[:max_modes]:
                 v = np.real(self.eigenvectors[i][:, j])
                 v = v / (np.linalg.norm(v) or 1.0)
                 ends = project(np.stack([self.xstar[i] - mode_scale * v, self.xstar[i] + mode_scale * v]))
