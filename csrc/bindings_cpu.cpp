@@ -17,4 +17,5 @@ PYBIND11_MODULE(_cpu, m) {
   lfads::register_decoder(m);
   lfads::register_elbo(m);
   lfads::register_adam(m);
+  lfads::register_fixed_points(m);
 }
