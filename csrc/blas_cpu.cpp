@@ -41,16 +41,16 @@ void par_gemm(bool ta, bool tb, int M, int N, int K, S alpha, const S* A, int ld
               int ldb, S beta, S* C, int ldc) {
   // Split the larger of M and N; tiny products stay on one thread.
   const double flops = 2.0 * M * N * std::max(K, 1);
-  const int nt = flops < 2e5 ? 1 : omp_get_max_threads();
+  const bool split_m = M >= N;
+  const int nt = flops < 2e5 ? 1 : threads_for_rows(split_m ? M : N, omp_get_max_threads());
   if (nt <= 1) {
     gemm<S>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  const bool split_m = M >= N;
 #pragma omp parallel num_threads(nt)
   {
     int b, e;
-    split_range(split_m ? M : N, nt, omp_get_thread_num(), b, e);
+    split_rows(split_m ? M : N, nt, omp_get_thread_num(), b, e);
     if (e > b) {
       if (split_m) {
         const S* Ap = ta ? A + b : A + static_cast<int64_t>(b) * lda;

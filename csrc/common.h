@@ -45,4 +45,25 @@ inline void split_range(int n, int parts, int p, int& begin, int& end) {
   end = begin + base + (p < rem ? 1 : 0);
 }
 
+// Batch rows are split between threads in whole blocks of kRowGrain rows (a multiple of the
+// double-precision BLAS micro-tile sizes), so that in float64 every row meets the same GEMM
+// code path and rounding whatever the thread count. (Single-precision OpenBLAS kernels on
+// some CPUs round a row differently depending on the row count of the call, so float32
+// results may differ in the last bit between thread counts.)
+constexpr int kRowGrain = 8;
+
+// Threads worth starting for n rows: at most one per block of kRowGrain rows.
+inline int threads_for_rows(int n, int max_threads) {
+  const int blocks = (n + kRowGrain - 1) / kRowGrain;
+  return blocks < 1 ? 1 : (blocks < max_threads ? blocks : max_threads);
+}
+
+// Rows [begin, end) of n for part p of `parts`: whole blocks of kRowGrain rows, split evenly.
+inline void split_rows(int n, int parts, int p, int& begin, int& end) {
+  int b, e;
+  split_range((n + kRowGrain - 1) / kRowGrain, parts, p, b, e);
+  begin = b * kRowGrain < n ? b * kRowGrain : n;
+  end = e * kRowGrain < n ? e * kRowGrain : n;
+}
+
 }  // namespace lfads

@@ -34,7 +34,7 @@ void masked(int64_t n, const S* src, const S* mask, S* dst) {
   }
 }
 
-int threads_for(int B) { return std::max(1, std::min(omp_get_max_threads(), B)); }
+int threads_for(int B) { return threads_for_rows(B, omp_get_max_threads()); }
 
 }  // namespace
 
@@ -48,7 +48,7 @@ void decoder_forward_cpu(const DecoderShape& s, const DecoderForwardArgs<S>& a) 
 #pragma omp parallel num_threads(nt)
   {
     int b0, b1;
-    split_range(B, nt, omp_get_thread_num(), b0, b1);
+    split_rows(B, nt, omp_get_thread_num(), b0, b1);
     const int Bs = b1 - b0;
     if (Bs > 0) {
       std::vector<S> xin_c(static_cast<size_t>(Bs) * 3 * C), xin_g(static_cast<size_t>(Bs) * 3 * G);
@@ -112,7 +112,7 @@ void decoder_backward_cpu(const DecoderShape& s, const DecoderBackwardArgs<S>& a
 #pragma omp parallel num_threads(nt)
   {
     int b0, b1;
-    split_range(B, nt, omp_get_thread_num(), b0, b1);
+    split_rows(B, nt, omp_get_thread_num(), b0, b1);
     const int Bs = b1 - b0;
     if (Bs > 0) {
       std::vector<S> df_carry(static_cast<size_t>(Bs) * F, S(0)), tmp_g(static_cast<size_t>(Bs) * G);

@@ -48,11 +48,11 @@ template <typename S>
 void gru_forward_cpu(const GruShape& s, const GruForwardArgs<S>& a) {
   const int T = s.T, B = s.B, H = s.H;
   const S clip = static_cast<S>(s.clip);
-  const int nt = std::max(1, std::min(omp_get_max_threads(), B));
+  const int nt = threads_for_rows(B, omp_get_max_threads());
 #pragma omp parallel num_threads(nt)
   {
     int b0, b1;
-    split_range(B, nt, omp_get_thread_num(), b0, b1);
+    split_rows(B, nt, omp_get_thread_num(), b0, b1);
     const int Bs = b1 - b0;
     if (Bs > 0) {
       std::vector<S> scratch(static_cast<size_t>(Bs) * 4 * H);
@@ -102,11 +102,11 @@ template <typename S>
 void gru_backward_cpu(const GruShape& s, const GruBackwardArgs<S>& a) {
   const int T = s.T, B = s.B, H = s.H;
   const S clip = static_cast<S>(s.clip);
-  const int nt = std::max(1, std::min(omp_get_max_threads(), B));
+  const int nt = threads_for_rows(B, omp_get_max_threads());
 #pragma omp parallel num_threads(nt)
   {
     int b0, b1;
-    split_range(B, nt, omp_get_thread_num(), b0, b1);
+    split_rows(B, nt, omp_get_thread_num(), b0, b1);
     const int Bs = b1 - b0;
     if (Bs > 0) {
       std::vector<S> scratch(static_cast<size_t>(Bs) * 2 * H);

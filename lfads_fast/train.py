@@ -119,10 +119,11 @@ class TrainConfig:
         seed: seed of the batch order, posterior samples and dropout masks.
         time_budget: wall-clock seconds one fit() call may train for (None: no limit); an
             epoch is not started when the previous one's duration would overrun the budget.
-        time_budget_lr_factor: epochs that start in the last 5% of the time budget train
-            with the learning rate multiplied by this factor (1: off). A budgeted run ends
-            wherever the budget does, usually before the plateau schedule has lowered the
-            rate far; a short phase at a lower rate settles the parameters (on the demo data
+        time_budget_lr_factor: epochs that start in the last 5% of the time budget, and the
+            epochs expected to be the last two that fit in it (from the previous epoch's
+            duration), train with the learning rate multiplied by this factor (1: off). A
+            budgeted run ends wherever the budget does, usually before the plateau schedule
+            has lowered the rate far; a short phase at a lower rate settles the parameters (on the demo data
             one epoch at a quarter of the rate raised the validation R^2 by about 0.003).
         checkpoint_every: write the last checkpoint every this many epochs (and always when
             training stops).
@@ -418,7 +419,7 @@ class Trainer:
                    initial=0 if by_time else min(self.epoch, cfg.max_epochs),
                    unit="s" if by_time else "epoch", desc="LFADS", disable=not self.progress,
                    dynamic_ncols=True, leave=True, bar_format=_TIME_BAR if by_time else None)
-        epochs_this_call, last_epoch_s, saved_epoch = 0, 0.0, None
+        epochs_this_call, last_epoch_s, saved_epoch, final = 0, 0.0, None, False
         stop_reason = self._stop_reason()
         try:
             while stop_reason is None:
@@ -427,8 +428,12 @@ class Trainer:
                         and elapsed + last_epoch_s > cfg.time_budget):
                     stop_reason = "time_budget"
                     break
-                final = cfg.time_budget is not None and (
-                    elapsed >= (1.0 - BUDGET_FINAL_FRACTION) * cfg.time_budget)
+                # The final phase: the last 5% of the budget, or the epochs expected to be the
+                # last two that fit (epochs longer than 5% of the budget would skip it; two,
+                # so that an epoch slower than the one before cannot skip it either).
+                final = final or (cfg.time_budget is not None and (
+                    elapsed >= (1.0 - BUDGET_FINAL_FRACTION) * cfg.time_budget
+                    or (epochs_this_call > 0 and elapsed + 3.0 * last_epoch_s > cfg.time_budget)))
                 t_epoch = time.perf_counter()
                 row = self._run_epoch(cfg.time_budget_lr_factor if final else 1.0)
                 last_epoch_s = time.perf_counter() - t_epoch
