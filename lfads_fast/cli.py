@@ -4,6 +4,8 @@
                      [--time-budget S] [--samples 50]
     lfads-fast infer CHECKPOINT DATA.h5 --out posterior.h5 [--samples 50]
     lfads-fast demo [--minutes 5] [--out demo_out]
+    lfads-fast fixed-points CHECKPOINT DATA.h5 --out DIR [--n-init 1000] [--noise 0.01]
+                     [--method newton|adam] [--inputs zero|mean] [--split valid] [--session S]
 
 A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
 (TrainConfig fields); DIR/config.yaml, written by every training run, is one. ``--set``
@@ -156,6 +158,56 @@ def _demo(args) -> int:
     return 0
 
 
+def _fixed_points(args) -> int:
+    import time
+
+    from . import data
+    from .train import load_model
+
+    model = load_model(_existing(args.checkpoint, "checkpoint"))
+    dataset = data.load_dataset(_existing(args.data, "data file"))
+    cfg = model.config
+    if cfg.multisession and args.session is None:
+        raise ValueError(f"the checkpoint's model has {cfg.n_sessions} sessions: pass --session S "
+                         "with that session's data file")
+    if args.session is not None and not cfg.multisession:
+        raise ValueError("--session is for checkpoints of several sessions; this one has one")
+    if args.session is not None and args.session >= cfg.n_sessions:
+        raise ValueError(f"--session {args.session}: the checkpoint's model has sessions 0.."
+                         f"{cfg.n_sessions - 1}")
+    neurons = cfg.session_neurons[args.session] if cfg.multisession else cfg.encod_data_dim
+    expected = {"encod_data_dim": neurons, "encod_seq_len": cfg.encod_seq_len,
+                "ext_input_dim": cfg.ext_input_dim}
+    found = {name: getattr(dataset, name) for name in expected}
+    if found != expected:
+        which = "" if args.session is None else f" (session {args.session})"
+        raise ValueError(f"{args.data} does not fit the checkpoint's model{which}: it has "
+                         f"{found}, the model expects {expected}")
+    if args.split not in dataset.splits:
+        raise ValueError(f"--split {args.split}: {args.data} has the splits "
+                         f"{', '.join(dataset.splits)}")
+    split = dataset.splits[args.split]
+
+    start = time.perf_counter()
+    fps = model.fixed_points(split.encod_data, split.ext_input, session=args.session,
+                             inputs=args.inputs, ext_inputs=args.ext_inputs,
+                             n_init=args.n_init, noise_scale=args.noise, method=args.method,
+                             seed=args.seed)
+    seconds = time.perf_counter() - start
+    fps.info.update(checkpoint=os.path.abspath(args.checkpoint),
+                    data=os.path.abspath(args.data), split=args.split)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fps.save_h5(out / "fixed_points.h5")
+    fps.plot(out / "fixed_points.png")
+    n_stable = int(fps.is_stable.sum())
+    print(f"fixed points: {len(fps)} ({n_stable} stable, {len(fps) - n_stable} unstable) from "
+          f"{args.n_init} initial states on {split.n_trials} {args.split} trials "
+          f"({args.method}, inputs {args.inputs}), {seconds:.1f} s")
+    print(f"wrote {out / 'fixed_points.h5'} and {out / 'fixed_points.png'}")
+    return 0
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -207,6 +259,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="a small dataset, for a fast smoke test")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("fixed-points", help="fixed points of a checkpoint's generator",
+                       description="Find the fixed points of the generator from the states it "
+                       "visits on one split of the data; writes DIR/fixed_points.h5 and "
+                       "DIR/fixed_points.png (docs/fixed_points.md).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
+    p.add_argument("data", metavar="DATA.h5",
+                   help="input file (for several sessions: the file of --session)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--n-init", type=_positive_int, default=1000, metavar="N",
+                   help="initial states drawn from the generator states (default 1000)")
+    p.add_argument("--noise", type=_non_negative_float, default=0.01, metavar="SD",
+                   help="standard deviation of the noise added to them (default 0.01)")
+    p.add_argument("--method", choices=("newton", "adam"), default="newton",
+                   help="solver (default newton)")
+    p.add_argument("--inputs", choices=("zero", "mean"), default="zero",
+                   help="constant controller output: zero, or the mean over trials and time "
+                   "(default zero)")
+    p.add_argument("--ext-inputs", choices=("zero", "mean"), default="zero",
+                   help="constant external input, for models with external inputs (default zero)")
+    p.add_argument("--split", default="valid", help="split whose trials are run (default valid)")
+    p.add_argument("--session", type=_non_negative_int, metavar="S",
+                   help="session of the data file (checkpoints of several sessions)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the initial states (default 0)")
+    p.set_defaults(func=_fixed_points)
     return parser
 
 
@@ -283,6 +361,10 @@ def _non_negative_int(text: str) -> int:
 
 def _positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "a positive number")
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 
 
 def _number(text, kind, ok, what):

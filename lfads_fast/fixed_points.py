@@ -14,12 +14,19 @@ Two solvers run entirely in the compiled core (csrc/fixed_points.h):
 - ``"adam"``: FixedPointFinder's optimiser (Adam with its adaptive learning rate and adaptive
   gradient-norm clipping, stopping rules tol_q and tol_dq), each point on its own.
 
-Typical use::
+Typical use on a trained model (LFADS.fixed_points runs the model on data, samples the
+initial states from the generator states it visits and calls from_generator)::
+
+    fps = model.fixed_points(dataset.valid.encod_data, n_init=1000, noise_scale=0.01)
+    fps.plot("fixed_points.png")        # in the PC space of the generator trajectories
+    fps.save_h5("fixed_points.h5")
+
+or, on any generator parameters::
 
     states = sample_initial_states(gen_states, 1024, noise_scale=0.01, rng=0)
     fps = from_generator(params, cfg, states)
-    fps.plot("fixed_points.png", gen_states)
-    fps.save_h5("fixed_points.h5")
+
+docs/fixed_points.md describes both, and the command line.
 """
 from __future__ import annotations
 
@@ -32,6 +39,9 @@ from typing import Any
 import numpy as np
 
 from ._backend import cpu
+
+# Constant generator inputs LFADS.fixed_points can derive from the data itself.
+INPUT_MODES = ("zero", "mean")
 
 # FixedPointFinder's defaults for its optimiser (TF1 Adam with epsilon 0.01,
 # AdaptiveLearningRate, AdaptiveGradNormClip).
@@ -128,7 +138,12 @@ def find_fixed_points(
     h0 = _check_states(initial_states, G, "initial_states")
     K = h0.shape[0]
     u = _check_inputs(inputs, K, I)
-    max_iters = MAX_ITERS[method] if max_iters is None else int(max_iters)
+    max_iters = _check_int("max_iters", MAX_ITERS[method] if max_iters is None else max_iters, 1)
+    for name, value in (("tol_q", tol_q), ("tol_dq", tol_dq)):
+        _check_number(name, value, low=0.0)
+    _check_number("tol_unique", tol_unique, low=0.0, low_open=True)
+    if outlier_scale is not None:
+        _check_number("outlier_scale", outlier_scale, low=0.0, low_open=True)
 
     # Input projection once for all points (the op contract of the GRU kernels).
     xproj = np.ascontiguousarray((u.astype(np.float64) @ W_ih.astype(np.float64).T + b_ih).astype(dtype))
@@ -212,10 +227,8 @@ def sample_initial_states(trajectories, n: int, noise_scale: float = 0.0, rng=No
     pool = traj.reshape(-1, traj.shape[-1])
     if np.isnan(pool).any():
         raise ValueError("trajectories contain NaN")
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if noise_scale < 0:
-        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    n = _check_int("n", n, 1)
+    _check_number("noise_scale", noise_scale, low=0.0)
     rng = np.random.default_rng(rng)
     states = pool[rng.integers(0, len(pool), size=n)]
     if noise_scale > 0:
@@ -237,6 +250,9 @@ class FixedPoints:
         jacobians: dF/dh at xstar, [N, G, G], or None.
         eigenvalues: of each Jacobian, [N, G] complex, by decreasing modulus, or None.
         eigenvectors: matching unit eigenvectors as columns, [N, G, G] complex, or None.
+        trajectories: the generator states the initial states were sampled from, [B, T, G]
+            (trials, time steps, units), or None; plot draws the points in their
+            principal-component space. Kept whole by indexing.
         info: solver settings (method, tolerances, clip, ...).
     """
 
@@ -249,6 +265,7 @@ class FixedPoints:
     jacobians: np.ndarray | None = None
     eigenvalues: np.ndarray | None = None
     eigenvectors: np.ndarray | None = None
+    trajectories: np.ndarray | None = None
     info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -267,7 +284,7 @@ class FixedPoints:
             converged=self.converged[index], inputs=self.inputs[index],
             initial_states=self.initial_states[index], jacobians=take(self.jacobians),
             eigenvalues=take(self.eigenvalues), eigenvectors=take(self.eigenvectors),
-            info=dict(self.info),
+            trajectories=self.trajectories, info=dict(self.info),
         )
 
     @property
@@ -398,7 +415,8 @@ class FixedPoints:
         Args:
             path: image file to write (format from the extension).
             trajectories: hidden states [B, T, G] (or [T, B, G] with time_major) drawn as grey
-                lines and used for the PCA; None = PCA of the points themselves.
+                lines and used for the PCA; None = self.trajectories, or when there are none
+                the PCA of the points themselves.
             time_major: trajectories are [T, B, G].
             n_components: 2 or 3 (a 3-D plot).
             mode_scale: half-length of the mode lines, in state units.
@@ -410,6 +428,8 @@ class FixedPoints:
 
         if n_components not in (2, 3):
             raise ValueError(f"n_components must be 2 or 3, got {n_components}")
+        if trajectories is None and self.trajectories is not None:
+            trajectories, time_major = self.trajectories, False
         traj = None
         if trajectories is not None:
             traj = np.asarray(_host(trajectories), dtype=np.float64)
@@ -456,7 +476,7 @@ class FixedPoints:
 
 
 _ARRAYS = ("xstar", "q", "iterations", "converged", "inputs", "initial_states", "jacobians",
-           "eigenvalues", "eigenvectors")
+           "eigenvalues", "eigenvectors", "trajectories")
 
 
 def _host(a):
@@ -514,3 +534,115 @@ def _check_inputs(inputs, K: int, I: int) -> np.ndarray:
     if not np.isfinite(u).all():
         raise ValueError("inputs contain NaN or inf")
     return np.ascontiguousarray(u)
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _check_number(name: str, value, *, low: float, low_open: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+          and np.isfinite(value) and (value > low if low_open else value >= low))
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if low_open else '>='} {low}, "
+                         f"got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------- LFADS models
+
+
+def _from_model(model, encod_data, ext_input, *, session, inputs, ext_inputs, n_init: int,
+                noise_scale: float, method: str, seed: int, solver_options: dict) -> FixedPoints:
+    """LFADS.fixed_points (documented there)."""
+    cfg = model.config
+    n_init = _check_int("n_init", n_init, 1)
+    noise_scale = _check_number("noise_scale", noise_scale, low=0.0)
+    seed = _check_int("seed", seed, 0)
+    if method not in MAX_ITERS:
+        raise ValueError(f"method must be 'newton' or 'adam', got {method!r}")
+    if not np.isfinite(model.flat).all():
+        raise ValueError("the model's parameters contain NaN or inf")
+    encod_data = np.asarray(encod_data)
+    if encod_data.ndim != 3 or encod_data.shape[0] == 0:
+        raise ValueError(f"encod_data must be [B, T, N] spike counts with B >= 1 trials, got shape "
+                         f"{encod_data.shape}")
+    if encod_data.dtype.kind == "f" and np.isnan(encod_data).all():
+        raise ValueError("encod_data has no observed bins (all NaN)")
+    B = encod_data.shape[0]
+    if ext_input is not None:
+        ext_input = np.asarray(ext_input)
+        if ext_input.ndim != 3 or ext_input.shape[0] != B:
+            raise ValueError(f"ext_input must be [{B}, T, ext_input_dim] (one row per trial of "
+                             f"encod_data), got shape {ext_input.shape}")
+
+    gen_states, co_mean = _generator_states(model, encod_data, ext_input, session)
+    if not np.isfinite(gen_states).all():
+        raise ValueError("the generator states of these trials are not finite")
+    U = cfg.co_dim if cfg.use_con else 0
+    E = cfg.ext_input_dim
+    ext_mean = np.zeros(E) if ext_input is None or E == 0 else \
+        ext_input.astype(np.float64).mean(axis=(0, 1))
+    u = _input_block("inputs", inputs, co_mean, n_init, U, "co_dim")
+    ext = _input_block("ext_inputs", ext_inputs, ext_mean, n_init, E, "ext_input_dim")
+
+    states = sample_initial_states(gen_states, n_init, noise_scale, rng=seed)
+    solver_options.setdefault("dtype", model.dtype)
+    fps = from_generator(model.params, cfg, states, np.concatenate([u, ext], axis=1),
+                         method=method, **solver_options)
+    fps.trajectories = gen_states
+    fps.info.update(inputs=_mode(inputs), ext_inputs=_mode(ext_inputs), noise_scale=noise_scale,
+                    seed=seed, n_trials=B)
+    if session is not None:
+        fps.info["session"] = int(session)
+    return fps
+
+
+def _generator_states(model, encod_data, ext_input, session) -> tuple[np.ndarray, np.ndarray]:
+    """Runs the model (posterior means, no dropout) in chunks of trials.
+
+    Returns:
+        (gen_states [B, T_r, G] in the model's dtype, mean controller output over trials and
+        time steps [U] float64; [0] without a controller).
+    """
+    from .posterior import _CHUNK_BYTES, _row_bytes
+
+    rows = max(_CHUNK_BYTES // _row_bytes(model), 1)
+    states, co_sum, n = [], 0.0, 0
+    for start in range(0, encod_data.shape[0], rows):
+        sl = slice(start, start + rows)
+        out = model.forward(encod_data[sl], None if ext_input is None else ext_input[sl],
+                            session=session)
+        states.append(out["gen_states"])
+        co_sum = co_sum + out["co_means"].astype(np.float64).sum(axis=(0, 1))
+        n += out["co_means"].shape[0] * out["co_means"].shape[1]
+    return np.concatenate(states, axis=0), co_sum / n
+
+
+def _input_block(name: str, spec, mean: np.ndarray, K: int, width: int, dim_name: str) -> np.ndarray:
+    """One block of the generator input, [K, width], from 'zero', 'mean' or an array."""
+    if spec is None or isinstance(spec, str):
+        if spec is None or spec == "zero":
+            return np.zeros((K, width))
+        if spec == "mean":
+            return np.broadcast_to(np.asarray(mean, np.float64), (K, width))
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, INPUT_MODES))} or an array "
+                         f"[{K} or 1, {width}], got {spec!r}")
+    a = np.asarray(_host(spec), dtype=np.float64)
+    if a.ndim == 1:
+        a = a[None]
+    if a.ndim != 2 or a.shape[0] not in (1, K) or a.shape[1] != width:
+        raise ValueError(f"{name} must be [{K} (n_init) or 1, {width}] ({dim_name} = {width}), "
+                         f"got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return np.broadcast_to(a, (K, width))
+
+
+def _mode(spec) -> str:
+    """How an input block was chosen, for FixedPoints.info."""
+    if spec is None:
+        return "zero"
+    return spec if isinstance(spec, str) else "given"

@@ -381,6 +381,59 @@ class LFADS:
         cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True)
         return cache["outputs"]
 
+    def fixed_points(self, encod_data, ext_input=None, *, session: int | None = None,
+                     inputs="zero", ext_inputs="zero", n_init: int = 1000,
+                     noise_scale: float = 0.01, method: str = "newton", seed: int = 0,
+                     **solver_options):
+        """Fixed points of the generator, started from the states it visits on some trials.
+
+        Runs the model on the trials (posterior means, no dropout), draws n_init initial states
+        from the generator states of all trials and time steps plus Gaussian noise
+        (fixed_points.sample_initial_states), and solves F(h, v) = h for the generator's GRU
+        step F with one constant input v = [u, ext] (fixed_points.from_generator). docs/
+        fixed_points.md explains the choices.
+
+        Args:
+            encod_data: spike counts [B, encod_seq_len, encod_data_dim] (with sessions:
+                session_neurons[session] neurons); NaN = missing bin, as in forward.
+            ext_input: external inputs [B, T, ext_input_dim], or None (required when
+                ext_input_dim > 0: the trajectories depend on them).
+            session: the session of the trials; required with sessions, else None.
+            inputs: the controller output u held constant, [co_dim]: "zero" (default: the
+                generator's autonomous dynamics), "mean" (the mean of the posterior-mean
+                controller outputs co_means over all trials and time steps), or an array
+                [n_init or 1, co_dim] (or [co_dim]). Without a controller (co_dim = 0) u is
+                empty and "zero" and "mean" are the same.
+            ext_inputs: the external input held constant, [ext_input_dim]: "zero" (default),
+                "mean" (the mean of ext_input over trials and its time steps), or an array
+                [n_init or 1, ext_input_dim]. Empty when ext_input_dim = 0.
+            n_init: number of initial states.
+            noise_scale: standard deviation of the noise added to each initial state, in
+                state units.
+            method: "newton" (damped Newton / Levenberg-Marquardt) or "adam"
+                (FixedPointFinder's optimiser).
+            seed: seed of the initial-state draw and its noise.
+            **solver_options: passed on to fixed_points.find_fixed_points (tol_q, tol_dq,
+                max_iters, tol_unique, outlier_scale, outlier_rule, unique, dtype (default:
+                the model's), adam_options, ...).
+
+        Returns:
+            fixed_points.FixedPoints: the unique converged points with their Jacobians and
+            eigenvalues; inputs [N, co_dim + ext_input_dim] (u then ext); trajectories the
+            generator states [B, recon_seq_len, gen_dim] that plot() draws; info with the
+            settings (inputs, ext_inputs: "zero", "mean" or "given"; noise_scale, seed,
+            n_trials, session).
+
+        Raises:
+            ValueError: bad shapes or option values (the message names the argument), data
+                with no observed bin, non-finite parameters or generator states.
+        """
+        from .fixed_points import _from_model
+
+        return _from_model(self, encod_data, ext_input, session=session, inputs=inputs,
+                           ext_inputs=ext_inputs, n_init=n_init, noise_scale=noise_scale,
+                           method=method, seed=seed, solver_options=solver_options)
+
     # ------------------------------------------------------------------ forward
 
     def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
