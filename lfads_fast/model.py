@@ -390,8 +390,8 @@ class LFADS:
         Runs the model on the trials (posterior means, no dropout), draws n_init initial states
         from the generator states of all trials and time steps plus Gaussian noise
         (fixed_points.sample_initial_states), and solves F(h, v) = h for the generator's GRU
-        step F with one constant input v = [u, ext] (fixed_points.from_generator). docs/
-        fixed_points.md explains the choices.
+        step F with one constant input v = [u, ext] (fixed_points.from_generator).
+        docs/fixed_points.md explains the choices.
 
         Args:
             encod_data: spike counts [B, encod_seq_len, encod_data_dim] (with sessions:
