@@ -18,4 +18,5 @@ PYBIND11_MODULE(_cpu, m) {
   lfads::register_elbo(m);
   lfads::register_adam(m);
   lfads::register_fixed_points(m);
+  lfads::register_blas(m);
 }

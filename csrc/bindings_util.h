@@ -101,5 +101,6 @@ void register_decoder(py::module_& m);
 void register_elbo(py::module_& m);
 void register_adam(py::module_& m);
 void register_fixed_points(py::module_& m);
+void register_blas(py::module_& m);
 
 }  // namespace lfads

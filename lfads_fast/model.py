@@ -469,7 +469,7 @@ class LFADS:
         enc = self._encoders()
         W_enc, b_enc = self._enc_input_weights(self.flat)
         xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
-        np.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
+        ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
         xproj += b_enc
         c["xproj"] = xproj
         c["enc"] = {}
@@ -519,8 +519,8 @@ class LFADS:
                 ci *= drop_ci
             ci_d = ci
             xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
-            np.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
-                      out=xcon.reshape(Tr * B, -1))
+            ops.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+                       out=xcon.reshape(Tr * B, -1))
             xcon += p["con_b_ih"]
             dec.update(xcon=xcon,
                        W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
@@ -536,7 +536,7 @@ class LFADS:
         if E > 0:
             drop_ext = nz.get("drop_ext", (Tr, B, E))
             ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
-            np.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
+            ops.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
             xgen += p["gen_b_ih"]
             c.update(ext_d=ext_d)
         else:
@@ -619,7 +619,7 @@ class LFADS:
                 counts = counts * cd_keep[i]
                 counts *= dt.type(1.0 / (1.0 - cfg.cd_rate))
             counts = counts.reshape(Te * seg.size, -1)
-            proj = counts @ p[f"readin_W_{seg.session}"].T
+            proj = ops.matmul(counts, p[f"readin_W_{seg.session}"].T)
             proj += p[f"readin_b_{seg.session}"]
             x[:, seg.start : seg.stop] = proj.reshape(Te, seg.size, Ne)
             inputs.append(counts)
@@ -739,7 +739,7 @@ class LFADS:
         d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
         g["gen_b_ih"][...] = d_xgen.sum(axis=0)
         if E > 0:
-            g["gen_W_ih"][:, Ug:] = d_xgen.T @ c["ext_d"].reshape(Tr * B, E)
+            ops.matmul(d_xgen.T, c["ext_d"].reshape(Tr * B, E), out=g["gen_W_ih"][:, Ug:])
         if con:
             g["gen_W_ih"][:, :U] = d["d_W_gen_u"]
             g["co_linear_W"][...] = d["d_W_co"]
@@ -749,9 +749,9 @@ class LFADS:
             d_xcon = d["d_xcon"].reshape(Tr * B, -1)
             g["con_b_ih"][...] = d_xcon.sum(axis=0)
             g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
-            g["con_W_ih"][:, : 2 * Hc] = d_xcon.T @ c["ci_d"].reshape(Tr * B, 2 * Hc)
+            ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, 2 * Hc), out=g["con_W_ih"][:, : 2 * Hc])
             d_ci = self._buf("d_ci", (Tr, B, 2 * Hc))
-            np.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
+            ops.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
             if c["drop_ci"] is not None:
                 d_ci *= c["drop_ci"]
             # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
@@ -805,19 +805,19 @@ class LFADS:
             g[h0_name][h0_row] = d_h0.sum(axis=0)
         d_W_enc, d_b_enc = self._enc_input_weights(grad)
         d_xp = d_xproj.reshape(Te * B, -1)
-        np.matmul(d_xp.T, c["x"].reshape(Te * B, Ne), out=d_W_enc)
+        ops.matmul(d_xp.T, c["x"].reshape(Te * B, Ne), out=d_W_enc)
         d_b_enc[...] = d_xp.sum(axis=0)
 
         # Session read-ins (frozen ones keep a zero gradient): x = dropout(readin(counts)).
         if batch.segments is not None and cfg.train_readin:
             d_x = self._buf("d_x", (Te, B, Ne))
             W_enc = self._enc_input_weights(self.flat)[0]
-            np.matmul(d_xp, W_enc, out=d_x.reshape(Te * B, Ne))
+            ops.matmul(d_xp, W_enc, out=d_x.reshape(Te * B, Ne))
             if c["drop_data"] is not None:
                 d_x *= c["drop_data"]
             for seg, counts in zip(batch.segments, c["readin_in"]):
                 d_x_s = np.ascontiguousarray(d_x[:, seg.start : seg.stop]).reshape(-1, Ne)
-                np.matmul(d_x_s.T, counts, out=g[f"readin_W_{seg.session}"])
+                ops.matmul(d_x_s.T, counts, out=g[f"readin_W_{seg.session}"])
                 g[f"readin_b_{seg.session}"][...] = d_x_s.sum(axis=0)
 
         # L2 penalty on the recurrent weights.

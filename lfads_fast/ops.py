@@ -22,6 +22,7 @@ __all__ = [
     "kl_ic",
     "kl_co",
     "adam_step",
+    "matmul",
 ]
 
 
@@ -286,6 +287,39 @@ def adam_step(params, grads, m, v, *, lr: float, beta1: float = 0.9, beta2: floa
     _module(params).adam_step(params, grads, m, v, mask, float(lr), float(beta1), float(beta2),
                               float(eps), float(weight_decay), float(max_grad_norm), int(step), norm)
     return float(norm[0])
+
+
+def matmul(a, b, out=None, *, beta: float = 0.0):
+    """out = a @ b + beta * out for 2-D arrays, the product split over the kernels' threads.
+
+    numpy's own matmul runs on its BLAS's thread pool (one thread where OPENBLAS_NUM_THREADS=1
+    keeps it out of the kernels' way); this one runs on the kernels' OpenMP threads.
+
+    Args:
+        a: [M, K]; b: [K, N]; float32 or float64 like out. Each may be C-contiguous, a slice of
+            a C-contiguous array's columns, or the transpose of either (e.g. ``W.T``).
+        out: [M, N] with unit stride along its last axis (None: allocated with a's dtype;
+            beta must be 0).
+        beta: multiplies out's previous contents.
+
+    Returns:
+        out.
+    """
+    xp = _xp(a)
+    if xp is not np:
+        result = xp.matmul(a, b)
+        if out is None:
+            return result
+        out[...] = result + beta * out if beta else result
+        return out
+    if out is None:
+        if beta != 0.0:
+            raise ValueError("beta != 0 needs out")
+        _shape(a, "a", 2)
+        _shape(b, "b", 2)
+        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    cpu.matmul(a, b, out, float(beta))
+    return out
 
 
 # Helpers

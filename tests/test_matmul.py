@@ -1,0 +1,85 @@
+"""ops.matmul: the threaded product the Python layer uses for the large projections."""
+import numpy as np
+import pytest
+
+from lfads_fast import ops
+
+
+def views(rng, rows, cols, dtype):
+    """The same matrix as a C-contiguous array, a column slice, and a transposed view."""
+    m = rng.normal(size=(rows, cols)).astype(dtype)
+    wide = np.zeros((rows, cols + 5), dtype)
+    wide[:, 2 : 2 + cols] = m
+    tall_t = np.ascontiguousarray(m.T)
+    return m, {"contiguous": m, "column slice": wide[:, 2 : 2 + cols], "transposed": tall_t.T}
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("M,K,N", [(37, 11, 23), (300, 64, 130), (1, 5, 1), (3, 1, 4)])
+def test_every_layout_matches_numpy(rng, dtype, tol, M, K, N):
+    a, a_views = views(rng, M, K, dtype)
+    b, b_views = views(rng, K, N, dtype)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    for an, av in a_views.items():
+        for bn, bv in b_views.items():
+            got = ops.matmul(av, bv)
+            assert got.shape == (M, N) and got.dtype == dtype
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.sqrt(K), err_msg=f"{an} @ {bn}")
+
+
+def test_out_slice_and_beta(rng):
+    a = rng.normal(size=(50, 20))
+    b = rng.normal(size=(20, 30))
+    big = rng.normal(size=(50, 40))
+    before = big.copy()
+    ops.matmul(a, b, out=big[:, 5:35], beta=0.5)
+    np.testing.assert_allclose(big[:, 5:35], a @ b + 0.5 * before[:, 5:35], rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(big[:, :5], before[:, :5])     # nothing outside the slice
+    np.testing.assert_array_equal(big[:, 35:], before[:, 35:])
+
+
+def test_empty_inner_dimension_gives_beta_times_out():
+    out = np.full((3, 4), 2.0)
+    ops.matmul(np.zeros((3, 0)), np.zeros((0, 4)), out=out, beta=0.5)
+    np.testing.assert_array_equal(out, np.ones((3, 4)))
+
+
+def test_threads_split_large_products_without_changing_them(rng):
+    a = rng.normal(size=(1000, 64))
+    b = rng.normal(size=(64, 300))
+    try:
+        ops.set_num_threads(1)
+        one = ops.matmul(a, b)
+        ops.set_num_threads(2)
+        two = ops.matmul(a, b)
+    finally:
+        ops.set_num_threads(2)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((np.zeros((3, 4), np.float32), np.zeros((5, 2), np.float32)), "b must have 4 rows"),
+    ((np.zeros((3, 4), np.float32), np.zeros((4, 2), np.float64)), "b must be float32"),
+    ((np.zeros((3, 4, 1)), np.zeros((4, 2))), "a must have 2 dimensions"),
+    ((np.zeros((6, 8))[::2, ::2], np.zeros((4, 2))), "a must have unit stride along one axis"),
+    ((np.zeros((3, 4), np.int64), np.zeros((4, 2), np.int64)), "float32 or float64"),
+])
+def test_bad_input_names_the_argument(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.matmul(*args)
+
+
+def test_bad_out():
+    a, b = np.zeros((3, 4)), np.zeros((4, 2))
+    with pytest.raises(ValueError, match=r"out must be \[3, 2\]"):
+        ops.matmul(a, b, out=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="out must have unit stride along its last axis"):
+        ops.matmul(a, b, out=np.zeros((2, 3)).T)
+    frozen = np.zeros((3, 2))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        ops.matmul(a, b, out=frozen)
+    with pytest.raises(ValueError, match="beta != 0 needs out"):
+        ops.matmul(a, b, beta=1.0)
+    with pytest.raises(TypeError, match="expected a numpy or cupy array"):
+        ops.matmul([[1.0]], np.zeros((1, 1)), out=np.zeros((1, 1)))
