@@ -144,7 +144,8 @@ def project_session_factors(averages: Sequence[np.ndarray], n_pcs: int = 3):
         n_pcs: components to keep (fewer when the trajectories have lower rank).
 
     Returns:
-        (projected, explained): per session [C_s, T, n_pcs] (columns past the rank are 0),
+        (projected, explained): per session [C_s, T, n_pcs] (columns past the number of
+            factors, or of points, are 0),
         and the variance fraction of each component [n_pcs].
     """
     averages = [np.asarray(a, dtype=np.float64) for a in averages]

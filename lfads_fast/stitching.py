@@ -6,7 +6,8 @@ log-rates; encoders, controller and generator are common to all sessions (the mo
 in lfads_fast.model, switched on by LFADSConfig.session_neurons). This module prepares such a
 model and its data:
 
-- :func:`config_for_sessions`: an LFADSConfig sized for a list of sessions.
+- :func:`config_for_sessions`: an LFADSConfig sized for a list of sessions
+  (:func:`default_shared_dim`: a shared read-in dimension when none is chosen).
 - :func:`init_session_layers`: read-ins from principal-component regression (PCR,
   Pandarinath et al. 2018; :func:`pcr_readins`) or from the alignment matrices stored in the
   session files, and read-outs consistent with them (:func:`pcr_readouts`).
@@ -62,6 +63,7 @@ from .model import LFADS
 __all__ = [
     "PCRResult",
     "config_for_sessions",
+    "default_shared_dim",
     "pcr_readins",
     "pcr_readouts",
     "init_session_layers",
@@ -138,6 +140,19 @@ def config_for_sessions(sessions: list[data_mod.Dataset], encod_data_dim: int, *
     return LFADSConfig(encod_data_dim=encod_data_dim, **sizes,
                        session_neurons=[ds.encod_data_dim for ds in sessions],
                        session_recon_neurons=[ds.recon_data_dim for ds in sessions], **hparams)
+
+
+def default_shared_dim(sessions: list[data_mod.Dataset], fac_dim: int) -> int:
+    """A shared read-in dimension (encod_data_dim) for sessions when none is chosen.
+
+    The dimension of the files' alignment matrices when they carry them; else fac_dim, so
+    that the PCR read-outs apply (init_session_layers, step 5), but at most the sessions'
+    neurons together, the most principal components PCR can find.
+    """
+    alignment = data_mod.session_alignment(sessions[0])
+    if alignment is not None:
+        return int(alignment[0].shape[1])
+    return int(min(fac_dim, sum(ds.encod_data_dim for ds in sessions)))
 
 
 def pcr_readins(spikes: list[np.ndarray], dim: int, *, conditions: list[np.ndarray] | None = None,

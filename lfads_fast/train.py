@@ -655,7 +655,7 @@ class Trainer:
         detail = ""
         if self.model.config.multisession:
             trials = "train trials of " + "; ".join(
-                f"session {s} {_shown(self.sessions[s].train.inds[idx])}" for s, idx in step)
+                f"session {s}: {_shown(self.sessions[s].train.inds[idx])}" for s, idx in step)
             failing = self._failing_sessions(step, kl_ramp, l2_ramp)
             culprits = (", ".join(f"session {s} ({self.sessions[s].source})" for s in failing)
                         if failing else "none")
