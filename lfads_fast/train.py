@@ -106,7 +106,8 @@ class TrainConfig:
     """Training hyperparameters (names as in lfads-torch where it has them).
 
     Attributes:
-        batch_size: trials per step (the last batch of an epoch may be smaller).
+        batch_size: trials per step (the last batch of an epoch may be smaller); with
+            sessions, trials of each session per step.
         max_epochs: stop after this many epochs in total.
         lr_init: initial learning rate.
         lr_stop: the learning rate never decays below this.
