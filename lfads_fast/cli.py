@@ -1,8 +1,8 @@
 """The lfads-fast command line.
 
-    lfads-fast train DATA.h5 --out DIR [--config cfg.yaml] [--set key=value ...] [--resume]
-                     [--time-budget S] [--samples 50]
-    lfads-fast infer CHECKPOINT DATA.h5 --out posterior.h5 [--samples 50]
+    lfads-fast train DATA.h5 [DATA.h5 ...] --out DIR [--config cfg.yaml] [--set key=value ...]
+                     [--resume] [--time-budget S] [--samples 50]
+    lfads-fast infer CHECKPOINT DATA.h5 [DATA.h5 ...] --out OUT [--samples 50]
     lfads-fast demo [--minutes 5] [--out demo_out]
     lfads-fast fixed-points CHECKPOINT DATA.h5 --out DIR [--n-init 1000] [--noise 0.01]
                      [--method newton|adam] [--inputs zero|mean] [--split valid] [--session S]
@@ -12,6 +12,16 @@ A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) an
 overrides one field: ``--set model.gen_dim=64``, ``--set train.lr_init=1e-3``, or without
 the section when the name is unambiguous (``--set gen_dim=64``). Data sizes come from the
 data file.
+
+Several data files (or a quoted glob pattern, its matches in sorted order) are several
+sessions of one stitched model (docs/stitching.md): the config is built with
+stitching.config_for_sessions, ``encod_data_dim`` is the shared read-in dimension
+(default: stitching.default_shared_dim, i.e. the files' alignment matrices' dimension, else
+fac_dim capped at the sessions' neurons together), read-ins and read-outs are initialised by
+stitching.init_session_layers (PCR, or the files' alignment matrices), and the posteriors go
+to DIR/lfads_output_<data file name>, one per session. ``infer`` with a multi-session
+checkpoint takes one file per session, in the training order, and writes into the directory
+--out.
 """
 from __future__ import annotations
 
@@ -98,7 +108,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
 
 
 def _train(args) -> int:
-    from . import data, posterior
+    from . import data, posterior, stitching
     from .model import LFADS
     from .train import Trainer, config_for_data, load_model
 
@@ -109,39 +119,71 @@ def _train(args) -> int:
     model_fields, train_fields = load_config(config_path, args.set)
     if args.time_budget is not None:
         train_fields["time_budget"] = args.time_budget
-    dataset = data.load_dataset(_existing(args.data, "data file"))
-    model_cfg = config_for_data(dataset, **model_fields)
+    files = _data_files(args.data)
+    if len(files) == 1:
+        dataset = data.load_dataset(files[0])
+        model_cfg = config_for_data(dataset, **model_fields)
+    else:
+        dataset = data.load_sessions(files)
+        model_cfg = _session_config(dataset, model_fields)
     train_cfg = TrainConfig.from_dict(train_fields)
-    if (out / "checkpoints" / "last.h5").exists() and not (args.resume or args.overwrite):
+    last = out / "checkpoints" / "last.h5"
+    if last.exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
     model = LFADS(model_cfg, seed=train_cfg.seed)
+    if model_cfg.multisession and not (args.resume and last.exists()):
+        layers = stitching.init_session_layers(model, dataset)
+        print(f"{len(files)} sessions, shared read-in dimension {model_cfg.encod_data_dim}; "
+              f"read-ins from {_READIN_SOURCES[layers.method]}")
     trainer = Trainer(model, dataset, train_cfg, out, progress=not args.quiet)
     result = trainer.fit(resume=args.resume)
     print(f"trained {result.epochs} epochs ({result.epochs_this_call} now, "
           f"{result.train_seconds:.1f} s; stopped by {result.stop_reason}); best epoch "
           f"{result.best_epoch}, valid_recon_smth {result.best_valid_recon_smth:.5f}")
     print(f"checkpoints: {result.best_checkpoint}, {result.last_checkpoint}")
+    if model_cfg.multisession:
+        print(f"session factors: {out / 'session_factors.png'}")
     if args.samples > 0:
-        path = out / "posterior.h5"
-        posterior.write_posterior(path, load_model(result.best_checkpoint), dataset,
-                                  n_samples=args.samples, seed=train_cfg.seed)
-        print(f"posterior ({args.samples} samples, best checkpoint): {path}")
+        best = load_model(result.best_checkpoint)
+        if model_cfg.multisession:
+            paths = stitching.write_session_posteriors(best, dataset, out, n_samples=args.samples,
+                                                       seed=train_cfg.seed)
+            print(f"posteriors ({args.samples} samples, best checkpoint): {', '.join(paths)}")
+        else:
+            path = out / "posterior.h5"
+            posterior.write_posterior(path, best, dataset, n_samples=args.samples,
+                                      seed=train_cfg.seed)
+            print(f"posterior ({args.samples} samples, best checkpoint): {path}")
     return 0
 
 
 def _infer(args) -> int:
-    from . import data, posterior
+    from . import data, posterior, stitching
     from .train import load_model
 
     model = load_model(_existing(args.checkpoint, "checkpoint"))
-    dataset = data.load_dataset(_existing(args.data, "data file"))
+    files = _data_files(args.data)
+    splits = None if args.splits is None else tuple(s.strip() for s in args.splits.split(","))
+    cfg = model.config
+    if len(files) != cfg.n_sessions:
+        raise ValueError(f"the checkpoint's model has {cfg.n_sessions} session"
+                         f"{'s' if cfg.n_sessions > 1 else ''} but {len(files)} data "
+                         f"{'files were' if len(files) > 1 else 'file was'} given"
+                         + (" (one per session, in the order of training)" if cfg.multisession else ""))
+    if cfg.multisession:
+        sessions = data.load_sessions(files)
+        stitching.check_sessions(cfg, sessions)
+        paths = stitching.write_session_posteriors(model, sessions, args.out, n_samples=args.samples,
+                                                   seed=args.seed, splits=splits)
+        print(f"posteriors ({args.samples} samples): {', '.join(paths)}")
+        return 0
+    dataset = data.load_dataset(files[0])
     for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
                  "ext_input_dim"):
-        if getattr(model.config, name) != getattr(dataset, name):
-            raise ValueError(f"the checkpoint's model has {name} = {getattr(model.config, name)} "
-                             f"but {args.data} has {getattr(dataset, name)}")
-    splits = None if args.splits is None else tuple(s.strip() for s in args.splits.split(","))
+        if getattr(cfg, name) != getattr(dataset, name):
+            raise ValueError(f"the checkpoint's model has {name} = {getattr(cfg, name)} "
+                             f"but {files[0]} has {getattr(dataset, name)}")
     posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
                               splits=splits)
     print(f"posterior ({args.samples} samples): {args.out}")
@@ -210,6 +252,40 @@ def _fixed_points(args) -> int:
 
 # ---------------------------------------------------------------------- helpers
 
+# What init_session_layers built the read-ins from (PCRResult.method), in words.
+_READIN_SOURCES = {"conditions": "PCR on condition averages",
+                   "trial_average": "PCR on trial averages (no condition labels; consider "
+                                    "--set train_readin=true)",
+                   "file": "the files' alignment matrices"}
+# Model fields that a multi-session config takes from the data files.
+_SESSION_SIZE_FIELDS = ("encod_seq_len", "recon_seq_len", "ext_input_dim", "recon_data_dim",
+                        "session_neurons", "session_recon_neurons")
+
+
+def _data_files(entries: list[str]) -> list[str]:
+    """Data file arguments with glob patterns expanded (sorted matches), each checked to exist."""
+    from . import data
+
+    return [_existing(path, "data file") for path in data.expand_paths(entries, "data file")]
+
+
+def _session_config(sessions, model_fields: dict) -> LFADSConfig:
+    """The multi-session config of the sessions; data sizes given (a resumed run's
+    config.yaml has them all) must agree with the files."""
+    from . import stitching
+
+    fields = dict(model_fields)
+    given = {name: fields.pop(name) for name in _SESSION_SIZE_FIELDS if name in fields}
+    dim = fields.pop("encod_data_dim", None)
+    if dim is None:
+        dim = stitching.default_shared_dim(sessions, fields.get("fac_dim", LFADSConfig.fac_dim))
+    cfg = stitching.config_for_sessions(sessions, dim, **fields)
+    for name, value in given.items():
+        if value is not None and getattr(cfg, name) != value:
+            raise ValueError(f"{name} = {value} in the config, but the data files give "
+                             f"{getattr(cfg, name)}")
+    return cfg
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfads-fast", description="LFADS with a compiled core.")
@@ -219,7 +295,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on an HDF5 data file",
                        description="Train LFADS; writes checkpoints, logs and the posterior.")
-    p.add_argument("data", metavar="DATA.h5", help="input file (lfads-torch, TF1 or NLB layout)")
+    p.add_argument("data", metavar="DATA.h5", nargs="+",
+                   help="input file (lfads-torch, TF1 or NLB layout); several files, or a quoted "
+                   "glob pattern, are the sessions of one stitched model")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--config", metavar="CFG.yaml", help="YAML with sections model and train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -231,15 +309,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=_positive_float, metavar="S",
                    help="stop after about S seconds of training")
     p.add_argument("--samples", type=_non_negative_int, default=50,
-                   help="posterior samples for DIR/posterior.h5 (0: skip; default 50)")
+                   help="posterior samples for DIR/posterior.h5, or with sessions "
+                   "DIR/lfads_output_<file> (0: skip; default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("infer", help="posterior-averaged outputs of a checkpoint",
                        description="Sample and average posteriors; write lfads-torch's keys.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
-    p.add_argument("data", metavar="DATA.h5", help="input file")
-    p.add_argument("--out", required=True, metavar="POSTERIOR.h5", help="output file")
+    p.add_argument("data", metavar="DATA.h5", nargs="+",
+                   help="input file; for a multi-session checkpoint one per session, in the "
+                   "order of training (or a quoted glob pattern)")
+    p.add_argument("--out", required=True, metavar="OUT",
+                   help="output file; for a multi-session checkpoint a directory that receives "
+                   "lfads_output_<file> per session")
     p.add_argument("--samples", type=_non_negative_int, default=50,
                    help="posterior samples per trial (0: posterior means; default 50)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples")

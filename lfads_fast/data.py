@@ -205,18 +205,7 @@ def load_sessions(paths, group: str | None = None) -> list[Dataset]:
             ext_input_dim, or an alignment matrix does not fit its session's neurons or the
             other sessions' matrices.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    files = []
-    for p in paths:
-        p = os.fspath(p)
-        if glob.has_magic(p):
-            matches = sorted(glob.glob(p))
-            if not matches:
-                raise ValueError(f"no session file matches {p!r}")
-            files += matches
-        else:
-            files.append(p)
+    files = expand_paths(paths, "session file")
     if not files:
         raise ValueError("no session files given")
     sessions = [load_dataset(f, group) for f in files]
@@ -236,6 +225,30 @@ def load_sessions(paths, group: str | None = None) -> list[Dataset]:
         detail = ", ".join(f"{src}: {k}" for k, src in dims.items())
         raise ValueError(f"the sessions' alignment matrices map to different dimensions ({detail})")
     return sessions
+
+
+def expand_paths(paths, what: str = "file") -> list[str]:
+    """Paths with each glob pattern replaced by its matches, in sorted order.
+
+    Args:
+        paths: a path or pattern, or a list of them (kept in the order given).
+        what: what a path names, for the message.
+
+    Raises:
+        ValueError: a pattern matches no file.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = []
+    for p in map(os.fspath, paths):
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise ValueError(f"no {what} matches {p!r}")
+            files += matches
+        else:
+            files.append(p)
+    return files
 
 
 def session_alignment(dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:

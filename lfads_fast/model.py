@@ -83,6 +83,8 @@ class Segment:
             bins are 0.
         recon: reconstruction targets [T_r, B_s, n_recon_s]; NaN = missing bin.
         n_valid: number of non-missing bins of recon.
+        recon_weight: per-bin weights of its reconstruction loss [T_r, B_s, n_recon_s], or
+            None (all 1); set by sample validation.
     """
 
     session: int
@@ -91,6 +93,7 @@ class Segment:
     encod: np.ndarray
     recon: np.ndarray
     n_valid: int
+    recon_weight: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -200,34 +203,31 @@ class LFADS:
                 Held-out bins are zeroed in the encoder input and left out of the
                 reconstruction loss; kept bins are scaled by 1 / (1 - sv_rate) in both, so
                 input sums and loss means stay comparable. Forward-prediction bins and
-                held-out neurons keep weight 1. Single-session models only.
+                held-out neurons keep weight 1. With sessions: [B, encod_seq_len,
+                session_neurons[session]].
             sv_rate: the expected fraction of held-out bins, in (0, 1); required with sv_mask.
         """
         cfg = self.config
-        if sv_mask is not None and cfg.multisession:
-            raise ValueError("sample validation (sv_mask) is not available for models with sessions")
         if cfg.multisession:
             if session is None:
                 raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
                                  "(make_session_batch mixes several)")
             return self.make_session_batch([(session, encod_data, recon_data, ext_input)],
-                                            check_counts=check_counts)
+                                            check_counts=check_counts,
+                                            sv_masks=None if sv_mask is None else [sv_mask],
+                                            sv_rate=sv_rate)
         if session is not None:
             raise ValueError("session= needs a config with session_neurons")
         encod_data = _as_array("encod_data", encod_data, 3)
         B = encod_data.shape[0]
         encod, recon, n_valid = self._time_major_counts("", encod_data, recon_data, cfg.encod_data_dim,
                                                         cfg.recon_data_dim, check_counts)
-        recon_weight = None
-        if sv_mask is not None:
-            keep = self._sv_keep_scaled(sv_mask, sv_rate, B)  # [T_e, B, N_e]
-            encod *= keep
-            recon_weight = np.ones_like(recon)
-            recon_weight[: cfg.encod_seq_len, :, : cfg.encod_data_dim] = keep
+        recon_weight = self._apply_sv("", sv_mask, sv_rate, encod, recon)
         return Batch(encod, recon, self._time_major_ext("ext_input", ext_input, B), n_valid,
                      recon_weight=recon_weight)
 
-    def make_session_batch(self, parts, *, check_counts=True) -> Batch:
+    def make_session_batch(self, parts, *, check_counts=True, sv_masks=None,
+                           sv_rate: float = 0.0) -> Batch:
         """A batch mixing the trials of several sessions (a model with session_neurons).
 
         The trials are stacked along the batch axis in the order given, each session's trials
@@ -240,6 +240,9 @@ class LFADS:
                 make_batch), ext_input [B_s, T, ext_input_dim] or None. The last two may be
                 left out of the tuple.
             check_counts: as in make_batch.
+            sv_masks: sample validation, one mask per part (as make_batch's sv_mask, each
+                [B_s, encod_seq_len, session_neurons[s]]), or None.
+            sv_rate: as in make_batch; required with sv_masks.
 
         Returns:
             The batch, with one Segment per part.
@@ -250,8 +253,10 @@ class LFADS:
         parts = [tuple(p) for p in parts]
         if not parts:
             raise ValueError("parts is empty: a batch needs the trials of at least one session")
+        if sv_masks is not None and len(sv_masks) != len(parts):
+            raise ValueError(f"sv_masks has {len(sv_masks)} entries for {len(parts)} parts (one per part)")
         segments, exts, seen, start = [], [], set(), 0
-        for part in parts:
+        for i, part in enumerate(parts):
             if not 2 <= len(part) <= 4:
                 raise ValueError("each part must be (session, encod_data[, recon_data[, ext_input]]), "
                                  f"got a tuple of {len(part)}")
@@ -268,7 +273,8 @@ class LFADS:
             encod, recon, n_valid = self._time_major_counts(
                 label, encod_data, recon_data, cfg.session_neurons[s], cfg.session_recon_neurons[s],
                 check_counts)
-            segments.append(Segment(s, start, start + B_s, encod, recon, n_valid))
+            weight = None if sv_masks is None else self._apply_sv(label, sv_masks[i], sv_rate, encod, recon)
+            segments.append(Segment(s, start, start + B_s, encod, recon, n_valid, weight))
             exts.append(self._time_major_ext(label + "ext_input", ext_input, B_s))
             start += B_s
         ext = None if cfg.ext_input_dim == 0 else np.ascontiguousarray(np.concatenate(exts, axis=1))
@@ -651,6 +657,8 @@ class LFADS:
                                  p[f"readout_W_{seg.session}"], p[f"readout_b_{seg.session}"],
                                  seg.recon.reshape(Tr * Bs, n_r), T=Tr,
                                  scale=cfg.loss_scale / (len(segments) * norm),
+                                 loss_weight=None if seg.recon_weight is None
+                                 else seg.recon_weight.reshape(Tr * Bs, n_r),
                                  grad_mask=self._recon_grad_mask(None if cd_keep is None else cd_keep[i],
                                                                  Bs, n_r),
                                  grads=grads, log_rates=log_rates)
@@ -830,17 +838,26 @@ class LFADS:
 
     # ------------------------------------------------------------------ helpers
 
-    def _sv_keep_scaled(self, sv_mask, sv_rate: float, B: int) -> np.ndarray:
-        """The sample-validation mask, time-major [T_e, B, N_e], kept bins 1 / (1 - sv_rate)."""
-        cfg = self.config
+    def _apply_sv(self, label: str, sv_mask, sv_rate: float, encod: np.ndarray,
+                  recon: np.ndarray) -> np.ndarray | None:
+        """Sample validation on time-major counts: scales encod [T_e, B, n_e] in place by the
+        mask (kept bins 1 / (1 - sv_rate), held-out bins 0) and returns the reconstruction
+        weights [T_r, B, n_r] (the same on the encoder bins and neurons, 1 elsewhere); None
+        without a mask."""
+        if sv_mask is None:
+            return None
         if isinstance(sv_rate, bool) or not isinstance(sv_rate, (int, float)) or not 0.0 < sv_rate < 1.0:
             raise ValueError(f"sv_rate must be in (0, 1) when sv_mask is given, got {sv_rate!r}")
+        Te, B, n_e = encod.shape
         sv_mask = np.asarray(sv_mask)
-        _expect_shape("sv_mask", sv_mask, (B, cfg.encod_seq_len, cfg.encod_data_dim))
+        _expect_shape(label + "sv_mask", sv_mask, (B, Te, n_e))
         if sv_mask.dtype != np.bool_ and not np.all((sv_mask == 0) | (sv_mask == 1)):
-            raise ValueError("sv_mask must hold only 0 and 1 (1 = bin kept)")
+            raise ValueError(f"{label}sv_mask must hold only 0 and 1 (1 = bin kept)")
         keep = sv_mask.transpose(1, 0, 2).astype(self.dtype) * self.dtype.type(1.0 / (1.0 - sv_rate))
-        return np.ascontiguousarray(keep)
+        encod *= keep
+        weight = np.ones_like(recon)
+        weight[:Te, :, :n_e] = keep
+        return weight
 
     def _session_index(self, session) -> int:
         n = self.config.n_sessions

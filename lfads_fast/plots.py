@@ -114,14 +114,8 @@ def plot_factor_trajectories(
         factors = np.stack([factors[conditions == c].mean(axis=0) for c in labels])
         title = "condition averages"
     n_traj, n_bins, n_factors = factors.shape
-    points = factors.reshape(-1, n_factors)
-    centred = points - points.mean(axis=0)
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    n_pcs = min(3, vt.shape[0])
-    projected = np.zeros((points.shape[0], 3))
-    projected[:, :n_pcs] = centred @ vt[:n_pcs].T
-    projected = projected.reshape(n_traj, n_bins, 3)
-    explained = singular[:n_pcs] ** 2 / max(np.sum(singular**2), np.finfo(float).tiny)
+    n_pcs = min(3, n_traj * n_bins, n_factors)
+    (projected,), explained = project_session_factors([factors], 3)
 
     fig = Figure(figsize=(6.5, 6), layout="constrained")
     ax = fig.add_subplot(projection="3d")
@@ -134,6 +128,106 @@ def plot_factor_trajectories(
         text = f"PC{k + 1} ({explained[k]:.0%})" if k < n_pcs else f"PC{k + 1}"
         getattr(ax, f"set_{axis_label}label")(text)
     ax.set_title(f"factors, top PCs ({title}; dots: start)")
+    return _save(fig, path)
+
+
+def project_session_factors(averages: Sequence[np.ndarray], n_pcs: int = 3):
+    """Projects several sessions' factor trajectories onto their common principal components.
+
+    The components are those of all sessions' trajectories together (centred on their joint
+    mean), so a session's projection is comparable with every other's: where the sessions
+    share their dynamics, the same condition traces the same path in every session.
+
+    Args:
+        averages: per session, trajectories [C_s, T, F] (e.g. condition averages; all with
+            the same T and F).
+        n_pcs: components to keep (fewer when the trajectories have lower rank).
+
+    Returns:
+        (projected, explained): per session [C_s, T, n_pcs] (columns past the number of
+            factors, or of points, are 0),
+        and the variance fraction of each component [n_pcs].
+    """
+    averages = [np.asarray(a, dtype=np.float64) for a in averages]
+    if not averages:
+        raise ValueError("averages is empty: need the trajectories of at least one session")
+    shape = averages[0].shape[1:]
+    for s, a in enumerate(averages):
+        if a.ndim != 3 or a.shape[1:] != shape or a.shape[0] == 0:
+            raise ValueError(f"session {s}: trajectories must be [conditions, {shape[0]} bins, "
+                             f"{shape[1]} factors], got {a.shape}")
+    points = np.concatenate([a.reshape(-1, shape[1]) for a in averages])
+    centre = points.mean(axis=0)
+    _, singular, vt = np.linalg.svd(points - centre, full_matrices=False)
+    k = min(n_pcs, vt.shape[0])
+    variance = singular**2
+    explained = np.zeros(n_pcs)
+    explained[:k] = variance[:k] / max(variance.sum(), np.finfo(float).tiny)
+    projected = []
+    for a in averages:
+        p = np.zeros(a.shape[:2] + (n_pcs,))
+        p[..., :k] = (a - centre) @ vt[:k].T
+        projected.append(p)
+    return projected, explained
+
+
+def plot_session_factors(
+    path: str | os.PathLike,
+    averages: Sequence[np.ndarray],
+    session_names: Sequence[str] | None = None,
+    conditions: np.ndarray | None = None,
+    n_pcs: int = 3,
+) -> str:
+    """Condition-averaged factor trajectories of several sessions in shared principal components.
+
+    All sessions' trajectories are projected onto the top components of all of them together
+    (project_session_factors); each session gets a panel with the same axis limits, and
+    condition c has the same colour in every panel, so a model whose sessions share their
+    dynamics shows the same picture in every panel.
+
+    Args:
+        path: the PNG file to write.
+        averages: per session, trajectories [C, T, F] with row c the same condition in every
+            session (stitching.session_factor_averages); C = 1 for trial averages.
+        session_names: panel titles (None: "session s").
+        conditions: the condition labels of the rows [C], or None (trial averages: noted in
+            the title).
+        n_pcs: 3 (3-D panels) or 2.
+
+    Returns:
+        The path written, as a string.
+    """
+    if n_pcs not in (2, 3):
+        raise ValueError(f"n_pcs must be 2 or 3, got {n_pcs!r}")
+    projected, explained = project_session_factors(averages, n_pcs)
+    n_sessions = len(projected)
+    names = list(session_names) if session_names is not None else [f"session {s}" for s in range(n_sessions)]
+    if len(names) != n_sessions:
+        raise ValueError(f"{len(names)} session names for {n_sessions} sessions")
+    stacked = np.concatenate([p.reshape(-1, n_pcs) for p in projected])
+    low, high = stacked.min(axis=0), stacked.max(axis=0)
+    pad = 0.05 * np.maximum(high - low, np.finfo(float).eps)
+    limits = list(zip(low - pad, high + pad))
+    n_cols = min(4, n_sessions)
+    n_rows = -(-n_sessions // n_cols)
+    fig = Figure(figsize=(3.6 * n_cols, 3.4 * n_rows + 0.6), layout="constrained")
+    colors = _colors(max(p.shape[0] for p in projected))
+    for s, p in enumerate(projected):
+        kw = {"projection": "3d"} if n_pcs == 3 else {}
+        ax = fig.add_subplot(n_rows, n_cols, s + 1, **kw)
+        if n_pcs == 3:
+            ax.set_box_aspect(None, zoom=0.85)  # room for the third axis label
+        for c in range(p.shape[0]):
+            ax.plot(*p[c].T, color=colors[c], lw=1.0)
+            ax.scatter(*p[c, :1].T, color=colors[c], s=10)
+        for axis, k in zip("xyz", range(n_pcs)):
+            getattr(ax, f"set_{axis}lim")(*limits[k])
+            getattr(ax, f"set_{axis}label")(f"PC{k + 1} ({explained[k]:.0%})", fontsize="small")
+        ax.tick_params(labelsize="x-small")
+        ax.set_title(names[s], fontsize="small")
+    what = ("condition averages" if conditions is not None
+            else "trial averages (no condition labels)")
+    fig.suptitle(f"factors of every session in shared PCs ({what}; dots: start)")
     return _save(fig, path)
 
 

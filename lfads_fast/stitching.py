@@ -6,13 +6,18 @@ log-rates; encoders, controller and generator are common to all sessions (the mo
 in lfads_fast.model, switched on by LFADSConfig.session_neurons). This module prepares such a
 model and its data:
 
-- :func:`config_for_sessions`: an LFADSConfig sized for a list of sessions.
+- :func:`config_for_sessions`: an LFADSConfig sized for a list of sessions
+  (:func:`default_shared_dim`: a shared read-in dimension when none is chosen).
 - :func:`init_session_layers`: read-ins from principal-component regression (PCR,
   Pandarinath et al. 2018; :func:`pcr_readins`) or from the alignment matrices stored in the
   session files, and read-outs consistent with them (:func:`pcr_readouts`).
-- :func:`session_batches`: training batches that mix the sessions.
+- :func:`check_sessions`: whether datasets fit a model's sessions.
+- :func:`session_batches` (and :func:`session_batch_indices` underneath): training batches
+  that mix the sessions.
 - :func:`session_posteriors` and :func:`write_session_posteriors`: outputs, one file per
   session.
+- :func:`session_factor_averages`: condition-averaged factors of every session, for
+  comparing the sessions' trajectories (plots.plot_session_factors).
 
 PCR, step by step (docs/stitching.md has the reasoning):
 
@@ -58,12 +63,17 @@ from .model import LFADS
 __all__ = [
     "PCRResult",
     "config_for_sessions",
+    "default_shared_dim",
     "pcr_readins",
     "pcr_readouts",
     "init_session_layers",
+    "check_sessions",
+    "session_batch_indices",
     "session_batches",
     "session_posteriors",
     "write_session_posteriors",
+    "session_conditions",
+    "session_factor_averages",
 ]
 
 # Default Gaussian smoothing of the spikes before averaging, in bins.
@@ -78,6 +88,9 @@ MIN_MEAN_COUNT = 1e-3
 MIN_RELATIVE_SCALE = 1e-3
 # Trials per forward call when computing posteriors (bounds the activation memory).
 POSTERIOR_CHUNK = 512
+# Per-split arrays read as condition labels, in order of preference: the synthetic data's
+# {split}_conditions, and {split}_cond_idx as some lfads-torch data files name them.
+CONDITION_KEYS = ("conditions", "cond_idx")
 
 
 @dataclass
@@ -127,6 +140,19 @@ def config_for_sessions(sessions: list[data_mod.Dataset], encod_data_dim: int, *
     return LFADSConfig(encod_data_dim=encod_data_dim, **sizes,
                        session_neurons=[ds.encod_data_dim for ds in sessions],
                        session_recon_neurons=[ds.recon_data_dim for ds in sessions], **hparams)
+
+
+def default_shared_dim(sessions: list[data_mod.Dataset], fac_dim: int) -> int:
+    """A shared read-in dimension (encod_data_dim) for sessions when none is chosen.
+
+    The dimension of the files' alignment matrices when they carry them; else fac_dim, so
+    that the PCR read-outs apply (init_session_layers, step 5), but at most the sessions'
+    neurons together, the most principal components PCR can find.
+    """
+    alignment = data_mod.session_alignment(sessions[0])
+    if alignment is not None:
+        return int(alignment[0].shape[1])
+    return int(min(fac_dim, sum(ds.encod_data_dim for ds in sessions)))
 
 
 def pcr_readins(spikes: list[np.ndarray], dim: int, *, conditions: list[np.ndarray] | None = None,
@@ -249,8 +275,8 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
     Args:
         model: a model with session_neurons; its parameters are set in place.
         sessions: one Dataset per session, in the model's session order.
-        conditions: "auto" (each train split's ``conditions`` array when every session has
-            one, else the trial-average fallback), None (the fallback), or per session an
+        conditions: "auto" (each train split's condition labels, session_conditions, when
+            every session has them, else the trial-average fallback), None (the fallback), or per session an
             array of labels [B_s] of its train trials.
         sigma_bins, ridge: as in pcr_readins.
         use_file_alignment: use the files' alignment matrices when present.
@@ -259,21 +285,15 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
         What the read-ins were built from (PCRResult).
 
     Raises:
-        ValueError: the sessions do not match the model's session sizes, only some files
-            have alignment matrices, or a matrix does not fit encod_data_dim.
+        ValueError: the sessions do not fit the model (check_sessions), only some files have
+            alignment matrices, or a matrix does not fit encod_data_dim.
     """
     cfg = model.config
     if not cfg.multisession:
         raise ValueError("init_session_layers needs a model whose config has session_neurons")
-    if len(sessions) != cfg.n_sessions:
-        raise ValueError(f"the model has {cfg.n_sessions} sessions, got {len(sessions)} datasets")
-    for s, ds in enumerate(sessions):
-        want = (cfg.session_neurons[s], cfg.session_recon_neurons[s])
-        if (ds.encod_data_dim, ds.recon_data_dim) != want:
-            raise ValueError(f"session {s} ({ds.source}) has {ds.encod_data_dim} encoder / {ds.recon_data_dim} "
-                             f"recon neurons but the model expects {want[0]} / {want[1]}")
+    check_sessions(cfg, sessions)
     if isinstance(conditions, str) and conditions == "auto":
-        found = [ds.train.extra.get("conditions") for ds in sessions]
+        found = [session_conditions(ds) for ds in sessions]
         conditions = None if any(c is None for c in found) else found
     result = _file_alignment(sessions, cfg.encod_data_dim) if use_file_alignment else None
     if result is None:
@@ -293,6 +313,56 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
             mean = _mean_counts(sessions[s].train.recon_data)
             p[f"readout_b_{s}"][...] = np.log(np.maximum(mean, MIN_MEAN_COUNT)).astype(dt)
     return result
+
+
+def check_sessions(cfg: LFADSConfig, sessions: list[data_mod.Dataset]) -> None:
+    """Checks that datasets fit a multi-session config, one per session in its order.
+
+    Raises:
+        ValueError: the config has no sessions, the number of datasets differs from its
+            sessions, or a dataset's neurons, bins or external inputs differ from the config's
+            (the message names the session and its file).
+    """
+    if not cfg.multisession:
+        raise ValueError("the model has one session (no session_neurons); give it one dataset")
+    if len(sessions) != cfg.n_sessions:
+        raise ValueError(f"the model has {cfg.n_sessions} sessions, got {len(sessions)} datasets")
+    for s, ds in enumerate(sessions):
+        want = {"encod_data_dim": cfg.session_neurons[s], "recon_data_dim": cfg.session_recon_neurons[s],
+                "encod_seq_len": cfg.encod_seq_len, "recon_seq_len": cfg.recon_seq_len,
+                "ext_input_dim": cfg.ext_input_dim}
+        for name, value in want.items():
+            if getattr(ds, name) != value:
+                raise ValueError(f"session {s} ({ds.source}) has {name} = {getattr(ds, name)} but the model "
+                                 f"expects {value}")
+
+
+def session_batch_indices(n_trials: list[int], batch_size: int, rng: np.random.Generator):
+    """The trial indices of one epoch of session_batches.
+
+    Args:
+        n_trials: per session, its number of trials (> 0).
+        batch_size: trials per session per batch.
+        rng: the batch order.
+
+    Yields:
+        Per batch, one int64 index array per session (up to batch_size trials each).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_batches = max(-(-n // batch_size) for n in n_trials)
+    orders = [rng.permutation(n) for n in n_trials]
+    positions = [0] * len(n_trials)
+    for _ in range(n_batches):
+        batch = []
+        for s, n in enumerate(n_trials):
+            if positions[s] >= n:  # this session's pass is used up: a new one
+                orders[s] = rng.permutation(n)
+                positions[s] = 0
+            idx = orders[s][positions[s] : positions[s] + batch_size]
+            positions[s] += idx.size
+            batch.append(idx)
+        yield batch
 
 
 def session_batches(sessions: list[data_mod.Dataset], batch_size: int, rng: np.random.Generator, *,
@@ -315,20 +385,10 @@ def session_batches(sessions: list[data_mod.Dataset], batch_size: int, rng: np.r
         Parts for LFADS.make_session_batch: lists of (session, encod_data, recon_data,
         ext_input) tuples, batch-major arrays.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     splits = [ds.splits[split] for ds in sessions]
-    n_batches = max(-(-sp.n_trials // batch_size) for sp in splits)
-    orders = [rng.permutation(sp.n_trials) for sp in splits]
-    positions = [0] * len(splits)
-    for _ in range(n_batches):
+    for indices in session_batch_indices([sp.n_trials for sp in splits], batch_size, rng):
         parts = []
-        for s, sp in enumerate(splits):
-            if positions[s] >= sp.n_trials:  # this session's pass is used up: a new one
-                orders[s] = rng.permutation(sp.n_trials)
-                positions[s] = 0
-            idx = orders[s][positions[s] : positions[s] + batch_size]
-            positions[s] += idx.size
+        for s, (sp, idx) in enumerate(zip(splits, indices)):
             ext = None if sp.ext_input is None else sp.ext_input[idx]
             parts.append((s, sp.encod_data[idx], sp.recon_data[idx], ext))
         yield parts
@@ -350,10 +410,7 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
         Per session: split name -> output name (data.POSTERIOR_FIELDS) -> batch-major array,
         e.g. output_params [B_s, T_r, n_recon_s] in expected counts per bin.
     """
-    if not model.config.multisession or len(sessions) != model.config.n_sessions:
-        raise ValueError(f"need a multi-session model and one dataset per session, got "
-                         f"{model.config.n_sessions if model.config.multisession else 'no'} sessions "
-                         f"and {len(sessions)} datasets")
+    check_sessions(model.config, sessions)
     results = []
     for s, ds in enumerate(sessions):
         names = tuple(ds.splits) if splits is None else splits
@@ -383,21 +440,68 @@ def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out
     Args:
         model, sessions: as in session_posteriors.
         out_dir: the directory (created if needed); session s goes to
-            ``lfads_output_{name}.h5`` with name the base name of its source file (or
-            ``session_{s:02d}.h5`` for data not read from a file).
+            ``lfads_output_{name}`` with name the base name of its source file (or
+            ``session_{s:02d}.h5`` for data not read from a file; ``session_{s:02d}_{name}``
+            when two sessions' files share a base name).
         **kwargs: n_samples, seed, splits as in session_posteriors.
 
     Returns:
         The paths written, in session order.
     """
     os.makedirs(out_dir, exist_ok=True)
+    names = [os.path.basename(ds.source) if os.path.isfile(ds.source) else f"session_{s:02d}.h5"
+             for s, ds in enumerate(sessions)]
+    if len(set(names)) < len(names):
+        names = [name if name.startswith("session_") else f"session_{s:02d}_{name}"
+                 for s, name in enumerate(names)]
     paths = []
-    for s, (ds, outputs) in enumerate(zip(sessions, session_posteriors(model, sessions, **kwargs))):
-        name = os.path.basename(ds.source) if os.path.isfile(ds.source) else f"session_{s:02d}.h5"
+    for name, ds, outputs in zip(names, sessions, session_posteriors(model, sessions, **kwargs)):
         path = os.path.join(os.fspath(out_dir), f"lfads_output_{name}")
         inds = {split: ds.splits[split].inds for split in outputs}
         paths.append(data_mod.write_posterior_h5(path, outputs, inds))
     return paths
+
+
+def session_conditions(dataset: data_mod.Dataset, split: str = "train") -> np.ndarray | None:
+    """A split's condition labels [B] (the first of CONDITION_KEYS in Split.extra), or None."""
+    extra = dataset.splits[split].extra
+    for key in CONDITION_KEYS:
+        if key in extra:
+            labels = np.asarray(extra[key]).reshape(-1)
+            if labels.size != dataset.splits[split].n_trials:
+                raise ValueError(f"{dataset.source}: {split}_{key} has {labels.size} labels for "
+                                 f"{dataset.splits[split].n_trials} trials")
+            return labels
+    return None
+
+
+def session_factor_averages(model: LFADS, sessions: list[data_mod.Dataset], *,
+                            splits: tuple[str, ...] = ("train", "valid")):
+    """Condition-averaged factors of every session (posterior means).
+
+    Trials of the given splits are averaged per condition label, over the labels that every
+    session has (session_conditions), so that row c of every session is the same condition.
+    Without labels in some split of some session, each session's trials are averaged into
+    one trajectory.
+
+    Args:
+        model: a trained multi-session model.
+        sessions: one Dataset per session, in the model's order.
+        splits: the splits whose trials are averaged.
+
+    Returns:
+        (averages, labels): per session the factors [C, T_r, fac_dim] (C = 1 without labels),
+        and the labels [C] (None without labels).
+    """
+    outputs = session_posteriors(model, sessions, splits=splits)
+    factors = [np.concatenate([out[name]["factors"] for name in splits]) for out in outputs]
+    labels = [[session_conditions(ds, name) for name in splits] for ds in sessions]
+    if any(c is None for per_split in labels for c in per_split):
+        conditions = None
+    else:
+        conditions = [np.concatenate(per_split) for per_split in labels]
+    averages, common, _ = _averages(factors, conditions, sigma_bins=0)
+    return averages, common
 
 
 # Helpers ----------------------------------------------------------------------------------

@@ -19,6 +19,15 @@ The semantics follow lfads-torch's LightningModule and its default callbacks:
   from ``sv_seed``) is hidden from the encoders and left out of the reconstruction loss; the
   loss on those bins is logged as ``valid_recon_sv``.
 
+Several sessions (a model with ``session_neurons``, docs/stitching.md) train the same way on
+a list of datasets, one per session: every step holds up to ``batch_size`` trials of every
+session (stitching.session_batches), the read-ins stay frozen unless the config has
+``train_readin`` (LFADS.trainable_mask), and each validation quantity is the mean over the
+sessions of that session's value, as the model's training loss is (``valid_recon`` drives
+the schedules as with one session); the per-session values are logged too
+(``valid_recon_s{k}``, ``valid_bps_s{k}``, ``valid_r2_s{k}`` where the data have true rates,
+...).
+
 Out directory layout::
 
     out_dir/config.yaml                 model and training configuration (human readable)
@@ -26,6 +35,8 @@ Out directory layout::
     out_dir/checkpoints/best.h5         state at the best smoothed validation reconstruction
     out_dir/log.csv, out_dir/log.json   one row per epoch
     out_dir/training_curves.png         written when fit() returns
+    out_dir/session_factors.png         several sessions: their condition-averaged factors
+                                        (best checkpoint) in shared principal components
 
 Checkpoints are HDF5 files of plain arrays (parameters, Adam moments) and one JSON string
 (configs, counters, scheduler state, random-generator state, log history); nothing is
@@ -48,7 +59,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import metrics, ops
+from . import metrics, ops, stitching
 from .config import LFADSConfig
 from .model import LFADS
 
@@ -66,6 +77,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "lfads_fast.checkpoint"
 CHECKPOINT_VERSION = 1
+# Validation metrics computed per session; with several sessions the logged value is their mean.
+_SESSION_METRICS = ("recon_sv", "r2", "bps", "co_bps", "fp_bps")
 # Training-config fields that may change when a run is resumed: they decide when the run
 # stops or how often it saves, not what a step computes.
 RESUMABLE_FIELDS = ("max_epochs", "time_budget", "time_budget_lr_factor", "checkpoint_every",
@@ -93,7 +106,8 @@ class TrainConfig:
     """Training hyperparameters (names as in lfads-torch where it has them).
 
     Attributes:
-        batch_size: trials per step (the last batch of an epoch may be smaller).
+        batch_size: trials per step (the last batch of an epoch may be smaller); with
+            sessions, trials of each session per step.
         max_epochs: stop after this many epochs in total.
         lr_init: initial learning rate.
         lr_stop: the learning rate never decays below this.
@@ -343,12 +357,14 @@ def load_model(path: str | os.PathLike) -> LFADS:
 
 
 class Trainer:
-    """Trains an LFADS model on one dataset.
+    """Trains an LFADS model on one dataset, or a multi-session model on several.
 
     Args:
         model: the model; its parameters are trained in place.
-        data: a Dataset, an HDF5 path (read with data.load_dataset), or a dict of
-            data.from_arrays arguments (train_encod_data, valid_encod_data, ...).
+        data: one session: a Dataset, an HDF5 path (read with data.load_dataset), or a dict of
+            data.from_arrays arguments (train_encod_data, valid_encod_data, ...). A model with
+            session_neurons: a list with one Dataset (or HDF5 path) per session in the model's
+            session order, or a glob pattern (data.load_sessions: sorted matches).
         config: training hyperparameters (None: the defaults).
         out_dir: where checkpoints and logs go (created if needed).
         progress: show a progress bar (tqdm, on stderr).
@@ -359,24 +375,32 @@ class Trainer:
         if not isinstance(model, LFADS):
             raise TypeError(f"model must be an LFADS, got {type(model).__name__}")
         self.model = model
-        self.data = _as_dataset(data)
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(self.config).__name__}")
         self.out_dir = Path(out_dir)
         self.progress = progress
         if model.config.multisession:
-            raise ValueError("Trainer trains single-session models; for several sessions see "
-                             "docs/stitching.md")
-        _check_sizes(model.config, self.data)
+            self.sessions = _as_sessions(data)
+            stitching.check_sessions(model.config, self.sessions)
+            self.data = self.sessions
+            self._fingerprint = [_data_fingerprint(ds) for ds in self.sessions]
+        else:
+            if isinstance(data, (list, tuple)):
+                raise ValueError("a list of datasets is several sessions: build the model's config "
+                                 "with stitching.config_for_sessions (docs/stitching.md)")
+            self.data = _as_dataset(data)
+            _check_sizes(model.config, self.data)
+            self.sessions = [self.data]
+            self._fingerprint = _data_fingerprint(self.data)
         mask = model.trainable_mask()
         self._adam_mask = None if mask.all() else mask
-        self._fingerprint = _data_fingerprint(self.data)
-        train = self.data.train
-        self._train_time_major = (
-            np.ascontiguousarray(train.encod_data.transpose(1, 0, 2)),
-            None if train.recon_data is train.encod_data
-            else np.ascontiguousarray(train.recon_data.transpose(1, 0, 2)))
+        # The training counts are kept time-major, so a batch is one gather along the trial
+        # axis, and make_batch's own time-major copies become views.
+        self._train_time_major = [
+            (np.ascontiguousarray(t.encod_data.transpose(1, 0, 2)),
+             None if t.recon_data is t.encod_data else np.ascontiguousarray(t.recon_data.transpose(1, 0, 2)))
+            for t in (ds.train for ds in self.sessions)]
         self._sv_masks = self._make_sv_masks()
         self._reset_state()
 
@@ -456,6 +480,7 @@ class Trainer:
             self._save(self.best_checkpoint)
         self._write_logs()
         self._plot_curves()
+        self._plot_session_factors()
         return FitResult(
             epochs=self.epoch, epochs_this_call=epochs_this_call, stop_reason=stop_reason,
             best_epoch=self.best_epoch, best_valid_recon_smth=_none_to_nan(self.best_value),
@@ -472,16 +497,13 @@ class Trainer:
         l2_ramp = ramp(epoch, cfg.l2_start_epoch, cfg.l2_increase_epoch)
         lr = self.lr * lr_factor
         t0 = time.perf_counter()
-        train = self.data.train
-        n = train.n_trials
-        perm = self.rng.permutation(n)
-        n_batches = -(-n // cfg.batch_size)
+        steps = self._epoch_steps()
+        n_batches = len(steps)
         sums = dict.fromkeys(_LOSS_TERMS, 0.0)
         n_used, norms, skipped = 0, [], 0
-        for b in range(n_batches):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            batch = self._batch(train, idx, self._sv_masks.get("train"))
-            noise = model.draw_noise(len(idx), self.rng, train=True, sample=True)
+        for b, step in enumerate(steps):
+            batch = self._batch(step)
+            noise = model.draw_noise(batch, self.rng, train=True, sample=True)
             terms, grad = model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
             # The parts first, so that the message names the term that broke.
             bad = next((k for k in _TERM_PARTS + ("loss",) if not math.isfinite(terms[k])), None)
@@ -498,13 +520,13 @@ class Trainer:
                     bad = "gradient"
             if bad is not None:
                 skipped += 1
-                self._nonfinite_step(bad, terms, norm, b, n_batches, train.inds[idx])
+                self._nonfinite_step(bad, terms, norm, b, n_batches, step, kl_ramp, l2_ramp)
                 continue
             self.step += 1
             self.bad_streak = 0
             for k in _LOSS_TERMS:
-                sums[k] += terms[k] * len(idx)
-            n_used += len(idx)
+                sums[k] += terms[k] * batch.size
+            n_used += batch.size
             norms.append(norm)
         train_s = time.perf_counter() - t0
         valid = self._validate(epoch, kl_ramp, l2_ramp)
@@ -526,26 +548,11 @@ class Trainer:
         return row
 
     def _validate(self, epoch: int, kl_ramp: float, l2_ramp: float) -> dict:
-        """Validation loss terms (posteriors sampled, no dropout), smoothed recon, R^2, bps."""
+        """Validation loss terms (posteriors sampled, no dropout), smoothed recon, R^2, bps;
+        with several sessions, means over the sessions and each session's own values."""
         cfg, mcfg = self.config, self.model.config
-        valid = self.data.valid
-        sv = self._sv_masks.get("valid")
-        n = valid.n_trials
-        sums = dict.fromkeys(_TERM_PARTS, 0.0)
-        rates = []
-        for c, start in enumerate(range(0, n, VALID_CHUNK)):
-            sl = slice(start, start + VALID_CHUNK)
-            ext = None if valid.ext_input is None else valid.ext_input[sl]
-            out = self.model.forward(
-                valid.encod_data[sl], ext, sample=True,
-                seed=_derived_seed(cfg.seed, _VALID_STREAM, epoch, c),
-                recon_data=valid.recon_data[sl],
-                sv_mask=None if sv is None else sv[sl], sv_rate=cfg.sv_rate)
-            w = out["output_params"].shape[0]
-            for k in sums:
-                sums[k] += out["terms"][k] * w
-            rates.append(out["output_params"])
-        terms = {k: v / n for k, v in sums.items()}
+        per_session = [self._validate_session(s, epoch) for s in range(len(self.sessions))]
+        terms = {k: sum(t[k] for t, _ in per_session) / len(per_session) for k in _TERM_PARTS}
         terms["loss"] = mcfg.loss_scale * (terms["recon"] + l2_ramp * terms["l2"] + kl_ramp * (
             mcfg.kl_ic_scale * terms["kl_ic"] + mcfg.kl_co_scale * terms["kl_co"]))
         current = terms["recon"]
@@ -556,19 +563,53 @@ class Trainer:
                 1 - cfg.recon_smth_coef) * current
         row = {f"valid_{k}": terms[k] for k in _LOSS_TERMS}
         row["valid_recon_smth"] = self.recon_smth
-        rates = np.concatenate(rates, axis=0)
-        if sv is not None:
-            row["valid_recon_sv"] = _sv_heldout_nll(rates, valid.recon_data, sv, cfg.sv_rate)
-        if valid.truth is not None:
-            row["valid_r2"] = _pooled_r2(rates, valid.truth)
-        Te, Ne = mcfg.encod_seq_len, mcfg.encod_data_dim
-        y = valid.recon_data
-        row["valid_bps"] = _bits_per_spike(rates[:, :Te, :Ne], y[:, :Te, :Ne])
-        if mcfg.recon_data_dim > Ne:  # held-out neurons (co-bps)
-            row["valid_co_bps"] = _bits_per_spike(rates[:, :Te, Ne:], y[:, :Te, Ne:])
-        if mcfg.recon_seq_len > Te:  # forward prediction (fp-bps)
-            row["valid_fp_bps"] = _bits_per_spike(rates[:, Te:], y[:, Te:])
+        for name in _SESSION_METRICS:
+            values = [m[name] for _, m in per_session if name in m]
+            if values:
+                row[f"valid_{name}"] = sum(values) / len(values)
+        if mcfg.multisession:
+            for s, (t, m) in enumerate(per_session):
+                row[f"valid_recon_s{s}"] = t["recon"]
+                row.update({f"valid_{name}_s{s}": m[name] for name in _SESSION_METRICS if name in m})
         return row
+
+    def _validate_session(self, s: int, epoch: int) -> tuple[dict, dict]:
+        """One session's validation: (loss terms averaged over its trials, metrics)."""
+        cfg, mcfg = self.config, self.model.config
+        valid = self.sessions[s].valid
+        sv = self._sv_masks[s].get("valid")
+        n = valid.n_trials
+        sums = dict.fromkeys(_TERM_PARTS, 0.0)
+        rates = []
+        for c, start in enumerate(range(0, n, VALID_CHUNK)):
+            sl = slice(start, start + VALID_CHUNK)
+            ext = None if valid.ext_input is None else valid.ext_input[sl]
+            keys = (epoch, s, c) if mcfg.multisession else (epoch, c)
+            out = self.model.forward(
+                valid.encod_data[sl], ext, sample=True,
+                seed=_derived_seed(cfg.seed, _VALID_STREAM, *keys),
+                recon_data=valid.recon_data[sl], session=s if mcfg.multisession else None,
+                sv_mask=None if sv is None else sv[sl], sv_rate=cfg.sv_rate)
+            w = out["output_params"].shape[0]
+            for k in sums:
+                sums[k] += out["terms"][k] * w
+            rates.append(out["output_params"])
+        terms = {k: v / n for k, v in sums.items()}
+        rates = np.concatenate(rates, axis=0)
+        found = {}
+        if sv is not None:
+            found["recon_sv"] = _sv_heldout_nll(rates, valid.recon_data, sv, cfg.sv_rate)
+        if valid.truth is not None:
+            found["r2"] = _pooled_r2(rates, valid.truth)
+        Te = mcfg.encod_seq_len
+        Ne = mcfg.session_neurons[s] if mcfg.multisession else mcfg.encod_data_dim
+        y = valid.recon_data
+        found["bps"] = _bits_per_spike(rates[:, :Te, :Ne], y[:, :Te, :Ne])
+        if rates.shape[2] > Ne:  # held-out neurons (co-bps)
+            found["co_bps"] = _bits_per_spike(rates[:, :Te, Ne:], y[:, :Te, Ne:])
+        if mcfg.recon_seq_len > Te:  # forward prediction (fp-bps)
+            found["fp_bps"] = _bits_per_spike(rates[:, Te:], y[:, Te:])
+        return terms, found
 
     def _update_schedules(self, smth: float) -> None:
         """Learning-rate plateau schedule, early stopping and the best checkpoint."""
@@ -601,7 +642,7 @@ class Trainer:
         return None
 
     def _nonfinite_step(self, bad: str, terms: dict, norm: float, b: int, n_batches: int,
-                        trials: np.ndarray) -> None:
+                        step: list, kl_ramp: float, l2_ramp: float) -> None:
         cfg = self.config
         self.skipped_steps += 1
         self.bad_streak += 1
@@ -609,16 +650,36 @@ class Trainer:
             self.lr = max(self.lr * NONFINITE_LR_FACTOR, cfg.lr_stop)
         if self.bad_streak < cfg.max_nonfinite_steps:
             return
-        shown = ", ".join(str(int(t)) for t in trials[:8]) + (", ..." if len(trials) > 8 else "")
         values = ", ".join(f"{k}={terms[k]:.6g}" for k in _LOSS_TERMS)
         what = (f"the gradient is not finite (norm {norm}) although the loss terms are"
                 if bad == "gradient" else f"loss term '{bad}' = {terms[bad]}")
+        detail = ""
+        if self.model.config.multisession:
+            trials = "train trials of " + "; ".join(
+                f"session {s}: {_shown(self.sessions[s].train.inds[idx])}" for s, idx in step)
+            failing = self._failing_sessions(step, kl_ramp, l2_ramp)
+            culprits = (", ".join(f"session {s} ({self.sessions[s].source})" for s in failing)
+                        if failing else "none")
+            detail = (" Sessions whose trials of this batch alone give a non-finite loss or "
+                      f"gradient (posterior means, no dropout): {culprits}.")
+        else:
+            trials = "train trials " + _shown(self.data.train.inds[step[0][1]])
         raise NonFiniteLossError(
             f"LFADS training stopped: {self.bad_streak} consecutive steps had a non-finite loss "
             f"or gradient; none of them changed the parameters. Last: epoch {self.epoch}, batch "
-            f"{b} of {n_batches} (train trials {shown}): {what} ({values}). The learning rate "
+            f"{b} of {n_batches} ({trials}): {what} ({values}).{detail} The learning rate "
             f"was lowered to {self.lr:.3g} on the way. Check these trials for extreme counts, "
             f"or lower lr_init or max_grad_norm.")
+
+    def _failing_sessions(self, step: list, kl_ramp: float, l2_ramp: float) -> list[int]:
+        """The sessions of a step whose trials alone give a non-finite loss or gradient."""
+        failing = []
+        for s, idx in step:
+            terms, grad = self.model.loss_and_grads(self._batch([(s, idx)]), None,
+                                                    kl_ramp=kl_ramp, l2_ramp=l2_ramp)
+            if not (all(math.isfinite(terms[k]) for k in _LOSS_TERMS) and np.isfinite(grad).all()):
+                failing.append(s)
+        return failing
 
     # ------------------------------------------------------------------ state
 
@@ -672,7 +733,7 @@ class Trainer:
                              "change on resume")
         if ckpt.state["data"] != self._fingerprint:
             raise ValueError(f"{path}: the checkpoint was trained on other data "
-                             f"({ckpt.state['data']} vs {self._fingerprint})")
+                             f"({_fingerprint_diff(ckpt.state['data'], self._fingerprint, self.sessions)})")
         if ckpt.flat.dtype != self.model.flat.dtype:
             raise ValueError(f"{path}: the checkpoint is {ckpt.flat.dtype}, the model "
                              f"{self.model.flat.dtype}")
@@ -702,25 +763,46 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
 
-    def _batch(self, split: data_mod.Split, idx: np.ndarray, sv: np.ndarray | None):
-        # The training counts are kept time-major, so a batch is one gather along the trial
-        # axis, and make_batch's own time-major copies become views.
-        encod, recon = self._train_time_major
-        encod = encod[:, idx].transpose(1, 0, 2)
-        recon = encod if recon is None else recon[:, idx].transpose(1, 0, 2)
-        ext = None if split.ext_input is None else split.ext_input[idx]
-        return self.model.make_batch(encod, recon, ext, check_counts=False,
-                                     sv_mask=None if sv is None else sv[idx],
-                                     sv_rate=self.config.sv_rate)
+    def _epoch_steps(self) -> list[list[tuple[int, np.ndarray]]]:
+        """The batches of one epoch, drawn from self.rng: per step, (session, train trial
+        indices) pairs (one pair without sessions; with sessions, stitching's mix)."""
+        cfg = self.config
+        if not self.model.config.multisession:
+            n = self.data.train.n_trials
+            perm = self.rng.permutation(n)
+            return [[(0, perm[start : start + cfg.batch_size])] for start in range(0, n, cfg.batch_size)]
+        n_trials = [ds.train.n_trials for ds in self.sessions]
+        return [list(enumerate(indices))
+                for indices in stitching.session_batch_indices(n_trials, cfg.batch_size, self.rng)]
 
-    def _make_sv_masks(self) -> dict:
-        """Fixed sample-validation masks per split (True = bin kept), drawn from sv_seed."""
+    def _batch(self, step: list[tuple[int, np.ndarray]]):
+        """The Batch of (session, train trial indices) pairs, with their sample-validation masks."""
+        cfg = self.config
+        pieces = []
+        for s, idx in step:
+            encod, recon = self._train_time_major[s]
+            encod = encod[:, idx].transpose(1, 0, 2)
+            recon = encod if recon is None else recon[:, idx].transpose(1, 0, 2)
+            ext = self.sessions[s].train.ext_input
+            sv = self._sv_masks[s].get("train")
+            pieces.append((s, encod, recon, None if ext is None else ext[idx], None if sv is None else sv[idx]))
+        if not self.model.config.multisession:
+            _, encod, recon, ext, sv = pieces[0]
+            return self.model.make_batch(encod, recon, ext, check_counts=False, sv_mask=sv,
+                                         sv_rate=cfg.sv_rate)
+        return self.model.make_session_batch([p[:4] for p in pieces], check_counts=False,
+                                             sv_masks=None if cfg.sv_rate == 0 else [p[4] for p in pieces],
+                                             sv_rate=cfg.sv_rate)
+
+    def _make_sv_masks(self) -> list[dict]:
+        """Fixed sample-validation masks per session and split (True = bin kept), drawn from
+        sv_seed."""
         cfg = self.config
         if cfg.sv_rate == 0:
-            return {}
+            return [{} for _ in self.sessions]
         rng = np.random.default_rng(np.random.SeedSequence([cfg.sv_seed, _SV_STREAM]))
-        return {name: rng.random(self.data.splits[name].encod_data.shape) >= cfg.sv_rate
-                for name in ("train", "valid")}
+        return [{name: rng.random(ds.splits[name].encod_data.shape) >= cfg.sv_rate
+                 for name in ("train", "valid")} for ds in self.sessions]
 
     def _write_config_yaml(self) -> None:
         text = yaml.safe_dump({"model": self.model.config.to_dict(),
@@ -747,6 +829,18 @@ class Trainer:
         rows = [{k: v for k, v in row.items() if k in wanted} for row in self.history]
         plots.plot_training_curves(self.out_dir / "training_curves.png", rows)
 
+    def _plot_session_factors(self) -> None:
+        if not self.model.config.multisession or not self.history:
+            return
+        from . import plots
+
+        averages, labels = stitching.session_factor_averages(load_model(self.best_checkpoint),
+                                                             self.sessions)
+        names = [f"session {s}" + (f": {os.path.basename(ds.source)}" if os.path.isfile(ds.source) else "")
+                 for s, ds in enumerate(self.sessions)]
+        plots.plot_session_factors(self.out_dir / "session_factors.png", averages,
+                                   session_names=names, conditions=labels)
+
 
 # ---------------------------------------------------------------------- module helpers
 
@@ -760,6 +854,24 @@ def _as_dataset(data) -> data_mod.Dataset:
         return data_mod.from_arrays(**data)
     raise TypeError("data must be a Dataset, an HDF5 path or a dict of from_arrays arguments, "
                     f"got {type(data).__name__}")
+
+
+def _as_sessions(data) -> list[data_mod.Dataset]:
+    if isinstance(data, (str, os.PathLike)):
+        return data_mod.load_sessions(data)
+    if isinstance(data, (list, tuple)) and data:
+        if all(isinstance(d, (str, os.PathLike)) for d in data):
+            return data_mod.load_sessions(list(data))
+        return [_as_dataset(d) for d in data]
+    raise TypeError("data of a model with sessions must be a list with one Dataset or HDF5 path per "
+                    f"session, or a glob pattern, got {type(data).__name__}")
+
+
+def _fingerprint_diff(old, new, sessions) -> str:
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return "; ".join(f"session {s} ({sessions[s].source}): {a} vs {b}"
+                         for s, (a, b) in enumerate(zip(old, new)) if a != b)
+    return f"{old} vs {new}"
 
 
 def _data_fingerprint(ds: data_mod.Dataset) -> dict:
@@ -813,6 +925,10 @@ def _bits_per_spike(rates: np.ndarray, spikes: np.ndarray) -> float:
     null = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     ll_null = float(np.sum(total * np.log(np.maximum(null, metrics.ZERO_RATE)) - null * count))
     return (ll - ll_null) / float(total.sum()) / math.log(2.0)
+
+
+def _shown(trials: np.ndarray) -> str:
+    return ", ".join(str(int(t)) for t in trials[:8]) + (", ..." if len(trials) > 8 else "")
 
 
 def _derived_seed(*keys: int) -> int:

@@ -59,6 +59,85 @@ def test_train_infer_resume(data_file, tmp_path, capsys):
     assert code == 0, err
     post = data.read_posterior_h5(target)
     assert set(post) == {f"valid_{k}" for k in data.POSTERIOR_FIELDS} | {"valid_inds"}
+    code, _, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, data_file,
+                        "--out", str(target)], capsys)
+    assert code == 2 and "has 1 session but 2 data files were given" in err
+
+
+@pytest.fixture(scope="module")
+def session_files(tmp_path_factory):
+    """Two session files (10 and 14 neurons, 24 / 8 trials of 15 bins) and a third session
+    with 12 bins."""
+    root = tmp_path_factory.mktemp("sessions")
+    found = synth.chaotic_rnn_sessions(n_sessions=2, neurons_per_session=[10, 14], n_conditions=8,
+                                       trials_per_condition=4, train_per_condition=3, n_units=30,
+                                       n_bins=15)
+    paths = synth.save_sessions_h5(found, root / "data")
+    short = synth.chaotic_rnn_sessions(n_sessions=1, neurons_per_session=8, n_conditions=8,
+                                       trials_per_condition=4, train_per_condition=3, n_units=30,
+                                       n_bins=12)
+    return paths, synth.save_h5(short[0], root / "short.h5")
+
+
+def test_train_infer_resume_sessions(session_files, tmp_path, capsys):
+    (a, b), _ = session_files
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", a, b, "--out", str(out), "--samples", "2", "--quiet", *TINY],
+                            capsys)
+    assert code == 0, err
+    assert "2 sessions, shared read-in dimension 4; read-ins from PCR on condition averages" in stdout
+    for name in ("config.yaml", "log.csv", "session_factors.png", "checkpoints/best.h5",
+                 "lfads_output_session_00.h5", "lfads_output_session_01.h5"):
+        assert (out / name).is_file(), name
+    assert not (out / "posterior.h5").exists()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    assert cfg["session_neurons"] == [10, 14] and cfg["encod_data_dim"] == 4
+    post = data.read_posterior_h5(out / "lfads_output_session_01.h5")
+    assert post["valid_output_params"].shape == (8, 15, 14)
+    assert "valid_r2_s1" in (out / "log.csv").read_text().splitlines()[0].split(",")
+
+    # A quoted glob pattern names the same sessions; --resume reads DIR/config.yaml.
+    pattern = os.path.join(os.path.dirname(a), "session_*.h5")
+    code, stdout, err = run(["train", pattern, "--out", str(out), "--resume", "--quiet",
+                             "--samples", "0", "--set", "max_epochs=3"], capsys)
+    assert code == 0, err
+    assert "trained 3 epochs (1 now" in stdout
+
+    target = tmp_path / "post"
+    code, stdout, err = run(["infer", str(out / "checkpoints" / "best.h5"), a, b, "--out",
+                             str(target), "--samples", "0", "--splits", "valid"], capsys)
+    assert code == 0, err
+    post = data.read_posterior_h5(target / "lfads_output_session_00.h5")
+    assert set(post) == {f"valid_{k}" for k in data.POSTERIOR_FIELDS} | {"valid_inds"}
+    assert post["valid_output_params"].shape == (8, 15, 10)
+
+    best = str(out / "checkpoints" / "best.h5")
+    code, _, err = run(["infer", best, a, "--out", str(target)], capsys)
+    assert code == 2 and "the checkpoint's model has 2 sessions but 1 data file was given" in err
+    code, _, err = run(["infer", best, b, a, "--out", str(target)], capsys)
+    assert code == 2 and "has encod_data_dim = 14 but the model expects 10" in err
+
+
+def test_sessions_need_the_same_bins(session_files, tmp_path, capsys):
+    (a, _), short = session_files
+    code, _, err = run(["train", a, short, "--out", str(tmp_path / "run"), "--quiet", *TINY], capsys)
+    assert code == 2 and "short.h5: encod_seq_len is 12 but" in err
+    code, _, err = run(["train", a, str(tmp_path / "none_*.h5"), "--out", str(tmp_path / "run")],
+                       capsys)
+    assert code == 2 and "no data file matches" in err
+
+
+def test_shared_dimension_from_the_config(session_files, tmp_path, capsys):
+    (a, b), _ = session_files
+    out = tmp_path / "run"
+    code, stdout, err = run(["train", a, b, "--out", str(out), "--quiet", "--samples", "0", *TINY,
+                             "--set", "encod_data_dim=3", "--set", "max_epochs=1"], capsys)
+    assert code == 0, err
+    assert "shared read-in dimension 3" in stdout
+    assert load_checkpoint(out / "checkpoints" / "last.h5").model_config.encod_data_dim == 3
+    code, _, err = run(["train", a, b, "--out", str(tmp_path / "other"), "--quiet", *TINY,
+                        "--set", "encod_seq_len=20"], capsys)
+    assert code == 2 and "encod_seq_len = 20 in the config, but the data files give 15" in err
 
 
 def test_config_file_and_time_budget(data_file, tmp_path, capsys):

@@ -47,6 +47,42 @@ def test_factor_trajectories(tmp_path, pulses):
     _check_png(path, tmp_path / "g.png")
 
 
+def test_session_factors_share_one_projection(tmp_path, rng):
+    """Sessions with the same trajectories get the same projection; the components are those
+    of all sessions together, so a session alone would be projected differently."""
+    base = rng.standard_normal((5, 12, 6)).cumsum(axis=1)
+    other = base[:, :, ::-1] * 3.0
+    (a, b, c), explained = plots.project_session_factors([base, base, other], n_pcs=3)
+    assert a.shape == (5, 12, 3)
+    np.testing.assert_allclose(a, b)
+    (alone,), _ = plots.project_session_factors([base], n_pcs=3)
+    assert not np.allclose(np.abs(alone), np.abs(a))
+    assert np.all(np.diff(explained) <= 0) and 0 < explained.sum() <= 1 + 1e-12
+    # Rank 1 trajectories: one component carries everything.
+    line = np.linspace(0, 1, 12)[None, :, None] * np.ones((1, 1, 6))
+    (p,), explained = plots.project_session_factors([line], n_pcs=3)
+    np.testing.assert_allclose(p[..., 1:], 0.0, atol=1e-12)
+    assert explained[0] == pytest.approx(1.0)
+    (p,), _ = plots.project_session_factors([base[:, :, :2]], n_pcs=3)  # two factors
+    assert np.all(p[..., 2] == 0) and np.all(p[..., 1] != 0)
+
+
+def test_session_factors_plot(tmp_path, rng):
+    averages = [rng.standard_normal((4, 15, 5)).cumsum(axis=1) for _ in range(3)]
+    path = plots.plot_session_factors(tmp_path / "s.png", averages, conditions=np.arange(4),
+                                      session_names=["a", "b", "c"])
+    _check_png(path, tmp_path / "s.png")
+    path = plots.plot_session_factors(tmp_path / "t.png", [a[:1] for a in averages], n_pcs=2)
+    _check_png(path, tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"session 1: trajectories must be \[conditions, 15 bins"):
+        plots.plot_session_factors(tmp_path / "u.png", [averages[0], averages[1][:, :3]])
+    with pytest.raises(ValueError, match="2 session names for 3 sessions"):
+        plots.plot_session_factors(tmp_path / "u.png", averages, session_names=["a", "b"])
+    with pytest.raises(ValueError, match="n_pcs must be 2 or 3"):
+        plots.plot_session_factors(tmp_path / "u.png", averages, n_pcs=4)
+    assert not (tmp_path / "u.png").exists()
+
+
 def test_inferred_inputs(tmp_path, pulses):
     s = pulses.train
     noisy = s.inputs + np.random.default_rng(0).standard_normal(s.inputs.shape)

@@ -186,32 +186,79 @@ def test_mixed_batch_is_the_session_weighted_combination(rng):
     np.testing.assert_allclose(mixed_grad, expect, rtol=1e-8, atol=1e-10)
 
 
-def test_one_session_with_identity_readin_is_the_single_session_model(rng):
+def single_and_identity_session(single_kw, multi_kw):
+    """A single-session model (5 encoder, 7 recon neurons) and a multi-session model whose
+    session 0 has the same parameters and an identity read-in."""
     shared = {k: v for k, v in BASE.items() if k not in ("session_neurons", "train_readin")}
-    single_cfg = LFADSConfig(**dict(shared, recon_data_dim=7, cd_rate=0.3))
-    multi_cfg = LFADSConfig(**dict(BASE, session_neurons=[5], session_recon_neurons=[7],
-                                   cd_rate=0.3))
-    single = LFADS(single_cfg, seed=4, dtype=np.float64)
-    multi = LFADS(multi_cfg, seed=4, dtype=np.float64)
+    single = LFADS(LFADSConfig(**dict(shared, recon_data_dim=7, **single_kw)), seed=4, dtype=np.float64)
+    multi = LFADS(LFADSConfig(**dict(BASE, **multi_kw)), seed=4, dtype=np.float64)
     for name, value in single.params.items():
         multi.params[f"{name}_0" if name.startswith("readout") else name][...] = value
     multi.params["readin_W_0"][...] = np.eye(5)
     multi.params["readin_b_0"][...] = 0.0
-    encod = rng.poisson(1.0, size=(4, 8, 5)).astype(np.float64)
-    recon = rng.poisson(1.0, size=(4, 8, 7)).astype(np.float64)
-    recon[:, :, :5] = encod
-    b1 = single.make_batch(encod, recon)
-    b2 = multi.make_batch(encod, recon, session=0)
-    noise = single.draw_noise(4, rng)
-    noise2 = dict(noise, cd_keep=[noise["cd_keep"]])
-    t1, g1 = single.loss_and_grads(b1, noise)
-    t2, g2 = multi.loss_and_grads(b2, noise2)
+    return single, multi
+
+
+def assert_same_as_single(single, multi, single_result, multi_result):
+    (t1, g1), (t2, g2) = single_result, multi_result
     for k in t1:
         np.testing.assert_allclose(t2[k], t1[k], rtol=1e-12, err_msg=k)
     v1, v2 = single.views(g1), multi.views(g2)
     for name in v1:
         other = name + "_0" if name.startswith("readout") else name
         np.testing.assert_allclose(v2[other], v1[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def poisson_pair(rng, B=4):
+    """Encoder counts [B, 8, 5] and recon counts [B, 8, 7] that contain them."""
+    encod = rng.poisson(1.0, size=(B, 8, 5)).astype(np.float64)
+    recon = rng.poisson(1.0, size=(B, 8, 7)).astype(np.float64)
+    recon[:, :, :5] = encod
+    return encod, recon
+
+
+def test_one_session_with_identity_readin_is_the_single_session_model(rng):
+    single, multi = single_and_identity_session(
+        dict(cd_rate=0.3), dict(session_neurons=[5], session_recon_neurons=[7], cd_rate=0.3))
+    encod, recon = poisson_pair(rng)
+    noise = single.draw_noise(4, rng)
+    noise2 = dict(noise, cd_keep=[noise["cd_keep"]])
+    assert_same_as_single(single, multi, single.loss_and_grads(single.make_batch(encod, recon), noise),
+                          multi.loss_and_grads(multi.make_batch(encod, recon, session=0), noise2))
+
+
+def test_sample_validation_with_sessions(rng):
+    """One session with an identity read-in and a sample-validation mask is the single-session
+    model with that mask; in a mixed batch each session is weighted by its own mask."""
+    single, multi = single_and_identity_session(
+        dict(dropout_rate=0.0), dict(session_neurons=[5, 6], session_recon_neurons=[7, 6], dropout_rate=0.0))
+    encod, recon = poisson_pair(rng)
+    keep = rng.random(encod.shape) >= 0.3
+    noise = {"ic_eps": rng.standard_normal((4, BASE["ic_dim"])),
+             "co_kl_eps": rng.standard_normal((8, 4, BASE["co_dim"]))}
+    assert_same_as_single(
+        single, multi, single.loss_and_grads(single.make_batch(encod, recon, sv_mask=keep, sv_rate=0.3), noise),
+        multi.loss_and_grads(multi.make_batch(encod, recon, session=0, sv_mask=keep, sv_rate=0.3), noise))
+    plain = multi.loss_and_grads(multi.make_batch(encod, recon, session=0), noise, grads=False)[0]
+    masked = multi.loss_and_grads(multi.make_batch(encod, recon, session=0, sv_mask=keep, sv_rate=0.3),
+                                  noise, grads=False)[0]
+    assert abs(plain["recon"] - masked["recon"]) > 1e-3 * abs(plain["recon"])  # the mask matters
+
+    other = rng.poisson(1.0, size=(3, 8, 6)).astype(np.float64)
+    keep_other = rng.random(other.shape) >= 0.3
+    parts = [(0, encod, recon), (1, other, other)]
+    mixed = multi.make_session_batch(parts, sv_masks=[keep, keep_other], sv_rate=0.3)
+    means = {"co_kl_eps": np.zeros((8, 7, BASE["co_dim"]))}
+    recon_mixed = multi.loss_and_grads(mixed, means, grads=False)[0]["recon"]
+    alone = [multi.loss_and_grads(multi.make_batch(e, r, session=s, sv_mask=m, sv_rate=0.3),
+                                  {"co_kl_eps": np.zeros((8, e.shape[0], BASE["co_dim"]))},
+                                  grads=False)[0]["recon"]
+             for (s, e, r), m in zip(parts, (keep, keep_other))]
+    np.testing.assert_allclose(recon_mixed, sum(alone) / 2, rtol=COMBINE_RTOL)
+    with pytest.raises(ValueError, match="sv_masks has 1 entries for 2 parts"):
+        multi.make_session_batch(parts, sv_masks=[keep], sv_rate=0.3)
+    with pytest.raises(ValueError, match=r"session 1 sv_mask must have shape \[3, 8, 6\]"):
+        multi.make_session_batch(parts, sv_masks=[keep, keep], sv_rate=0.3)
 
 
 def test_frozen_readin_has_zero_gradient_and_stays_put(rng):
@@ -497,6 +544,66 @@ def test_session_files_round_trip_and_posteriors(rng, tmp_path):
     np.testing.assert_array_equal(post["valid_inds"], loaded[2].valid.inds)
     direct = model.forward(loaded[2].valid.encod_data, session=2)
     np.testing.assert_allclose(post["valid_factors"], direct["factors"], rtol=1e-6)
+
+
+def test_session_factor_averages_and_conditions(rng):
+    sessions = session_datasets(rng)
+    cfg = stitching.config_for_sessions(sessions, 3, fac_dim=3, ic_enc_dim=4, ci_enc_dim=4,
+                                        con_dim=4, co_dim=1, ic_dim=3, gen_dim=6)
+    model = LFADS(cfg, seed=0, dtype=np.float64)
+    averages, labels = stitching.session_factor_averages(model, sessions)
+    common = np.intersect1d(np.intersect1d(*[stitching.session_conditions(ds) for ds in sessions[:2]]),
+                            stitching.session_conditions(sessions[2]))
+    np.testing.assert_array_equal(labels, common)
+    outputs = stitching.session_posteriors(model, sessions)
+    for ds, out, avg in zip(sessions, outputs, averages):
+        assert avg.shape == (labels.size, 8, 3)
+        factors = np.concatenate([out["train"]["factors"], out["valid"]["factors"]])
+        cond = np.concatenate([stitching.session_conditions(ds, name) for name in ("train", "valid")])
+        np.testing.assert_allclose(avg[-1], factors[cond == labels[-1]].mean(axis=0), rtol=1e-12)
+    # lfads-torch files may name the labels cond_idx; without labels, one trial average.
+    for ds in sessions:
+        for split in ds.splits.values():
+            split.extra["cond_idx"] = split.extra.pop("conditions")
+    assert np.array_equal(stitching.session_factor_averages(model, sessions)[1], labels)
+    del sessions[1].valid.extra["cond_idx"]
+    averages, labels = stitching.session_factor_averages(model, sessions)
+    assert labels is None and [a.shape for a in averages] == [(1, 8, 3)] * 3
+    sessions[0].train.extra["cond_idx"] = np.zeros(3)
+    with pytest.raises(ValueError, match="train_cond_idx has 3 labels for 15 trials"):
+        stitching.session_conditions(sessions[0])
+
+
+def test_default_shared_dim_and_check_sessions(rng):
+    sessions = session_datasets(rng)  # 6, 9 and 4 neurons
+    assert stitching.default_shared_dim(sessions, fac_dim=40) == 19
+    assert stitching.default_shared_dim(sessions, fac_dim=8) == 8
+    aligned = session_datasets(rng, alignment=[{"readin_weight": np.ones((n, 5))} for n in (6, 9, 4)])
+    assert stitching.default_shared_dim(aligned, fac_dim=40) == 5
+    cfg = stitching.config_for_sessions(sessions, 3)
+    stitching.check_sessions(cfg, sessions)
+    with pytest.raises(ValueError, match="the model has one session"):
+        stitching.check_sessions(LFADSConfig(encod_data_dim=6, encod_seq_len=8), sessions)
+    longer = LFADSConfig(**dict(cfg.to_dict(), encod_seq_len=9, recon_seq_len=9))
+    with pytest.raises(ValueError, match=r"session 0 \(<arrays>\) has encod_seq_len = 8 but the model expects 9"):
+        stitching.check_sessions(longer, sessions)
+
+
+def test_posterior_files_of_sessions_with_one_file_name(rng, tmp_path):
+    found = synth.chaotic_rnn_sessions(n_sessions=2, neurons_per_session=[4, 5], n_conditions=3,
+                                       trials_per_condition=2, train_per_condition=1,
+                                       n_units=10, n_bins=6)
+    paths = []
+    for d, name in zip(found, "ab"):
+        (tmp_path / name).mkdir()
+        paths.append(synth.save_h5(d, tmp_path / name / "rec.h5"))
+    sessions = data.load_sessions(paths)
+    model = LFADS(stitching.config_for_sessions(sessions, 3, fac_dim=3, co_dim=0, con_dim=0,
+                                                ci_enc_dim=0, ic_enc_dim=4, ic_dim=2, gen_dim=4))
+    out = stitching.write_session_posteriors(model, sessions, tmp_path / "out", splits=("valid",))
+    assert [os.path.basename(p) for p in out] == ["lfads_output_session_00_rec.h5",
+                                                  "lfads_output_session_01_rec.h5"]
+    assert data.read_posterior_h5(out[1])["valid_output_params"].shape == (3, 6, 5)
 
 
 def test_load_sessions_errors(rng, tmp_path):
