@@ -91,7 +91,8 @@ class DemoResult:
 
 def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
              n_samples: int = posterior.DEFAULT_SAMPLES, quick: bool = False, seed: int = 0,
-             progress: bool = True, log=print) -> DemoResult:
+             progress: bool = True, log=print, model_overrides: dict | None = None,
+             train_overrides: dict | None = None) -> DemoResult:
     """Runs the demo (see the module docstring).
 
     Args:
@@ -102,6 +103,9 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         seed: seed of the data, the initialisation and training.
         progress: show the training progress bar.
         log: called with each progress message (a string).
+        model_overrides: LFADSConfig fields that replace DEMO_MODEL's (e.g. {"gen_dim": 200}).
+        train_overrides: TrainConfig fields that replace DEMO_TRAIN's; time_budget comes from
+            minutes.
 
     Returns:
         The measurements (also written to out_dir/report.md).
@@ -127,8 +131,9 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     log(f"baselines (valid R^2): smoothing {base['r2_smoothing']:.3f}, "
         f"smoothing + PCA {base['r2_pca']:.3f}")
 
-    model_cfg = config_for_data(ds, **DEMO_MODEL)
-    train_cfg = TrainConfig(**DEMO_TRAIN, seed=seed, time_budget=60.0 * minutes)
+    model_cfg = config_for_data(ds, **{**DEMO_MODEL, **(model_overrides or {})})
+    train_fields = {**DEMO_TRAIN, "seed": seed, **(train_overrides or {})}
+    train_cfg = TrainConfig(**{**train_fields, "time_budget": 60.0 * minutes})
     model = LFADS(model_cfg, seed=seed)
     log(f"training LFADS ({model.num_params} parameters, {ops.get_num_threads()} threads) "
         f"for {minutes:g} min")
@@ -241,7 +246,8 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         "## Model",
         "",
         f"{model.num_params} parameters: ic_enc_dim {mc.ic_enc_dim}, ic_dim {mc.ic_dim}, "
-        f"gen_dim {mc.gen_dim}, fac_dim {mc.fac_dim}, no controller (co_dim 0), dropout "
+        f"gen_dim {mc.gen_dim}, fac_dim {mc.fac_dim}, "
+        f"{'no controller (co_dim 0)' if not mc.use_con else f'controller (co_dim {mc.co_dim})'}, dropout "
         f"{mc.dropout_rate}. Training: batch {train_cfg.batch_size}, lr {train_cfg.lr_init:g} "
         f"(x{train_cfg.lr_decay} after {train_cfg.lr_patience} epochs without improvement), "
         f"KL ramp over {train_cfg.kl_increase_epoch} epochs. Full configuration: "

@@ -205,6 +205,24 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / name).is_file(), name
 
 
+def test_demo_set_overrides_the_demo_configuration(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "1",
+                             "--out", str(out), "--quiet", "--set", "model.gen_dim=24",
+                             "--set", "train.lr_patience=7"], capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((out / "train" / "config.yaml").read_text())
+    assert saved["model"]["gen_dim"] == 24 and saved["train"]["lr_patience"] == 7
+    assert saved["model"]["ic_dim"] == 32  # the rest of the demo's configuration stays
+    assert "gen_dim 24" in (out / "report.md").read_text()
+    code, _, err = run(["demo", "--quick", "--out", str(out), "--set", "train.time_budget=5"],
+                       capsys)
+    assert code == 2 and "--minutes" in err
+    code, _, err = run(["demo", "--quick", "--out", str(out), "--set", "model.gen_dimm=5"],
+                       capsys)
+    assert code == 2 and "gen_dimm" in err
+
+
 def test_module_entry_point(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run([sys.executable, "-m", "lfads_fast.cli", "train", "--help"],
