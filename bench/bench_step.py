@@ -7,7 +7,7 @@ dropout masks and sampling noise. Prints a header (machine, commit, threads, siz
 median step times, the ratio, and the fraction of this machine's SGEMM rate reached by
 lfads_fast; writes the table to bench/results/step_cpu.md.
 
-    python bench/bench_step.py [--threads 2] [--repeats 5] [--configs nlb5ms,small]
+    python bench/bench_step.py [--threads 1,2] [--repeats 5] [--configs nlb5ms,small]
 """
 from __future__ import annotations
 
@@ -37,31 +37,38 @@ CONFIGS = {
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", default=",".join(sorted({"1", str(os.cpu_count() or 1)}, key=int)),
+                    help="comma-separated thread counts, each used by both (default: 1 and all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--configs", default="nlb5ms,small")
     ap.add_argument("--out", default=str(HERE / "results" / "step_cpu.md"))
     args = ap.parse_args()
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
     import torch
 
     from lfads_fast import LFADS, LFADSConfig, ops
 
-    torch.set_num_threads(args.threads)
-    ops.set_num_threads(args.threads)
-    gemm_rate = measure_sgemm_gflops(args.threads)
+    rates = {}
+    for n in thread_counts:
+        ops.set_num_threads(n)
+        rates[n] = measure_sgemm_gflops()
     header = [
         "# One training step on the CPU: lfads_fast vs PyTorch (same math)",
         "",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} threads for both",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores; both run on the same thread count",
         f"- commit: {commit()}",
         f"- python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
+        "- environment: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}"
+                                      for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")),
         "- dtype: float32; step = forward + backward + Adam; median of "
         f"{args.repeats} steps after 1 warm-up",
-        f"- measured SGEMM rate (2048^3, numpy/OpenBLAS, {args.threads} threads): {gemm_rate:.1f} GFLOP/s",
+        "- measured SGEMM rate (2048^3, the kernels' own OpenBLAS through ops.matmul): "
+        + ", ".join(f"{rates[n]:.1f} GFLOP/s on {n} thread{'s' if n > 1 else ''}"
+                    for n in thread_counts),
         "",
-        "| config | batch | lfads_fast (ms) | PyTorch eager (ms) | speed-up | GEMM GFLOP/step | floor (ms) | fraction of floor |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | batch | threads | lfads_fast (ms) | PyTorch eager (ms) | speed-up | GEMM GFLOP/step | floor (ms) | fraction of floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
     rows = []
@@ -69,26 +76,31 @@ def main():
         spec = dict(CONFIGS[name])
         B = spec.pop("batch")
         cfg = LFADSConfig(**spec, dropout_rate=0.05, l2_gen_scale=1e-4, l2_con_scale=1e-4)
-        model = LFADS(cfg, seed=0)
         rng = np.random.default_rng(0)
         encod = rng.poisson(0.3, (B, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float32)
         recon = rng.poisson(0.3, (B, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float32)
         recon[:, : cfg.encod_seq_len, : cfg.encod_data_dim] = encod
-        batch = model.make_batch(encod, recon)
-        noise = model.draw_noise(B, rng)
-        t_fast = time_fast(model, batch, noise, args.repeats)
-        t_torch = time_torch(model, cfg, encod, recon, noise, args.repeats)
-        gflop = step_gflop(cfg, B)
-        floor = gflop / gemm_rate * 1e3
-        row = (f"| {name} | {B} | {t_fast * 1e3:.1f} | {t_torch * 1e3:.1f} | {t_torch / t_fast:.1f}x "
-               f"| {gflop:.1f} | {floor:.1f} | {floor / (t_fast * 1e3):.2f} |")
-        print(row, flush=True)
-        rows.append(row)
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            ops.set_num_threads(n)
+            model = LFADS(cfg, seed=0)
+            batch = model.make_batch(encod, recon)
+            noise = model.draw_noise(B, np.random.default_rng(1))
+            t_fast = time_fast(model, batch, noise, args.repeats)
+            t_torch = time_torch(model, cfg, encod, recon, noise, args.repeats)
+            gflop = step_gflop(cfg, B)
+            floor = gflop / rates[n] * 1e3
+            row = (f"| {name} | {B} | {n} | {t_fast * 1e3:.1f} | {t_torch * 1e3:.1f} | "
+                   f"{t_torch / t_fast:.1f}x | {gflop:.2f} | {floor:.1f} | "
+                   f"{floor / (t_fast * 1e3):.2f} |")
+            print(row, flush=True)
+            rows.append(row)
     notes = [
         "",
         "GEMM GFLOP/step counts the matrix products of forward and backward (backward = 2x",
-        "forward: input and weight gradients); the floor is that count at the measured SGEMM",
-        "rate. Elementwise work (gates, exp, lgamma) is not counted.",
+        "forward: input and weight gradients); the floor is that count at the SGEMM rate",
+        "measured on the same number of threads. Elementwise work (gates, exp, lgamma) is not",
+        "counted.",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(header + rows + notes) + "\n")
@@ -145,15 +157,19 @@ def step_gflop(cfg, B) -> float:
     return 3 * B * (Te * per_te + Tr * per_tr) / 1e9
 
 
-def measure_sgemm_gflops(threads: int) -> float:
+def measure_sgemm_gflops() -> float:
+    """SGEMM rate of the OpenBLAS the kernels call, on the kernels' current thread count."""
+    from lfads_fast import ops
+
     a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    a @ a
+    c = np.empty_like(a)
+    ops.matmul(a, a, out=c)
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
-        a @ a
+        ops.matmul(a, a, out=c)
         times.append(time.perf_counter() - t0)
-    return 2 * 2048**3 / np.median(times) / 1e9
+    return 2 * 2048**3 / min(times) / 1e9
 
 
 def cpu_name() -> str:
