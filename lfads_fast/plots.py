@@ -210,13 +210,13 @@ def plot_session_factors(
     limits = list(zip(low - pad, high + pad))
     n_cols = min(4, n_sessions)
     n_rows = -(-n_sessions // n_cols)
-    fig = Figure(figsize=(3.6 * n_cols, 3.4 * n_rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(3.8 * n_cols, 3.4 * n_rows + 0.6), layout="constrained")
     colors = _colors(max(p.shape[0] for p in projected))
     for s, p in enumerate(projected):
         kw = {"projection": "3d"} if n_pcs == 3 else {}
         ax = fig.add_subplot(n_rows, n_cols, s + 1, **kw)
         if n_pcs == 3:
-            ax.set_box_aspect(None, zoom=0.85)  # room for the third axis label
+            ax.set_box_aspect(None, zoom=0.8)  # room for the third axis label
         for c in range(p.shape[0]):
             ax.plot(*p[c].T, color=colors[c], lw=1.0)
             ax.scatter(*p[c, :1].T, color=colors[c], s=10)
