@@ -33,6 +33,16 @@ def _check_cpu(mod) -> None:
         )
 
 
+def _default_wait_policy() -> None:
+    # Idle OpenMP threads of the kernels sleep instead of spinning unless the user chose
+    # otherwise: read once, when the OpenMP runtime loads with the CPU module. On a machine
+    # whose cores other work also uses, spinning threads take the cores the working ones
+    # need (steps about twice as slow on two shared cores); on an idle machine the two
+    # policies measured the same (docs/performance.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_default_wait_policy()
 _preload_openblas()
 from . import _cpu as cpu  # noqa: E402
 
