@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# As given to this process (import lfads_fast sets OMP_WAIT_POLICY=PASSIVE when it is unset;
+# torch, imported first, reads the value given here).
+ENV_AT_START = {k: os.environ.get(k, "(unset)") for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 CONFIGS = {
@@ -59,8 +62,7 @@ def main():
         f"- machine: {cpu_name()}, {os.cpu_count()} cores; both run on the same thread count",
         f"- commit: {commit()}",
         f"- python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
-        "- environment: " + ", ".join(f"{k}={os.environ.get(k, '(unset)')}"
-                                      for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")),
+        "- environment at start: " + ", ".join(f"{k}={v}" for k, v in ENV_AT_START.items()),
         "- dtype: float32; step = forward + backward + Adam; median of "
         f"{args.repeats} steps after 1 warm-up",
         "- measured SGEMM rate (2048^3, the kernels' own OpenBLAS through ops.matmul): "
