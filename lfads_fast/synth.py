@@ -124,6 +124,7 @@ def chaotic_rnn(
     input_magnitude: float = 0.0,
     seed: int = 0,
     network_seed: int = 14,
+    burn_in_bins: int = 0,
 ) -> SynthDataset:
     """Spikes from a chaotic rate RNN, the synthetic data of the original LFADS paper.
 
@@ -151,6 +152,10 @@ def chaotic_rnn(
         seed: seed of the SeedSequence the initial states, pulse times, readout and spikes
             are drawn from.
         network_seed: seed of W and b_in (see the module docstring).
+        burn_in_bins: Euler steps run from x0 before the first bin, unobserved. 0 (the
+            original code) starts every trial with the fast transient from the random x0
+            toward the network's attractor, which the first bins observe with few spikes;
+            a burn-in starts the trials on the attractor.
 
     Returns:
         The dataset, C * R trials of T bins; latents are the units' tanh(x), [B, T, n_units].
@@ -166,6 +171,9 @@ def chaotic_rnn(
     weights = net.standard_normal((n_units, n_units)) / np.sqrt(n_units)
     b_in = net.standard_normal(n_units)
     x0 = x0_std * cond.standard_normal((n_conditions, n_units))
+    if not (isinstance(burn_in_bins, (int, np.integer)) and burn_in_bins >= 0):
+        raise ValueError(f"burn_in_bins must be a non-negative integer, got {burn_in_bins!r}")
+    x0 = _advance_rnn(x0, weights, g, dt / tau, int(burn_in_bins))
     system = {"weights": weights, "b_in": b_in, "x0": x0}
     n_trials = n_conditions * trials_per_condition
     pulse_times = inputs = None
@@ -506,6 +514,15 @@ def _check_trials(n_conditions, trials_per_condition, train_per_condition, n_bin
 def _streams(seed):
     """Independent generators: conditions, pulses, readout, spikes."""
     return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)]
+
+
+def _advance_rnn(x0, weights, g, alpha, n_steps):
+    """The state x after n_steps Euler steps without input (as _run_rnn takes them)."""
+    x = x0.copy()
+    recurrent = (alpha * g) * weights.T
+    for _ in range(n_steps):
+        x = (1.0 - alpha) * x + np.tanh(x) @ recurrent
+    return x
 
 
 def _run_rnn(x0, weights, b_in, g, alpha, n_bins, magnitude, pulse_times):

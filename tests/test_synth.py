@@ -62,6 +62,19 @@ def test_chaotic_rnn_latents_follow_the_stated_equation():
     np.testing.assert_allclose(d.train.latents, expected, atol=1e-5)
 
 
+def test_burn_in_starts_the_trials_later_on_the_same_trajectory():
+    long = synth.chaotic_rnn(n_conditions=6, trials_per_condition=2, train_per_condition=1,
+                             n_bins=40, seed=3)
+    late = synth.chaotic_rnn(n_conditions=6, trials_per_condition=2, train_per_condition=1,
+                             n_bins=30, seed=3, burn_in_bins=10)
+    np.testing.assert_allclose(late.train.latents, long.train.latents[:, 10:], atol=1e-6)
+    # The rates are normalised over the observed bins only, so they span [0, max] again.
+    r = late.train.rates / late.train.rates.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(r.min(axis=1), 0, atol=1e-6)
+    with pytest.raises(ValueError, match="burn_in_bins must be a non-negative integer"):
+        synth.chaotic_rnn(n_conditions=2, burn_in_bins=-1)
+
+
 def test_chaotic_rnn_is_chaotic():
     # Nearby initial states of the default network separate: the largest Lyapunov exponent
     # is positive (a decaying or periodic network would keep them at most as close).
