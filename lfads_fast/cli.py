@@ -3,7 +3,7 @@
     lfads-fast train DATA.h5 [DATA.h5 ...] --out DIR [--config cfg.yaml] [--set key=value ...]
                      [--resume] [--time-budget S] [--samples 50]
     lfads-fast infer CHECKPOINT DATA.h5 [DATA.h5 ...] --out OUT [--samples 50]
-    lfads-fast demo [--minutes 5] [--out demo_out] [--set key=value ...]
+    lfads-fast demo [--minutes 5] [--out demo_out] [--burn-in BINS] [--set key=value ...]
     lfads-fast fixed-points CHECKPOINT DATA.h5 --out DIR [--n-init 1000] [--noise 0.01]
                      [--method newton|adam] [--inputs zero|mean] [--split valid] [--session S]
 
@@ -199,7 +199,7 @@ def _demo(args) -> int:
             raise ValueError(f"--set {name}: the demo's budget is --minutes")
     r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
                  seed=args.seed, progress=not args.quiet, model_overrides=model_fields,
-                 train_overrides=train_fields)
+                 train_overrides=train_fields, burn_in_bins=args.burn_in)
     print(f"valid R^2: LFADS {r.r2_lfads:.3f}, smoothing {r.r2_smoothing:.3f}, "
           f"smoothing + PCA {r.r2_pca:.3f} ({r.total_seconds / 60:.1f} min in all)")
     return 0
@@ -345,6 +345,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data and training")
     p.add_argument("--quick", action="store_true",
                    help="a small dataset, for a fast smoke test")
+    p.add_argument("--burn-in", type=_non_negative_int, default=0, metavar="BINS",
+                   help="simulate the network this many bins before each trial, so trials "
+                   "start on its attractor (default 0: the original data, which start with "
+                   "the transient from a random state)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of the demo's model or training configuration, "
                    "e.g. model.ic_dim=64 or train.lr_patience=10 (repeatable)")

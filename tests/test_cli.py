@@ -209,8 +209,9 @@ def test_demo_set_overrides_the_demo_configuration(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "1",
                              "--out", str(out), "--quiet", "--set", "model.gen_dim=24",
-                             "--set", "train.lr_patience=7"], capsys)
+                             "--set", "train.lr_patience=7", "--burn-in", "5"], capsys)
     assert code == 0, err
+    assert "burn_in_bins=5" in (out / "report.md").read_text()
     saved = yaml.safe_load((out / "train" / "config.yaml").read_text())
     assert saved["model"]["gen_dim"] == 24 and saved["train"]["lr_patience"] == 7
     assert saved["model"]["ic_dim"] == 32  # the rest of the demo's configuration stays
