@@ -144,7 +144,8 @@ def test_config_file_and_time_budget(data_file, tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text("model:\n  gen_dim: 10\n  co_dim: 0\n  ci_enc_dim: 0\n  con_dim: 0\n"
                       "  ic_enc_dim: 8\n  ic_dim: 4\n  fac_dim: 4\n"
-                      "train:\n  lr_init: 1e-2\n  max_epochs: 100000\n  batch_size: 16\n")
+                      "train:\n  lr_init: 1e-2\n  max_epochs: 100000\n  batch_size: 16\n"
+                      "  early_stopping: false\n")  # only the budget may stop it
     out = tmp_path / "run"
     code, stdout, err = run(["train", data_file, "--out", str(out), "--config", str(config),
                              "--time-budget", "1", "--samples", "0", "--quiet"], capsys)

@@ -168,7 +168,8 @@ def test_lr_floor_and_no_scheduler(tiny, tmp_path):
 
 
 def test_time_budget_stops_between_epochs(tiny, tmp_path):
-    result = make_trainer(tiny, tmp_path, max_epochs=10_000, time_budget=1.5).fit()
+    result = make_trainer(tiny, tmp_path, max_epochs=10_000, time_budget=1.5,
+                          early_stopping=False).fit()  # only the budget may stop it
     assert result.stop_reason == "time_budget"
     assert 1 <= result.epochs < 10_000
     assert result.train_seconds < 10
@@ -177,7 +178,7 @@ def test_time_budget_stops_between_epochs(tiny, tmp_path):
 
 def test_time_budget_final_phase_lowers_lr(tiny, tmp_path):
     t = make_trainer(tiny, tmp_path, max_epochs=10_000, time_budget=2.0, lr_scheduler=False,
-                     time_budget_lr_factor=0.25)
+                     time_budget_lr_factor=0.25, early_stopping=False)
     result = t.fit()
     lrs = [row["lr"] for row in result.history]
     assert lrs[0] == 1e-2 and lrs[-1] == 2.5e-3
