@@ -172,8 +172,7 @@ def _infer(args) -> int:
                          f"{'files were' if len(files) > 1 else 'file was'} given"
                          + (" (one per session, in the order of training)" if cfg.multisession else ""))
     if cfg.multisession:
-        sessions = data.load_sessions(files)
-        stitching.check_sessions(cfg, sessions)
+        sessions = data.load_sessions(files)  # write_session_posteriors checks them
         paths = stitching.write_session_posteriors(model, sessions, args.out, n_samples=args.samples,
                                                    seed=args.seed, splits=splits)
         print(f"posteriors ({args.samples} samples): {', '.join(paths)}")
@@ -194,9 +193,8 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     model_fields, train_fields = load_config(None, args.set)
-    for name in ("time_budget",):
-        if name in train_fields:
-            raise ValueError(f"--set {name}: the demo's budget is --minutes")
+    if "time_budget" in train_fields:
+        raise ValueError("--set time_budget: the demo's budget is --minutes")
     r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
                  seed=args.seed, progress=not args.quiet, model_overrides=model_fields,
                  train_overrides=train_fields, burn_in_bins=args.burn_in)

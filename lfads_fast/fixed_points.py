@@ -601,24 +601,16 @@ def _from_model(model, encod_data, ext_input, *, session, inputs, ext_inputs, n_
 
 
 def _generator_states(model, encod_data, ext_input, session) -> tuple[np.ndarray, np.ndarray]:
-    """Runs the model (posterior means, no dropout) in chunks of trials.
+    """Runs the model with the posterior means (posterior.sample_and_average, n_samples=0).
 
     Returns:
         (gen_states [B, T_r, G] in the model's dtype, mean controller output over trials and
         time steps [U] float64; [0] without a controller).
     """
-    from .posterior import _CHUNK_BYTES, _row_bytes
+    from .posterior import sample_and_average
 
-    rows = max(_CHUNK_BYTES // _row_bytes(model), 1)
-    states, co_sum, n = [], 0.0, 0
-    for start in range(0, encod_data.shape[0], rows):
-        sl = slice(start, start + rows)
-        out = model.forward(encod_data[sl], None if ext_input is None else ext_input[sl],
-                            session=session)
-        states.append(out["gen_states"])
-        co_sum = co_sum + out["co_means"].astype(np.float64).sum(axis=(0, 1))
-        n += out["co_means"].shape[0] * out["co_means"].shape[1]
-    return np.concatenate(states, axis=0), co_sum / n
+    out = sample_and_average(model, encod_data, ext_input, n_samples=0, session=session)
+    return out["gen_states"], out["co_means"].astype(np.float64).mean(axis=(0, 1))
 
 
 def _input_block(name: str, spec, mean: np.ndarray, K: int, width: int, dim_name: str) -> np.ndarray:

@@ -305,20 +305,15 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
     Returns:
         out.
     """
-    xp = _xp(a)
-    if xp is not np:
-        result = xp.matmul(a, b)
-        if out is None:
-            return result
-        out[...] = result + beta * out if beta else result
-        return out
+    _xp(a)  # a TypeError for anything but an array
+    mod = _module(a)
     if out is None:
         if beta != 0.0:
             raise ValueError("beta != 0 needs out")
         _shape(a, "a", 2)
         _shape(b, "b", 2)
         out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    cpu.matmul(a, b, out, float(beta))
+    mod.matmul(a, b, out, float(beta))
     return out
 
 

@@ -23,7 +23,8 @@ _CHUNK_BYTES = 512 * 2**20
 
 def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarray | None = None,
                        *, n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                       max_rows: int | None = None) -> dict[str, np.ndarray]:
+                       max_rows: int | None = None, session: int | None = None
+                       ) -> dict[str, np.ndarray]:
     """Posterior-averaged outputs of some trials.
 
     Args:
@@ -34,6 +35,7 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
         seed: seed of the samples. The samples depend on it and on max_rows.
         max_rows: rows (trials x samples) per model call; None sizes chunks to about 512 MiB
             of activations.
+        session: the session of the trials, for a model with sessions (else None).
 
     Returns:
         lfads-torch's output names (data.POSTERIOR_FIELDS), batch-major, averaged over the
@@ -59,7 +61,7 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
         x = np.repeat(encod_data[sl], reps, axis=0)
         ext = None if ext_input is None else np.repeat(np.asarray(ext_input)[sl], reps, axis=0)
         chunk_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
-        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed)
+        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session)
         n = x.shape[0] // reps
         chunks.append({k: out[k].reshape((n, reps) + out[k].shape[1:]).mean(axis=1)
                        for k in data_mod.POSTERIOR_FIELDS})
@@ -71,11 +73,12 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
 def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
                       n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
                       splits: tuple[str, ...] | None = None,
-                      max_rows: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+                      max_rows: int | None = None, session: int | None = None
+                      ) -> dict[str, dict[str, np.ndarray]]:
     """sample_and_average for each split of a dataset.
 
     Args:
-        model, n_samples, max_rows: as in sample_and_average.
+        model, n_samples, max_rows, session: as in sample_and_average.
         dataset: the data.
         seed: seed of the samples (each split draws from its own stream).
         splits: names of the splits to run (None: all present).
@@ -91,7 +94,7 @@ def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
     return {name: sample_and_average(model, present[name].encod_data, present[name].ext_input,
                                      n_samples=n_samples,
                                      seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
-                                     max_rows=max_rows)
+                                     max_rows=max_rows, session=session)
             for i, name in enumerate(names)}
 
 

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data as data_mod
-from . import metrics
+from . import metrics, posterior
 from .config import LFADSConfig
 from .model import LFADS
 
@@ -86,8 +86,6 @@ MIN_MEAN_COUNT = 1e-3
 # Floor of a shared dimension's standard deviation, relative to the largest, where the
 # read-out divides by it.
 MIN_RELATIVE_SCALE = 1e-3
-# Trials per forward call when computing posteriors (bounds the activation memory).
-POSTERIOR_CHUNK = 512
 # Per-split arrays read as condition labels, in order of preference: the synthetic data's
 # {split}_conditions, and {split}_cond_idx as some lfads-torch data files name them.
 CONDITION_KEYS = ("conditions", "cond_idx")
@@ -401,9 +399,9 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
     Args:
         model: a trained multi-session model.
         sessions: one Dataset per session, in the model's order.
-        n_samples: posterior samples averaged per trial; 0 runs once with the posterior
-            means.
-        seed: seed of the samples.
+        n_samples: posterior samples averaged per trial (posterior.sample_and_average: one
+            wide batch of trials x samples per chunk); 0 runs once with the posterior means.
+        seed: seed of the samples (each session draws from its own stream).
         splits: the splits to run (None: all present).
 
     Returns:
@@ -411,26 +409,9 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
         e.g. output_params [B_s, T_r, n_recon_s] in expected counts per bin.
     """
     check_sessions(model.config, sessions)
-    results = []
-    for s, ds in enumerate(sessions):
-        names = tuple(ds.splits) if splits is None else splits
-        outputs = {}
-        for i, name in enumerate(names):
-            sp = ds.splits[name]
-            chunks = []
-            for start in range(0, sp.n_trials, POSTERIOR_CHUNK):
-                sl = slice(start, start + POSTERIOR_CHUNK)
-                ext = None if sp.ext_input is None else sp.ext_input[sl]
-                runs = []
-                for k in range(max(n_samples, 1)):
-                    run_seed = int(np.random.SeedSequence([seed, s, i, start, k]).generate_state(1)[0])
-                    out = model.forward(sp.encod_data[sl], ext, session=s, sample=n_samples > 0,
-                                        seed=run_seed)
-                    runs.append({f: out[f] for f in data_mod.POSTERIOR_FIELDS})
-                chunks.append({f: np.mean([r[f] for r in runs], axis=0) for f in data_mod.POSTERIOR_FIELDS})
-            outputs[name] = {f: np.concatenate([c[f] for c in chunks]) for f in data_mod.POSTERIOR_FIELDS}
-        results.append(outputs)
-    return results
+    return [posterior.posterior_outputs(model, ds, n_samples=n_samples, splits=splits, session=s,
+                                        seed=int(np.random.SeedSequence([seed, s]).generate_state(1)[0]))
+            for s, ds in enumerate(sessions)]
 
 
 def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out_dir: str | os.PathLike,

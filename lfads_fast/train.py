@@ -443,24 +443,25 @@ class Trainer:
                    initial=0 if by_time else min(self.epoch, cfg.max_epochs),
                    unit="s" if by_time else "epoch", desc="LFADS", disable=not self.progress,
                    dynamic_ncols=True, leave=True, bar_format=_TIME_BAR if by_time else None)
-        epochs_this_call, last_epoch_s, saved_epoch, final = 0, 0.0, None, False
+        # last_s: the previous pass of the loop, the epoch with its checkpoint and logs (the
+        # log files are rewritten whole, so on small data they can outlast the epoch).
+        epochs_this_call, last_s, saved_epoch, final = 0, 0.0, None, False
         stop_reason = self._stop_reason()
         try:
             while stop_reason is None:
                 elapsed = time.perf_counter() - t_start
                 if (cfg.time_budget is not None and epochs_this_call > 0
-                        and elapsed + last_epoch_s > cfg.time_budget):
+                        and elapsed + last_s > cfg.time_budget):
                     stop_reason = "time_budget"
                     break
                 # The final phase: the last 5% of the budget, or the epochs expected to be the
                 # last two that fit (epochs longer than 5% of the budget would skip it; two,
-                # so that an epoch slower than the one before cannot skip it either).
+                # so that a pass slower than the one before cannot skip it either).
                 final = final or (cfg.time_budget is not None and (
                     elapsed >= (1.0 - BUDGET_FINAL_FRACTION) * cfg.time_budget
-                    or (epochs_this_call > 0 and elapsed + 3.0 * last_epoch_s > cfg.time_budget)))
-                t_epoch = time.perf_counter()
+                    or (epochs_this_call > 0 and elapsed + 3.0 * last_s > cfg.time_budget)))
+                t_pass = time.perf_counter()
                 row = self._run_epoch(cfg.time_budget_lr_factor if final else 1.0)
-                last_epoch_s = time.perf_counter() - t_epoch
                 epochs_this_call += 1
                 stop_reason = self._stop_reason()
                 if self.epoch % cfg.checkpoint_every == 0:
@@ -472,6 +473,7 @@ class Trainer:
                     bar.update(min(time.perf_counter() - t_start, cfg.time_budget) - bar.n)
                 else:
                     bar.update(1)
+                last_s = time.perf_counter() - t_pass
         finally:
             bar.close()
         if saved_epoch != self.epoch and (epochs_this_call > 0 or not self.last_checkpoint.exists()):
