@@ -160,7 +160,7 @@ def _train(args) -> int:
 
 def _infer(args) -> int:
     from . import data, posterior, stitching
-    from .train import load_model
+    from .train import check_sizes, load_model
 
     model = load_model(_existing(args.checkpoint, "checkpoint"))
     files = _data_files(args.data)
@@ -178,11 +178,7 @@ def _infer(args) -> int:
         print(f"posteriors ({args.samples} samples): {', '.join(paths)}")
         return 0
     dataset = data.load_dataset(files[0])
-    for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
-                 "ext_input_dim"):
-        if getattr(cfg, name) != getattr(dataset, name):
-            raise ValueError(f"the checkpoint's model has {name} = {getattr(cfg, name)} "
-                             f"but {files[0]} has {getattr(dataset, name)}")
+    check_sizes(cfg, dataset, owner="the checkpoint's model", hint="")
     posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
                               splits=splits)
     print(f"posterior ({args.samples} samples): {args.out}")

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "config_for_data",
+    "check_sizes",
     "ramp",
 ]
 
@@ -143,6 +145,15 @@ class TrainConfig:
             training stops).
         max_nonfinite_steps: stop with NonFiniteLossError after this many consecutive steps
             whose loss or gradient was not finite (such steps never change the parameters).
+        divergence_factor: a step whose reconstruction cost (per bin and neuron) exceeds this
+            multiple of the lowest epoch mean so far is a divergence: its update is dropped,
+            the parameters and Adam's moments return to the best checkpoint's and the
+            learning rate is multiplied by divergence_lr_factor (None: no check). A finite
+            blow-up (log-rates driven far out, GRU units pinned at the clip where no gradient
+            passes) does not recover by itself.
+        divergence_lr_factor: see divergence_factor.
+        max_divergences: after this many divergences training stops (stop_reason
+            "diverged") with the best checkpoint's parameters.
     """
 
     batch_size: int = 128
@@ -172,10 +183,17 @@ class TrainConfig:
     time_budget_lr_factor: float = 1.0
     checkpoint_every: int = 1
     max_nonfinite_steps: int = 10
+    divergence_factor: float | None = 3.0
+    divergence_lr_factor: float = 0.5
+    max_divergences: int = 5
 
     def __post_init__(self):
         for name in ("batch_size", "max_epochs", "checkpoint_every", "max_nonfinite_steps"):
             _check_int(self, name, 1)
+        _check_int(self, "max_divergences", 0)
+        if self.divergence_factor is not None:
+            _check_float(self, "divergence_factor", low=1.0, low_open=True)
+        _check_float(self, "divergence_lr_factor", low=0.0, high=1.0, low_open=True)
         for name in ("lr_patience", "kl_start_epoch", "kl_increase_epoch", "l2_start_epoch",
                      "l2_increase_epoch", "early_stopping_patience", "sv_seed", "seed"):
             _check_int(self, name, 0)
@@ -232,7 +250,8 @@ class FitResult:
     Attributes:
         epochs: epochs completed in total (including those of resumed runs).
         epochs_this_call: epochs completed by this call.
-        stop_reason: "max_epochs", "early_stopping" or "time_budget".
+        stop_reason: "max_epochs", "early_stopping", "time_budget" or "diverged" (more than
+            max_divergences divergences; the parameters are the best checkpoint's).
         best_epoch: the epoch of the best checkpoint (0-based).
         best_valid_recon_smth: its smoothed validation reconstruction.
         train_seconds: wall-clock seconds spent in this call.
@@ -240,6 +259,7 @@ class FitResult:
         out_dir: the output directory.
         best_checkpoint, last_checkpoint: paths of the checkpoints.
         history: one dict per epoch (the rows of log.csv).
+        divergences: divergences (see TrainConfig.divergence_factor) recovered from, in total.
     """
 
     epochs: int
@@ -253,6 +273,7 @@ class FitResult:
     best_checkpoint: str
     last_checkpoint: str
     history: list = field(default_factory=list)
+    divergences: int = 0
 
 
 @dataclass
@@ -390,7 +411,7 @@ class Trainer:
                 raise ValueError("a list of datasets is several sessions: build the model's config "
                                  "with stitching.config_for_sessions (docs/stitching.md)")
             self.data = _as_dataset(data)
-            _check_sizes(model.config, self.data)
+            check_sizes(model.config, self.data)
             self.sessions = [self.data]
             self._fingerprint = _data_fingerprint(self.data)
         mask = model.trainable_mask()
@@ -488,7 +509,8 @@ class Trainer:
             best_epoch=self.best_epoch, best_valid_recon_smth=_none_to_nan(self.best_value),
             train_seconds=time.perf_counter() - t_start, skipped_steps=self.skipped_steps,
             out_dir=str(self.out_dir), best_checkpoint=str(self.best_checkpoint),
-            last_checkpoint=str(self.last_checkpoint), history=list(self.history))
+            last_checkpoint=str(self.last_checkpoint), history=list(self.history),
+            divergences=self.divergences)
 
     # ------------------------------------------------------------------ one epoch
 
@@ -502,13 +524,19 @@ class Trainer:
         steps = self._epoch_steps()
         n_batches = len(steps)
         sums = dict.fromkeys(_LOSS_TERMS, 0.0)
-        n_used, norms, skipped = 0, [], 0
+        n_used, norms, skipped, diverged = 0, [], 0, 0
         for b, step in enumerate(steps):
             batch = self._batch(step)
             noise = model.draw_noise(batch, self.rng, train=True, sample=True)
             terms, grad = model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
             # The parts first, so that the message names the term that broke.
             bad = next((k for k in _TERM_PARTS + ("loss",) if not math.isfinite(terms[k])), None)
+            if bad is None and self._diverged(terms["recon"]):
+                diverged += 1
+                self._roll_back(terms["recon"], b, n_batches)
+                if self.divergences > cfg.max_divergences:
+                    break
+                continue
             norm = float("nan")
             if bad is None:
                 norm = ops.adam_step(model.flat, grad, self.adam_m, self.adam_v,
@@ -540,14 +568,41 @@ class Trainer:
         row.update(valid)
         row["grad_norm"] = float(np.mean(norms)) if norms else float("nan")
         row["skipped_steps"] = skipped
+        row["divergences"] = diverged
         row["train_s"] = train_s
         row["epoch_s"] = time.perf_counter() - t0
         self.train_seconds += row["epoch_s"]
         row["time_s"] = self.train_seconds
         self.history.append(row)
+        if math.isfinite(row["train_recon"]):
+            self.recon_floor = min(self.recon_floor or math.inf, row["train_recon"])
         if row["epoch"] == self.best_epoch:
             self._save(self.best_checkpoint)
         return row
+
+    def _diverged(self, recon: float) -> bool:
+        factor = self.config.divergence_factor
+        # Also needs a best checkpoint of this run to return to.
+        return factor is not None and self.recon_floor is not None and \
+            self.best_epoch >= 0 and recon > factor * self.recon_floor
+
+    def _roll_back(self, recon: float, b: int, n_batches: int) -> None:
+        """A divergent step: drop it, return to the best checkpoint, lower the rate."""
+        cfg = self.config
+        self.divergences += 1
+        self.lr = max(self.lr * cfg.divergence_lr_factor, cfg.lr_stop)
+        best = load_checkpoint(self.best_checkpoint)
+        self.model.flat[...] = best.flat
+        self.adam_m[...], self.adam_v[...] = best.adam_m, best.adam_v
+        last = self.divergences > cfg.max_divergences
+        warnings.warn(
+            f"LFADS training diverged at epoch {self.epoch}, batch {b} of {n_batches}: the "
+            f"reconstruction cost {recon:.6g} is {recon / self.recon_floor:.3g} times the "
+            f"lowest epoch mean so far ({self.recon_floor:.6g}); parameters and Adam's moments "
+            f"restored from the best checkpoint (epoch {self.best_epoch})"
+            + (f"; that was divergence {self.divergences} (max_divergences "
+               f"{cfg.max_divergences}): training stops." if last else
+               f", learning rate lowered to {self.lr:.3g}."), RuntimeWarning, stacklevel=4)
 
     def _validate(self, epoch: int, kl_ramp: float, l2_ramp: float) -> dict:
         """Validation loss terms (posteriors sampled, no dropout), smoothed recon, R^2, bps;
@@ -636,6 +691,8 @@ class Trainer:
 
     def _stop_reason(self) -> str | None:
         cfg = self.config
+        if self.divergences > cfg.max_divergences:
+            return "diverged"
         if cfg.early_stopping and self.epoch > cfg.burn_in and \
                 self.es_wait >= cfg.early_stopping_patience:
             return "early_stopping"
@@ -697,6 +754,7 @@ class Trainer:
         self.best_value, self.best_epoch, self.es_wait = None, -1, 0
         self.recon_smth = None
         self.skipped_steps, self.bad_streak = 0, 0
+        self.divergences, self.recon_floor = 0, None
         self.train_seconds = 0.0
         self.history: list[dict] = []
 
@@ -717,6 +775,8 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak,
+            "divergences": self.divergences,
+            "recon_floor": self.recon_floor,
             "train_seconds": self.train_seconds,
             "data": self._fingerprint,
             "history": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.history],
@@ -751,6 +811,7 @@ class Trainer:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = s["rng"]
         self.skipped_steps, self.bad_streak = int(s["skipped_steps"]), int(s["bad_streak"])
+        self.divergences, self.recon_floor = int(s.get("divergences", 0)), s.get("recon_floor")
         self.train_seconds = float(s["train_seconds"])
         self.history = [{k: _none_to_nan(v) for k, v in row.items()} for row in s["history"]]
 
@@ -884,13 +945,16 @@ def _data_fingerprint(ds: data_mod.Dataset) -> dict:
             "valid_count_sum": float(np.nansum(v.recon_data, dtype=np.float64))}
 
 
-def _check_sizes(cfg: LFADSConfig, ds: data_mod.Dataset) -> None:
+def check_sizes(cfg: LFADSConfig, ds: data_mod.Dataset, owner: str = "the model",
+                hint: str = "; build the config with train.config_for_data(dataset, ...)"
+                ) -> None:
+    """Raise ValueError naming the first size (neurons, bins, external inputs) in which the
+    model of cfg and the dataset ds differ; owner names the model in the message."""
     for name in ("encod_data_dim", "recon_data_dim", "encod_seq_len", "recon_seq_len",
                  "ext_input_dim"):
         if getattr(cfg, name) != getattr(ds, name):
-            raise ValueError(f"the model has {name} = {getattr(cfg, name)} but the data "
-                             f"({ds.source}) have {getattr(ds, name)}; build the config with "
-                             "train.config_for_data(dataset, ...)")
+            raise ValueError(f"{owner} has {name} = {getattr(cfg, name)} but the data "
+                             f"({ds.source}) have {getattr(ds, name)}{hint}")
 
 
 # The validation metrics are logged every epoch, where metrics.r2 and
@@ -960,6 +1024,8 @@ def _postfix(row: dict) -> str:
     parts += [f"lr {row['lr']:.2g}", f"{row['epoch_s']:.1f}s/ep"]
     if row["skipped_steps"]:
         parts.append(f"skipped {row['skipped_steps']}")
+    if row.get("divergences"):
+        parts.append(f"rolled back {row['divergences']}")
     return ", ".join(parts)
 
 

@@ -62,6 +62,13 @@ def test_train_infer_resume(data_file, tmp_path, capsys):
     code, _, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, data_file,
                         "--out", str(target)], capsys)
     assert code == 2 and "has 1 session but 2 data files were given" in err
+    other = synth.save_h5(synth.chaotic_rnn(n_conditions=4, trials_per_condition=2,
+                                            train_per_condition=1, n_bins=20, n_neurons=12),
+                          tmp_path / "other.h5")
+    code, _, err = run(["infer", str(out / "checkpoints" / "best.h5"), str(other),
+                        "--out", str(target)], capsys)
+    assert code == 2 and "the checkpoint's model has encod_data_dim = 16 but the data" in err
+    assert "other.h5) have 12" in err
 
 
 @pytest.fixture(scope="module")

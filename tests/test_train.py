@@ -58,6 +58,8 @@ def test_ramp_follows_lfads_torch():
     ("batch_size", 0, "batch_size"), ("lr_init", -1.0, "lr_init"), ("lr_decay", 1.0, "lr_decay"),
     ("lr_stop", 1.0, "lr_stop"), ("sv_rate", 1.0, "sv_rate"), ("lr_scheduler", 1, "lr_scheduler"),
     ("time_budget", 0.0, "time_budget"), ("max_epochs", 2.5, "max_epochs"),
+    ("divergence_factor", 1.0, "divergence_factor"),
+    ("divergence_lr_factor", 0.0, "divergence_lr_factor"), ("max_divergences", -1, "max_div"),
 ])
 def test_train_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -382,6 +384,100 @@ def test_nonfinite_gradient_message(tiny, tmp_path):
     t.model.loss_and_grads = inf_gradient
     with pytest.raises(NonFiniteLossError, match="gradient is not finite"):
         t.fit()
+
+
+# ------------------------------------------------------------------ divergence
+
+
+def blow_up(trainer, at):
+    """Makes the trainer's model report a 100x reconstruction cost (finite) at the given
+    (epoch, batch) pairs; returns the list of (epoch, batch, flat copy) seen at each call."""
+    original = trainer.model.loss_and_grads
+    seen = []
+
+    def hook(*args, **kwargs):
+        epoch = trainer.epoch
+        batch = sum(1 for e, _, _ in seen if e == epoch)
+        seen.append((epoch, batch, trainer.model.flat.copy()))
+        terms, grad = original(*args, **kwargs)
+        if (epoch, batch) in at:
+            terms = dict(terms, recon=100.0 * terms["recon"], loss=100.0 * terms["loss"])
+        return terms, grad
+
+    trainer.model.loss_and_grads = hook
+    return seen
+
+
+def test_divergence_rolls_back_to_the_best_checkpoint(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path, max_epochs=5, lr_scheduler=False)
+    best_after = {}
+    original_save = t._save
+
+    def save(path):  # what the best checkpoint holds at each moment
+        original_save(path)
+        if path == t.best_checkpoint:
+            best_after[t.epoch] = load_checkpoint(path)
+
+    t._save = save
+    seen = blow_up(t, {(3, 2)})
+    with pytest.warns(RuntimeWarning, match=r"diverged at epoch 3, batch 2 of 4: the "
+                      r"reconstruction cost .* is .* times the lowest epoch mean"):
+        result = t.fit()
+    assert result.divergences == 1 and result.stop_reason == "max_epochs"
+    assert [row["divergences"] for row in result.history] == [0, 0, 0, 1, 0]
+    assert t.step == 5 * 4 - 1  # the divergent step was not applied
+    assert t.lr == pytest.approx(0.5e-2)
+    # The step after the divergence starts from the best checkpoint written so far (epoch
+    # index 2: the burn-in ends there), not from the parameters the blow-up came from.
+    best = best_after[3]
+    assert t.best_epoch >= 2 and best.state["early_stopping"]["best_epoch"] == 2
+    (after,) = [flat for e, b, flat in seen if (e, b) == (3, 3)]
+    (before,) = [flat for e, b, flat in seen if (e, b) == (3, 2)]
+    assert np.array_equal(after, best.flat) and not np.array_equal(before, best.flat)
+
+
+def test_repeated_divergence_stops_with_the_best_parameters(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path, max_epochs=8, max_divergences=2)
+    blow_up(t, {(3, b) for b in range(4)} | {(4, b) for b in range(4)})
+    with pytest.warns(RuntimeWarning, match="diverged") as caught:
+        result = t.fit()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 3 and "learning rate lowered to 0.0025" in messages[1]
+    assert "divergence 3 (max_divergences 2): training stops" in messages[2]
+    assert result.stop_reason == "diverged" and result.divergences == 3
+    assert result.epochs == 4
+    best = load_checkpoint(t.best_checkpoint)
+    assert np.array_equal(t.model.flat, best.flat)
+    assert np.array_equal(load_checkpoint(t.last_checkpoint).flat, best.flat)
+
+
+def test_divergence_and_resume_is_bit_identical(tiny, tmp_path):
+    at = {(2, 1), (4, 0)}
+    full = make_trainer(tiny, tmp_path / "full", max_epochs=6, model_kw=dict(dropout_rate=0.1))
+    blow_up(full, at)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        full.fit()
+    assert full.divergences == 2
+
+    part = make_trainer(tiny, tmp_path / "run", max_epochs=4, model_kw=dict(dropout_rate=0.1))
+    blow_up(part, at)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        part.fit()
+    resumed = make_trainer(tiny, tmp_path / "run", max_epochs=6, model_kw=dict(dropout_rate=0.1))
+    blow_up(resumed, at)
+    with pytest.warns(RuntimeWarning, match="diverged"):
+        resumed.fit(resume=True)
+    assert resumed.divergences == 2
+    assert np.array_equal(resumed.model.flat, full.model.flat)
+    assert np.array_equal(resumed.adam_v, full.adam_v)
+    assert resumed.lr == full.lr
+    assert timeless(resumed.history) == timeless(full.history)
+
+
+def test_divergence_check_can_be_turned_off(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path, max_epochs=4, divergence_factor=None)
+    blow_up(t, {(2, 1)})
+    assert t.fit().divergences == 0 and t.step == 16
 
 
 # ------------------------------------------------------------------ sample validation weights
