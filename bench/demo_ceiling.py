@@ -27,8 +27,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+import yaml
 
 from lfads_fast import synth
+
+# Model settings named for each --lfads run.
+RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate")
+
+
+def _epochs(run):
+    with open(Path(run) / "train" / "log.csv") as f:
+        return sum(1 for _ in f) - 1
 
 
 def rates_of(x0, weights, g, alpha, n_bins, scale):
@@ -145,7 +154,7 @@ def main():
         e = ((pred - truth) ** 2).mean((0, 2)) / var
         return [float(e[i * n_bins // 10:(i + 1) * n_bins // 10].mean()) for i in range(10)]
 
-    rows = []
+    rows, runs = [], []
     t0 = time.perf_counter()
     x_near, f_near = fit(x0_true)
     rate_near = forward(x_near).numpy()
@@ -173,10 +182,16 @@ def main():
         if pred.shape != truth.shape:
             raise ValueError(f"{path}: valid_output_params has shape {pred.shape}, expected "
                              f"{truth.shape} (same --seed and --burn-in as the demo?)")
-        rows.append((f"LFADS posterior mean ({run})", r2(pred), tenths(pred)))
+        name = Path(run).name
+        with open(Path(run) / "train" / "config.yaml") as f:
+            settings = yaml.safe_load(f)
+        runs.append(f"- `{name}`: model " + ", ".join(
+            f"{k} {v}" for k, v in settings["model"].items() if k in RUN_FIELDS) +
+            f"; {_epochs(run)} epochs")
+        rows.append((f"LFADS posterior mean (`{name}`)", r2(pred), tenths(pred)))
         rate = refined_rates(Path(run) / "train" / "checkpoints" / "best.h5", ic_mean, spikes,
                              args.iters)
-        rows.append((f"LFADS generator, MAP initial conditions ({run})", r2(rate),
+        rows.append((f"LFADS generator (`{name}`), MAP initial conditions", r2(rate),
                      tenths(rate)))
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -201,6 +216,8 @@ def main():
     ]
     for name, value, prof in rows:
         lines.append(f"| {name} | {value:.4f} | " + " | ".join(f"{e:.3f}" for e in prof) + " |")
+    if runs:
+        lines += ["", "LFADS runs (`lfads-fast demo --out NAME`):", ""] + runs
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
