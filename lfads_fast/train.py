@@ -529,16 +529,22 @@ class Trainer:
         n_batches = len(steps)
         sums = dict.fromkeys(_LOSS_TERMS, 0.0)
         n_used, norms, skipped, diverged = 0, [], 0, 0
+        # The reference of the divergence check: the lowest epoch mean so far; only once this
+        # run has a best checkpoint to return to.
+        floor = min((row["train_recon"] for row in self.history
+                     if math.isfinite(row["train_recon"])), default=None)
+        if cfg.divergence_factor is None or self.best_epoch < 0:
+            floor = None
         for b, step in enumerate(steps):
             batch = self._batch(step)
             noise = model.draw_noise(batch, self.rng, train=True, sample=True)
             terms, grad = model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
             # The parts first, so that the message names the term that broke.
             bad = next((k for k in _TERM_PARTS + ("loss",) if not math.isfinite(terms[k])), None)
-            if bad is None and self._diverged(terms["recon"]):
+            if bad is None and floor is not None and terms["recon"] > cfg.divergence_factor * floor:
                 diverged += 1
-                self._roll_back(terms["recon"], b, n_batches)
-                if self.divergences > cfg.max_divergences:
+                self._roll_back(terms["recon"], floor, self.divergences + diverged, b, n_batches)
+                if self.divergences + diverged > cfg.max_divergences:
                     break
                 continue
             norm = float("nan")
@@ -578,33 +584,30 @@ class Trainer:
         self.train_seconds += row["epoch_s"]
         row["time_s"] = self.train_seconds
         self.history.append(row)
-        if math.isfinite(row["train_recon"]):
-            self.recon_floor = min(self.recon_floor or math.inf, row["train_recon"])
         if row["epoch"] == self.best_epoch:
             self._save(self.best_checkpoint)
         return row
 
-    def _diverged(self, recon: float) -> bool:
-        factor = self.config.divergence_factor
-        # Also needs a best checkpoint of this run to return to.
-        return factor is not None and self.recon_floor is not None and \
-            self.best_epoch >= 0 and recon > factor * self.recon_floor
+    @property
+    def divergences(self) -> int:
+        """Divergences rolled back in the epochs completed (see TrainConfig)."""
+        return sum(row.get("divergences", 0) for row in self.history)
 
-    def _roll_back(self, recon: float, b: int, n_batches: int) -> None:
-        """A divergent step: drop it, return to the best checkpoint, lower the rate."""
+    def _roll_back(self, recon: float, floor: float, count: int, b: int, n_batches: int) -> None:
+        """Divergence number count: drop the step, return to the best checkpoint, lower the
+        rate."""
         cfg = self.config
-        self.divergences += 1
         self.lr = max(self.lr * cfg.divergence_lr_factor, cfg.lr_stop)
         best = load_checkpoint(self.best_checkpoint)
         self.model.flat[...] = best.flat
         self.adam_m[...], self.adam_v[...] = best.adam_m, best.adam_v
-        last = self.divergences > cfg.max_divergences
+        last = count > cfg.max_divergences
         warnings.warn(
             f"LFADS training diverged at epoch {self.epoch}, batch {b} of {n_batches}: the "
-            f"reconstruction cost {recon:.6g} is {recon / self.recon_floor:.3g} times the "
-            f"lowest epoch mean so far ({self.recon_floor:.6g}); parameters and Adam's moments "
-            f"restored from the best checkpoint (epoch {self.best_epoch})"
-            + (f"; that was divergence {self.divergences} (max_divergences "
+            f"reconstruction cost {recon:.6g} is {recon / floor:.3g} times the lowest epoch "
+            f"mean so far ({floor:.6g}); parameters and Adam's moments restored from the best "
+            f"checkpoint (epoch {self.best_epoch})"
+            + (f"; that was divergence {count} (max_divergences "
                f"{cfg.max_divergences}): training stops." if last else
                f", learning rate lowered to {self.lr:.3g}."), RuntimeWarning, stacklevel=4)
 
@@ -758,7 +761,6 @@ class Trainer:
         self.best_value, self.best_epoch, self.es_wait = None, -1, 0
         self.recon_smth = None
         self.skipped_steps, self.bad_streak = 0, 0
-        self.divergences, self.recon_floor = 0, None
         self.train_seconds = 0.0
         self.history: list[dict] = []
 
@@ -779,8 +781,6 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak,
-            "divergences": self.divergences,
-            "recon_floor": self.recon_floor,
             "train_seconds": self.train_seconds,
             "data": self._fingerprint,
             "history": [{k: _nan_to_none(v) for k, v in row.items()} for row in self.history],
@@ -815,7 +815,6 @@ class Trainer:
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = s["rng"]
         self.skipped_steps, self.bad_streak = int(s["skipped_steps"]), int(s["bad_streak"])
-        self.divergences, self.recon_floor = int(s.get("divergences", 0)), s.get("recon_floor")
         self.train_seconds = float(s["train_seconds"])
         self.history = [{k: _none_to_nan(v) for k, v in row.items()} for row in s["history"]]
 
