@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from .config import LFADSConfig
+from .posterior import REFINE_LR, REFINE_STEPS
 from .train import NonFiniteLossError, TrainConfig
 
 __all__ = ["main", "load_config"]
@@ -171,17 +172,21 @@ def _infer(args) -> int:
                          f"{'s' if cfg.n_sessions > 1 else ''} but {len(files)} data "
                          f"{'files were' if len(files) > 1 else 'file was'} given"
                          + (" (one per session, in the order of training)" if cfg.multisession else ""))
+    refine = {"refine_steps": args.refine_ic, "refine_lr": args.refine_lr}
+    what = f"{args.samples} samples"
+    if args.refine_ic:
+        what += f", initial conditions refined by {args.refine_ic} steps"
     if cfg.multisession:
         sessions = data.load_sessions(files)  # write_session_posteriors checks them
         paths = stitching.write_session_posteriors(model, sessions, args.out, n_samples=args.samples,
-                                                   seed=args.seed, splits=splits)
-        print(f"posteriors ({args.samples} samples): {', '.join(paths)}")
+                                                   seed=args.seed, splits=splits, **refine)
+        print(f"posteriors ({what}): {', '.join(paths)}")
         return 0
     dataset = data.load_dataset(files[0])
     check_sizes(cfg, dataset, owner="the checkpoint's model", hint="")
     posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
-                              splits=splits)
-    print(f"posterior ({args.samples} samples): {args.out}")
+                              splits=splits, **refine)
+    print(f"posterior ({what}): {args.out}")
     return 0
 
 
@@ -193,8 +198,10 @@ def _demo(args) -> int:
         raise ValueError("--set time_budget: the demo's budget is --minutes")
     r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
                  seed=args.seed, progress=not args.quiet, model_overrides=model_fields,
-                 train_overrides=train_fields, burn_in_bins=args.burn_in)
-    print(f"valid R^2: LFADS {r.r2_lfads:.3f}, smoothing {r.r2_smoothing:.3f}, "
+                 train_overrides=train_fields, burn_in_bins=args.burn_in,
+                 refine_steps=args.refine_ic)
+    refined = "" if r.r2_refined is None else f" ({r.r2_refined:.3f} with refined initial conditions)"
+    print(f"valid R^2: LFADS {r.r2_lfads:.3f}{refined}, smoothing {r.r2_smoothing:.3f}, "
           f"smoothing + PCA {r.r2_pca:.3f} ({r.total_seconds / 60:.1f} min in all)")
     return 0
 
@@ -326,6 +333,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="posterior samples per trial (0: posterior means; default 50)")
     p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the samples")
     p.add_argument("--splits", metavar="S1,S2", help="splits to run (default: all in the file)")
+    p.add_argument("--refine-ic", type=_non_negative_int, default=0, metavar="STEPS",
+                   help="refine each trial's initial condition by STEPS gradient steps on its "
+                   "own spikes before running the generator (docs/refine_ic.md; "
+                   f"{REFINE_STEPS} is a good start; default 0: off)")
+    p.add_argument("--refine-lr", type=_positive_float, default=REFINE_LR, metavar="LR",
+                   help=f"step size of the refinement (default {REFINE_LR})")
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("demo", help="train on synthetic chaotic-RNN data and report",
@@ -343,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="simulate the network this many bins before each trial, so trials "
                    "start on its attractor (default 0: the original data, which start with "
                    "the transient from a random state)")
+    p.add_argument("--refine-ic", type=_non_negative_int, default=REFINE_STEPS, metavar="STEPS",
+                   help="also score the validation rates from initial conditions refined by "
+                   f"STEPS gradient steps per trial (default {REFINE_STEPS}; 0: off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of the demo's model or training configuration, "
                    "e.g. model.ic_dim=64 or train.lr_patience=10 (repeatable)")

@@ -67,6 +67,8 @@ class DemoResult:
         r2_lfads: pooled R^2 of LFADS's posterior-averaged rates on the validation trials.
         r2_smoothing: pooled R^2 of the best Gaussian smoothing (width chosen on train).
         r2_pca: pooled R^2 of smoothing + PCA (width and components chosen on train).
+        r2_refined: pooled R^2 of LFADS's rates from initial conditions refined per trial
+            (LFADS.refine_ic), or None when refinement was off.
         sigma_bins: the smoothing width of the smoothing baseline, in bins.
         pca_sigma_bins, pca_components: the choices of the PCA baseline.
         epochs: training epochs completed.
@@ -79,6 +81,7 @@ class DemoResult:
     r2_lfads: float
     r2_smoothing: float
     r2_pca: float
+    r2_refined: float | None
     sigma_bins: float
     pca_sigma_bins: float
     pca_components: int
@@ -92,7 +95,8 @@ class DemoResult:
 def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
              n_samples: int = posterior.DEFAULT_SAMPLES, quick: bool = False, seed: int = 0,
              progress: bool = True, log=print, model_overrides: dict | None = None,
-             train_overrides: dict | None = None, burn_in_bins: int = 0) -> DemoResult:
+             train_overrides: dict | None = None, burn_in_bins: int = 0,
+             refine_steps: int = posterior.REFINE_STEPS) -> DemoResult:
     """Runs the demo (see the module docstring).
 
     Args:
@@ -109,6 +113,9 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         burn_in_bins: synth.chaotic_rnn's burn_in_bins: 0 (the original data) starts every
             trial with the transient from a random state; > 0 starts trials on the network's
             attractor (docs/demo.md: where the error of the original data sits).
+        refine_steps: also score the validation rates from initial conditions refined by
+            this many steps per trial (LFADS.refine_ic; written to posterior_refined.h5);
+            0: off.
 
     Returns:
         The measurements (also written to out_dir/report.md).
@@ -152,6 +159,18 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     r2_lfads = metrics.r2(rates, ds.valid.truth)
     log(f"LFADS valid R^2 {r2_lfads:.3f} after {fit.epochs} epochs")
 
+    r2_refined = None
+    if refine_steps > 0:
+        t0 = time.perf_counter()
+        refined = posterior.sample_and_average(best, ds.valid.encod_data, ds.valid.ext_input,
+                                               refine_steps=refine_steps)
+        data.write_posterior_h5(out / "posterior_refined.h5", {"valid": refined},
+                                {"valid": ds.valid.inds})
+        r2_refined = metrics.r2(refined["output_params"], ds.valid.truth)
+        timings["refine"] = time.perf_counter() - t0
+        log(f"LFADS valid R^2 with refined initial conditions ({refine_steps} steps) "
+            f"{r2_refined:.3f}")
+
     t0 = time.perf_counter()
     dt = float(ds.other.get("dt", sd.dt))
     figures = _figures(out, ds, outputs, dt, fit.history)
@@ -160,12 +179,13 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
 
     result = DemoResult(
         r2_lfads=r2_lfads, r2_smoothing=base["r2_smoothing"], r2_pca=base["r2_pca"],
+        r2_refined=r2_refined,
         sigma_bins=base["sigma"], pca_sigma_bins=base["pca_sigma"],
         pca_components=base["pca_k"], epochs=fit.epochs, train_seconds=fit.train_seconds,
         posterior_seconds=timings["posterior"], total_seconds=timings["total"],
         out_dir=str(out))
     _write_report(out / "report.md", result, ds, model, train_cfg, fit, timings, figures,
-                  n_samples, minutes, quick, burn_in_bins)
+                  n_samples, minutes, quick, burn_in_bins, refine_steps)
     log(f"report: {out / 'report.md'}")
     return result
 
@@ -208,7 +228,7 @@ def _figures(out: Path, ds: data.Dataset, outputs: dict, dt: float, history: lis
 
 def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, train_cfg,
                   fit, timings: dict, figures: list[str], n_samples: int, minutes: float,
-                  quick: bool, burn_in_bins: int = 0) -> None:
+                  quick: bool, burn_in_bins: int = 0, refine_steps: int = 0) -> None:
     mc = model.config
     per_epoch = fit.train_seconds / max(fit.epochs_this_call, 1)
     steps = fit.epochs * -(-ds.train.n_trials // train_cfg.batch_size)
@@ -226,6 +246,11 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         "| method | valid R^2 |",
         "|---|---|",
         f"| LFADS ({n_samples} posterior samples averaged) | {r.r2_lfads:.4f} |",
+    ]
+    if r.r2_refined is not None:
+        lines.append(f"| LFADS, initial conditions refined per trial ({refine_steps} steps, "
+                     f"`posterior_refined.h5`) | {r.r2_refined:.4f} |")
+    lines += [
         f"| best Gaussian smoothing (sigma = {r.sigma_bins:g} bins) | {r.r2_smoothing:.4f} |",
         f"| smoothing (sigma = {r.pca_sigma_bins:g} bins) + PCA ({r.pca_components} components) "
         f"| {r.r2_pca:.4f} |",
@@ -240,6 +265,11 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         f"stopped by {fit.stop_reason}) | {timings['train']:.1f} |",
         f"| posterior sampling ({n_samples} samples x {ds.train.n_trials + ds.valid.n_trials} "
         f"trials) | {timings['posterior']:.1f} |",
+    ]
+    if "refine" in timings:
+        lines.append(f"| refinement of the initial conditions ({refine_steps} steps x "
+                     f"{ds.valid.n_trials} valid trials) | {timings['refine']:.1f} |")
+    lines += [
         f"| figures | {timings['figures']:.1f} |",
         f"| total | {timings['total']:.1f} |",
         "",
@@ -262,6 +292,11 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         "- `data.h5`: spikes and true rates (lfads-torch layout)",
         "- `posterior.h5`: posterior-averaged outputs of train and valid trials "
         "(lfads-torch keys, e.g. `valid_output_params`, `valid_factors`)",
+    ]
+    if r.r2_refined is not None:
+        lines.append("- `posterior_refined.h5`: the valid trials' outputs from refined initial "
+                     "conditions (`valid_ic_mean` holds them; docs/refine_ic.md)")
+    lines += [
         "- `train/`: checkpoints (`checkpoints/best.h5`, `checkpoints/last.h5`), "
         "`log.csv`, `log.json`, `config.yaml`",
     ]

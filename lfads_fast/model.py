@@ -353,7 +353,7 @@ class LFADS:
 
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
                 recon_data=None, session: int | None = None, sv_mask=None,
-                sv_rate: float = 0.0) -> dict:
+                sv_rate: float = 0.0, ic=None) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
@@ -365,6 +365,9 @@ class LFADS:
                 session_recon_neurons[session]), for the loss terms.
             session: the session of the trials; required with sessions, else None.
             sv_mask, sv_rate: sample validation, as in make_batch.
+            ic: initial conditions [B, ic_dim] that replace the posterior's (its mean or
+                sample) in the generator, e.g. from refine_ic; the output ic_mean is then
+                this array, ic_std stays the encoder's. None: the posterior's.
 
         Returns:
             dict with lfads-torch's output names, batch-major: output_params (rates, expected
@@ -384,8 +387,144 @@ class LFADS:
         batch = self.make_batch(encod_data, recon_data, ext_input, session=session, sv_mask=sv_mask,
                                 sv_rate=sv_rate)
         noise = self.draw_noise(batch, np.random.default_rng(seed), train=False, sample=sample)
-        cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True)
+        cache = self._forward(batch, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0, outputs=True,
+                              ic=self._given_ic(ic, batch.size))
         return cache["outputs"]
+
+    def refine_ic(self, encod_data, ext_input=None, *, session: int | None = None, recon_data=None,
+                  steps: int = 50, lr: float = 0.05, ic_init=None) -> dict:
+        """Semi-amortised inference: refines each trial's initial condition by gradient
+        steps on its own negative log joint, starting from the encoder's posterior mean.
+
+        The encoder's posterior mean is an amortised guess, one network for all trials; per
+        trial, the initial condition that best explains that trial's spikes under the trained
+        generator is the minimiser of
+
+            sum over bins and neurons of Poisson NLL(spikes | rates(ic))
+            + 0.5 * sum((ic - ic_prior_mean)^2) / ic_prior_var
+
+        (the model's likelihood and its Gaussian prior of the initial condition; no dropout,
+        the controller's outputs at their posterior means). Adam minimises it for every
+        trial at once (the trials are independent, and Adam's steps are per element), its
+        step decaying from lr to 0 over the steps on a cosine. docs/refine_ic.md shows what
+        it gains and costs.
+
+        Args:
+            encod_data: spike counts [B, encod_seq_len, encod_data_dim] (with sessions:
+                session_neurons[session] neurons); NaN = missing bin.
+            ext_input: external inputs [B, T, ext_input_dim], or None.
+            session: the session of the trials; required with sessions, else None.
+            recon_data: the counts the objective fits, [B, recon_seq_len, recon_data_dim]
+                (with sessions: session_recon_neurons[session]); NaN = not fitted. None fits
+                the encoder's own spikes: the model's first encod_data_dim read-out neurons
+                over the first encod_seq_len bins (held-in neurons come first, forward
+                prediction bins last); the other read-out neurons and bins are not fitted.
+            steps: Adam steps (0 returns the posterior means).
+            lr: Adam's initial step size, in initial-condition units.
+            ic_init: starting initial conditions [B, ic_dim]; None: the posterior means.
+
+        Returns:
+            dict: ic [B, ic_dim] (the model's dtype), ic_init [B, ic_dim] (the start),
+            objective [steps + 1] (the objective above, summed over the trials, before each
+            step and after the last).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+        dt = self.dtype
+        batch, noise = self._ic_batch(encod_data, ext_input, session, recon_data)
+        if ic_init is None:
+            c = self._forward(batch, noise, grads=False, kl_ramp=0.0, l2_ramp=0.0, outputs=False)
+            ic_init = c["ic_mean"]
+        ic = self._given_ic(ic_init, batch.size, name="ic_init").copy()
+        start = ic.copy()
+        m = np.zeros_like(ic)
+        v = np.zeros_like(ic)
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        objective = np.empty(steps + 1)
+        for k in range(steps + 1):
+            objective[k], grad = self._ic_objective(batch, noise, ic, grads=k < steps)
+            if not np.isfinite(objective[k]):
+                raise FloatingPointError(f"refine_ic: the objective became {objective[k]} at step {k}")
+            if k == steps:
+                break
+            m = beta1 * m + (1 - beta1) * grad
+            v = beta2 * v + (1 - beta2) * grad * grad
+            step = lr * 0.5 * (1.0 + np.cos(np.pi * k / steps))
+            m_hat = m / (1 - beta1 ** (k + 1))
+            v_hat = v / (1 - beta2 ** (k + 1))
+            ic -= (step * m_hat / (np.sqrt(v_hat) + eps)).astype(dt)
+        return {"ic": ic, "ic_init": start, "objective": objective}
+
+    def ic_objective(self, encod_data, ic, ext_input=None, *, session: int | None = None,
+                     recon_data=None, grads: bool = True):
+        """refine_ic's objective (its docstring) at given initial conditions, and its gradient.
+
+        Args:
+            encod_data, ext_input, session, recon_data: as in refine_ic.
+            ic: initial conditions [B, ic_dim].
+            grads: also compute the gradient.
+
+        Returns:
+            (objective, grad): the objective summed over the trials (float) and its gradient
+            with respect to ic [B, ic_dim] (None when grads is False). Each trial's
+            objective depends on its own row of ic only.
+        """
+        batch, noise = self._ic_batch(encod_data, ext_input, session, recon_data)
+        return self._ic_objective(batch, noise, self._given_ic(ic, batch.size), grads=grads)
+
+    def _ic_batch(self, encod_data, ext_input, session, recon_data):
+        encod_data = _as_array("encod_data", encod_data, 3)
+        if recon_data is None:
+            recon_data = self._encoder_targets(encod_data, session)
+        batch = self.make_batch(encod_data, recon_data, ext_input, session=session)
+        # No dropout, posterior means of the controller (its KL noise is drawn but unused).
+        return batch, self.draw_noise(batch, np.random.default_rng(0), train=False, sample=False)
+
+    def _ic_objective(self, batch: Batch, noise: dict, ic: np.ndarray, *, grads: bool):
+        cfg, dt = self.config, self.dtype
+        c = self._forward(batch, noise, grads=grads, kl_ramp=0.0, l2_ramp=0.0, outputs=False, ic=ic)
+        diff = ic - self.params["ic_prior_mean"]
+        inv_var = 1.0 / cfg.ic_prior_var
+        # The forward pass reports the reconstruction as loss_scale * sum / n_valid.
+        objective = c["terms"]["recon"] * batch.n_valid + 0.5 * inv_var * float(np.vdot(diff, diff))
+        if not grads:
+            return objective, None
+        d_recon = self._backward(c, ic_only=True)
+        return objective, d_recon * dt.type(batch.n_valid / cfg.loss_scale) + diff * dt.type(inv_var)
+
+    def _encoder_targets(self, encod_data: np.ndarray, session) -> np.ndarray:
+        """refine_ic's default targets: the encoder's spikes in the read-out's first neurons
+        and bins, NaN (not fitted) elsewhere."""
+        cfg = self.config
+        n_e, n_r = cfg.encod_data_dim, cfg.recon_data_dim
+        if cfg.multisession:
+            s = self._session_index(session) if session is not None else None
+            if s is None:
+                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions")
+            n_e, n_r = cfg.session_neurons[s], cfg.session_recon_neurons[s]
+        B = encod_data.shape[0]
+        _expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, n_e))
+        if (cfg.recon_seq_len, n_r) == (cfg.encod_seq_len, n_e):
+            return encod_data
+        if n_r < n_e or cfg.recon_seq_len < cfg.encod_seq_len:
+            raise ValueError("recon_data is required: the model's read-out has fewer neurons or bins "
+                             f"({cfg.recon_seq_len} x {n_r}) than its encoder ({cfg.encod_seq_len} x {n_e})")
+        targets = np.full((B, cfg.recon_seq_len, n_r), np.nan, np.float32)
+        targets[:, : cfg.encod_seq_len, :n_e] = encod_data
+        return targets
+
+    def _given_ic(self, ic, B: int, name: str = "ic") -> np.ndarray | None:
+        if ic is None:
+            return None
+        ic = _as_array(name, ic, 2)
+        if ic.shape != (B, self.config.ic_dim):
+            raise ValueError(f"{name} must have shape [{B}, {self.config.ic_dim}] [trials, ic_dim], "
+                             f"got {list(ic.shape)}")
+        if not np.all(np.isfinite(ic)):
+            raise ValueError(f"{name} has non-finite values")
+        return np.ascontiguousarray(ic, dtype=self.dtype)
 
     def fixed_points(self, encod_data, ext_input=None, *, session: int | None = None,
                      inputs="zero", ext_inputs="zero", n_init: int = 1000,
@@ -443,7 +582,7 @@ class LFADS:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
-                 outputs: bool) -> dict:
+                 outputs: bool, ic: np.ndarray | None = None) -> dict:
         cfg, p, dt = self.config, self.params, self.dtype
         Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
         Tr, Nr = cfg.recon_seq_len, cfg.recon_data_dim
@@ -495,9 +634,13 @@ class LFADS:
         ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
         ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
         ic_eps = nz.get("ic_eps", (B, cfg.ic_dim))
-        ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
+        if ic is not None:  # given initial conditions (refine_ic) replace the sample
+            ic_eps = None
+            ic_samp = ic
+        else:
+            ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
         c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
-                 ic_eps=ic_eps, ic_samp=ic_samp)
+                 ic_eps=ic_eps, ic_samp=ic_samp, ic_given=ic is not None)
 
         # Generator initial state and factors.
         g0 = np.ascontiguousarray(ic_samp @ p["ic_to_g0_W"].T + p["ic_to_g0_b"])
@@ -702,14 +845,17 @@ class LFADS:
             "con_states": bm(out["con_states"]),
             "co_means": bm(out["co_mean"]),
             "co_stds": bm(np.exp(out["co_logvar"] / 2)),
-            "ic_mean": c["ic_mean"].copy(),
+            "ic_mean": c["ic_samp"].copy() if c["ic_given"] else c["ic_mean"].copy(),
             "ic_std": c["ic_std"].copy(),
             "terms": dict(terms),
         }
 
     # ------------------------------------------------------------------ backward
 
-    def _backward(self, c: dict) -> np.ndarray:
+    def _backward(self, c: dict, ic_only: bool = False) -> np.ndarray:
+        """The gradient of the total loss (flat, the parameters' layout); with ic_only, only
+        the reconstruction term's gradient with respect to the initial-condition sample
+        [B, ic_dim] (refine_ic), and no parameter gradients past the decoder."""
         cfg, p, dt = self.config, self.params, self.dtype
         grad = np.zeros_like(self.flat)
         g = self._views(grad)
@@ -783,6 +929,8 @@ class LFADS:
         g["ic_to_g0_W"][...] = d_g0.T @ c["ic_samp"]
         g["ic_to_g0_b"][...] = d_g0.sum(axis=0)
         d_samp = d_g0 @ p["ic_to_g0_W"]
+        if ic_only:
+            return d_samp
         w = dt.type(c["kl_ic_w"])
         kl = c["kl_ic"]
         d_mean = d_samp + kl["d_mean"] * w

@@ -14,16 +14,21 @@ import numpy as np
 from . import data as data_mod
 from .model import LFADS
 
-__all__ = ["DEFAULT_SAMPLES", "sample_and_average", "posterior_outputs", "write_posterior"]
+__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
+# Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
+# when it is asked for (docs/refine_ic.md: converged on the demo's model by about 50 steps).
+REFINE_STEPS = 50
+REFINE_LR = 0.05
 # Activation memory one chunk of rows may take (estimated with _row_bytes).
 _CHUNK_BYTES = 512 * 2**20
 
 
 def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarray | None = None,
                        *, n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                       max_rows: int | None = None, session: int | None = None
+                       max_rows: int | None = None, session: int | None = None,
+                       refine_steps: int = 0, refine_lr: float = REFINE_LR
                        ) -> dict[str, np.ndarray]:
     """Posterior-averaged outputs of some trials.
 
@@ -36,20 +41,32 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
         max_rows: rows (trials x samples) per model call; None sizes chunks to about 512 MiB
             of activations.
         session: the session of the trials, for a model with sessions (else None).
+        refine_steps: > 0 refines each trial's initial condition by that many steps
+            (LFADS.refine_ic, on the trial's own spikes) and runs the generator from it
+            instead of from posterior samples; only the controller's outputs are then
+            sampled (without a controller each trial is run once). 0: plain sampling.
+        refine_lr: refine_ic's lr.
 
     Returns:
         lfads-torch's output names (data.POSTERIOR_FIELDS), batch-major, averaged over the
         samples: output_params (expected counts per bin) [B, T_r, N_r], factors [B, T_r, F],
         ic_mean, ic_std [B, ic_dim], co_means, co_stds [B, T_r, U], gen_states [B, T_r, G],
-        gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C].
+        gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C]. With
+        refinement, ic_mean holds the refined initial conditions (ic_std stays the
+        encoder's).
     """
     if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 0:
         raise ValueError(f"n_samples must be an integer >= 0, got {n_samples!r}")
+    if (isinstance(refine_steps, bool) or not isinstance(refine_steps, (int, np.integer))
+            or refine_steps < 0):
+        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
     encod_data = np.asarray(encod_data)
     if encod_data.ndim != 3:
         raise ValueError(f"encod_data must be [trials, bins, neurons], got shape {encod_data.shape}")
     n_trials = encod_data.shape[0]
     reps = max(int(n_samples), 1)
+    if refine_steps > 0 and not model.config.use_con:
+        reps = 1  # the generator is deterministic given the initial condition
     if max_rows is None:
         max_rows = max(_CHUNK_BYTES // _row_bytes(model), 1)
     if max_rows < 1:
@@ -61,7 +78,13 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
         x = np.repeat(encod_data[sl], reps, axis=0)
         ext = None if ext_input is None else np.repeat(np.asarray(ext_input)[sl], reps, axis=0)
         chunk_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
-        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session)
+        ic = None
+        if refine_steps > 0:
+            ext_c = None if ext_input is None else np.asarray(ext_input)[sl]
+            ic = model.refine_ic(encod_data[sl], ext_c, session=session, steps=int(refine_steps),
+                                 lr=refine_lr)["ic"]
+            ic = np.repeat(ic, reps, axis=0)
+        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session, ic=ic)
         n = x.shape[0] // reps
         chunks.append({k: out[k].reshape((n, reps) + out[k].shape[1:]).mean(axis=1)
                        for k in data_mod.POSTERIOR_FIELDS})
@@ -73,12 +96,14 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
 def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
                       n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
                       splits: tuple[str, ...] | None = None,
-                      max_rows: int | None = None, session: int | None = None
+                      max_rows: int | None = None, session: int | None = None,
+                      refine_steps: int = 0, refine_lr: float = REFINE_LR
                       ) -> dict[str, dict[str, np.ndarray]]:
     """sample_and_average for each split of a dataset.
 
     Args:
-        model, n_samples, max_rows, session: as in sample_and_average.
+        model, n_samples, max_rows, session, refine_steps, refine_lr: as in
+            sample_and_average.
         dataset: the data.
         seed: seed of the samples (each split draws from its own stream).
         splits: names of the splits to run (None: all present).
@@ -94,13 +119,15 @@ def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
     return {name: sample_and_average(model, present[name].encod_data, present[name].ext_input,
                                      n_samples=n_samples,
                                      seed=int(np.random.SeedSequence([seed, i]).generate_state(1)[0]),
-                                     max_rows=max_rows, session=session)
+                                     max_rows=max_rows, session=session,
+                                     refine_steps=refine_steps, refine_lr=refine_lr)
             for i, name in enumerate(names)}
 
 
 def write_posterior(path: str | os.PathLike, model: LFADS, dataset: data_mod.Dataset, *,
                     n_samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                    splits: tuple[str, ...] | None = None, max_rows: int | None = None
+                    splits: tuple[str, ...] | None = None, max_rows: int | None = None,
+                    refine_steps: int = 0, refine_lr: float = REFINE_LR
                     ) -> dict[str, dict[str, np.ndarray]]:
     """Runs posterior_outputs and writes the result with lfads-torch's keys
     ({split}_{output}, {split}_inds), atomically (data.write_posterior_h5).
@@ -109,7 +136,7 @@ def write_posterior(path: str | os.PathLike, model: LFADS, dataset: data_mod.Dat
         The outputs written (split name -> output name -> array).
     """
     outputs = posterior_outputs(model, dataset, n_samples=n_samples, seed=seed, splits=splits,
-                                max_rows=max_rows)
+                                max_rows=max_rows, refine_steps=refine_steps, refine_lr=refine_lr)
     inds = {name: dataset.splits[name].inds for name in outputs}
     data_mod.write_posterior_h5(path, outputs, inds)
     return outputs

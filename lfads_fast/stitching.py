@@ -393,7 +393,8 @@ def session_batches(sessions: list[data_mod.Dataset], batch_size: int, rng: np.r
 
 
 def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samples: int = 0,
-                       seed: int = 0, splits: tuple[str, ...] | None = None) -> list[dict]:
+                       seed: int = 0, splits: tuple[str, ...] | None = None,
+                       refine_steps: int = 0, refine_lr: float = posterior.REFINE_LR) -> list[dict]:
     """The model's outputs for every trial of every session.
 
     Args:
@@ -403,6 +404,8 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
             wide batch of trials x samples per chunk); 0 runs once with the posterior means.
         seed: seed of the samples (each session draws from its own stream).
         splits: the splits to run (None: all present).
+        refine_steps, refine_lr: refinement of the initial conditions, as in
+            posterior.sample_and_average (0: none).
 
     Returns:
         Per session: split name -> output name (data.POSTERIOR_FIELDS) -> batch-major array,
@@ -410,7 +413,8 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
     """
     check_sessions(model.config, sessions)
     return [posterior.posterior_outputs(model, ds, n_samples=n_samples, splits=splits, session=s,
-                                        seed=int(np.random.SeedSequence([seed, s]).generate_state(1)[0]))
+                                        seed=int(np.random.SeedSequence([seed, s]).generate_state(1)[0]),
+                                        refine_steps=refine_steps, refine_lr=refine_lr)
             for s, ds in enumerate(sessions)]
 
 
@@ -424,7 +428,8 @@ def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out
             ``lfads_output_{name}`` with name the base name of its source file (or
             ``session_{s:02d}.h5`` for data not read from a file; ``session_{s:02d}_{name}``
             when two sessions' files share a base name).
-        **kwargs: n_samples, seed, splits as in session_posteriors.
+        **kwargs: n_samples, seed, splits, refine_steps, refine_lr as in
+            session_posteriors.
 
     Returns:
         The paths written, in session order.

@@ -3,11 +3,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
 from lfads_fast import cli, data, synth
-from lfads_fast.train import load_checkpoint
+from lfads_fast.train import load_checkpoint, load_model
 
 TINY = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
         "--set", "fac_dim=4", "--set", "co_dim=0", "--set", "ci_enc_dim=0",
@@ -59,6 +60,24 @@ def test_train_infer_resume(data_file, tmp_path, capsys):
     assert code == 0, err
     post = data.read_posterior_h5(target)
     assert set(post) == {f"valid_{k}" for k in data.POSTERIOR_FIELDS} | {"valid_inds"}
+    # Refined initial conditions: valid_ic_mean holds them, the encoder's std stays.
+    refined = tmp_path / "refined.h5"
+    code, stdout, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out",
+                             str(refined), "--samples", "3", "--splits", "valid", "--refine-ic", "5",
+                             "--refine-lr", "0.1"], capsys)
+    assert code == 0, err
+    assert "initial conditions refined by 5 steps" in stdout
+    post_r = data.read_posterior_h5(refined)
+    best = load_model(out / "checkpoints" / "best.h5")
+    spikes = data.load_dataset(data_file).valid.encod_data
+    expect = best.refine_ic(spikes, steps=5, lr=0.1)["ic"]
+    np.testing.assert_allclose(post_r["valid_ic_mean"], expect, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(post_r["valid_ic_mean"], post["valid_ic_mean"])
+    np.testing.assert_allclose(post_r["valid_ic_std"], post["valid_ic_std"], rtol=1e-5)
+    with pytest.raises(SystemExit):
+        run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out", str(refined),
+             "--refine-ic", "-1"], capsys)
+    assert "argument --refine-ic: expected an integer >= 0" in capsys.readouterr().err
     code, _, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, data_file,
                         "--out", str(target)], capsys)
     assert code == 2 and "has 1 session but 2 data files were given" in err
@@ -205,21 +224,28 @@ def test_demo_quick(tmp_path, capsys):
     assert code == 0, err
     assert "valid R^2: LFADS" in stdout
     report = (out / "report.md").read_text()
+    assert "with refined initial conditions" in stdout
     for text in ("| LFADS (2 posterior samples averaged) |", "best Gaussian smoothing",
-                 "+ PCA", "| total |"):
+                 "+ PCA", "| total |", "| LFADS, initial conditions refined per trial (50 steps",
+                 "| refinement of the initial conditions (50 steps x 24 valid trials) |"):
         assert text in report
-    for name in ("data.h5", "posterior.h5", "example_trials.png", "factor_trajectories.png",
-                 "train/checkpoints/best.h5"):
+    for name in ("data.h5", "posterior.h5", "posterior_refined.h5", "example_trials.png",
+                 "factor_trajectories.png", "train/checkpoints/best.h5"):
         assert (out / name).is_file(), name
+    refined = data.read_posterior_h5(out / "posterior_refined.h5")
+    assert refined["valid_output_params"].shape == (24, 100, 50)
 
 
 def test_demo_set_overrides_the_demo_configuration(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "1",
                              "--out", str(out), "--quiet", "--set", "model.gen_dim=24",
-                             "--set", "train.lr_patience=7", "--burn-in", "5"], capsys)
+                             "--set", "train.lr_patience=7", "--burn-in", "5", "--refine-ic", "0"],
+                            capsys)
     assert code == 0, err
     assert "burn_in_bins=5" in (out / "report.md").read_text()
+    assert "refined" not in (out / "report.md").read_text() and "refined" not in stdout
+    assert not (out / "posterior_refined.h5").exists()
     saved = yaml.safe_load((out / "train" / "config.yaml").read_text())
     assert saved["model"]["gen_dim"] == 24 and saved["train"]["lr_patience"] == 7
     assert saved["model"]["ic_dim"] == 32  # the rest of the demo's configuration stays

@@ -154,6 +154,37 @@ def reference_loss_and_grads(
     return terms, grads, outputs
 
 
+def reference_ic_objective(params, cfg, encod_data, recon_data, ext_input, ic, dtype=torch.float64):
+    """The negative log joint of spikes and initial conditions that refinement minimises.
+
+    Sum over the valid (non-NaN) bins of recon_data of the Poisson NLL (with lgamma(y + 1))
+    of the rates the generator makes from the given initial conditions, with no dropout and
+    the controller's outputs at their means, plus 0.5 * sum((ic - ic_prior_mean)^2) /
+    ic_prior_var.
+
+    Args:
+        params, cfg, encod_data, recon_data, ext_input: as in reference_loss_and_grads.
+        ic: initial conditions [B, ic_dim].
+
+    Returns:
+        (objective, grad): the float summed over the trials, and d objective / d ic.
+    """
+    _check_params(params, cfg)
+    p = {name: torch.tensor(np.asarray(value), dtype=dtype) for name, value in params.items()}
+    inputs = _prepare_inputs(cfg, encod_data, recon_data, ext_input, {}, dtype)
+    ic_t = torch.tensor(np.asarray(ic), dtype=dtype, requires_grad=True)
+    out = _forward(p, cfg, inputs, ic=ic_t)
+    y = inputs["recon_data"]
+    valid = ~torch.isnan(y)
+    y = torch.where(valid, y, torch.zeros_like(y))
+    lr = out["log_rates"]
+    nll = torch.exp(lr) - y * lr + torch.lgamma(y + 1.0)
+    prior = 0.5 * ((ic_t - p["ic_prior_mean"]) ** 2).sum() / cfg.ic_prior_var
+    objective = torch.where(valid, nll, torch.zeros_like(nll)).sum() + prior
+    (grad,) = torch.autograd.grad(objective, [ic_t])
+    return objective.item(), grad.numpy()
+
+
 def reference_multisession_loss_and_grads(
     params,
     cfg,
@@ -614,11 +645,12 @@ def _controller_inputs(cfg, x, p, drop_ci):
     return _scaled(ci, drop_ci)
 
 
-def _forward(p, cfg, inputs, x=None):
+def _forward(p, cfg, inputs, x=None, ic=None):
     """The model's forward pass; returns batch-major tensors (see reference_loss_and_grads).
 
     x: the encoder input [B, T_e, N_e] when the caller made it (session read-ins); then the
     read-outs, and log_rates, are also the caller's.
+    ic: initial conditions [B, ic_dim] that replace the posterior's sample or mean.
     """
     has_con = uses_controller(cfg)
     clip = cfg.cell_clip
@@ -633,6 +665,8 @@ def _forward(p, cfg, inputs, x=None):
     )
     ic_std = torch.sqrt(torch.exp(ic_logvar) + cfg.ic_post_var_min)
     ic_samp = ic_mean if inputs["ic_eps"] is None else ic_mean + ic_std * inputs["ic_eps"]
+    if ic is not None:
+        ic_samp = ic
 
     fac_W_n = p["fac_W"] / torch.linalg.vector_norm(p["fac_W"], dim=1, keepdim=True)
     g0 = ic_samp @ p["ic_to_g0_W"].T + p["ic_to_g0_b"]

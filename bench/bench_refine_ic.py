@@ -1,0 +1,98 @@
+"""What refining the initial conditions per trial (LFADS.refine_ic) gains on demo runs, and
+what it costs.
+
+For each `lfads-fast demo --out DIR` run given, on its validation trials (DIR/data.h5, true
+rates known): R^2 of the posterior-averaged rates (posterior.sample_and_average, 50 samples,
+what `lfads-fast infer` writes by default) and of the rates from initial conditions refined
+by each number of steps asked for (one pass per setting, timed, in this process), with the
+squared error per tenth of the trial as a fraction of the rates' variance.
+
+    python bench/bench_refine_ic.py DIR [DIR ...] [--steps 10,20,50,100] [--lr 0.05]
+
+Writes bench/results/refine_ic_cpu.md (or --out).
+"""
+import argparse
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lfads_fast import data, metrics, ops, posterior
+from lfads_fast.train import load_model
+
+RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate")
+
+
+def tenths(pred, truth):
+    var = ((truth - truth.mean()) ** 2).mean()
+    err = ((pred - truth) ** 2).mean(axis=(0, 2)) / var
+    n = truth.shape[1]
+    return [float(err[i * n // 10:(i + 1) * n // 10].mean()) for i in range(10)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="DIR", help="lfads-fast demo output directories")
+    ap.add_argument("--steps", default="10,20,50,100", help="refinement steps to try")
+    ap.add_argument("--lr", type=float, default=posterior.REFINE_LR)
+    ap.add_argument("--samples", type=int, default=posterior.DEFAULT_SAMPLES)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "refine_ic_cpu.md"))
+    args = ap.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+
+    rows, runs = [], []
+    for run in args.runs:
+        run = Path(run)
+        ds = data.load_dataset(run / "data.h5")
+        v = ds.valid
+        model = load_model(run / "train" / "checkpoints" / "best.h5")
+        name = run.name
+        settings = yaml.safe_load((run / "train" / "config.yaml").read_text())
+        runs.append(f"- `{name}`: " + ", ".join(f"{k} {val}" for k, val in settings["model"].items()
+                                                 if k in RUN_FIELDS))
+        t0 = time.perf_counter()
+        out = posterior.sample_and_average(model, v.encod_data, v.ext_input, n_samples=args.samples)
+        secs = time.perf_counter() - t0
+        rows.append((name, f"{args.samples} posterior samples averaged", secs,
+                     metrics.r2(out["output_params"], v.truth), tenths(out["output_params"], v.truth)))
+        print(rows[-1][:4], flush=True)
+        for k in steps:
+            t0 = time.perf_counter()
+            out = posterior.sample_and_average(model, v.encod_data, v.ext_input, refine_steps=k,
+                                               refine_lr=args.lr)
+            secs = time.perf_counter() - t0
+            rows.append((name, f"refined, {k} steps (lr {args.lr:g})", secs,
+                         metrics.r2(out["output_params"], v.truth),
+                         tenths(out["output_params"], v.truth)))
+            print(rows[-1][:4], flush=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    n_valid = v.n_trials
+    lines = [
+        "# Refining the initial conditions per trial",
+        "",
+        f"Validation trials of each run ({n_valid} trials x {v.truth.shape[1]} bins x "
+        f"{v.truth.shape[2]} neurons). Commit {commit}, {platform.machine()}, "
+        f"{ops.get_num_threads()} kernel threads.",
+        "",
+        "Squared error per tenth of the trial, as a fraction of the rates' variance; seconds "
+        f"for all {n_valid} trials:",
+        "",
+        "| run | rates | seconds | valid R^2 | " + " | ".join(f"{i + 1}/10" for i in range(10)) + " |",
+        "|---|---|---|---|" + "---|" * 10,
+    ]
+    for name, what, secs, r2, prof in rows:
+        lines.append(f"| `{name}` | {what} | {secs:.1f} | {r2:.4f} | "
+                     + " | ".join(f"{e:.3f}" for e in prof) + " |")
+    lines += ["", "Runs (`lfads-fast demo --out NAME`):", ""] + runs
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
