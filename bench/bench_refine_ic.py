@@ -5,7 +5,9 @@ For each `lfads-fast demo --out DIR` run given, on its validation trials (DIR/da
 rates known): R^2 of the posterior-averaged rates (posterior.sample_and_average, 50 samples,
 what `lfads-fast infer` writes by default) and of the rates from initial conditions refined
 by each number of steps asked for (one pass per setting, timed, in this process), with the
-squared error per tenth of the trial as a fraction of the rates' variance.
+squared error per tenth of the trial as a fraction of the rates' variance. With several runs
+of the same data, also the ensembles: the rates averaged over all runs, from the posterior
+averages and from the refined initial conditions (the largest number of steps).
 
     python bench/bench_refine_ic.py DIR [DIR ...] [--steps 10,20,50,100] [--lr 0.05]
 
@@ -44,20 +46,29 @@ def main():
     steps = [int(s) for s in args.steps.split(",")]
 
     rows, runs = [], []
+    plain_all, refined_all, truth = [], [], None
     for run in args.runs:
         run = Path(run)
         ds = data.load_dataset(run / "data.h5")
         v = ds.valid
+        if truth is not None and not np.array_equal(truth, v.truth):
+            raise SystemExit(f"{run}: other validation trials than {args.runs[0]} (same data needed)")
+        truth = v.truth
         model = load_model(run / "train" / "checkpoints" / "best.h5")
         name = run.name
         settings = yaml.safe_load((run / "train" / "config.yaml").read_text())
+        with open(run / "train" / "log.csv") as f:
+            epochs = sum(1 for _ in f) - 1
         runs.append(f"- `{name}`: " + ", ".join(f"{k} {val}" for k, val in settings["model"].items()
-                                                 if k in RUN_FIELDS))
+                                                 if k in RUN_FIELDS)
+                    + f"; lr_patience {settings['train']['lr_patience']}, batch "
+                    f"{settings['train']['batch_size']}; {epochs} epochs")
         t0 = time.perf_counter()
         out = posterior.sample_and_average(model, v.encod_data, v.ext_input, n_samples=args.samples)
         secs = time.perf_counter() - t0
         rows.append((name, f"{args.samples} posterior samples averaged", secs,
                      metrics.r2(out["output_params"], v.truth), tenths(out["output_params"], v.truth)))
+        plain_all.append(out["output_params"])
         print(rows[-1][:4], flush=True)
         for k in steps:
             t0 = time.perf_counter()
@@ -67,6 +78,15 @@ def main():
             rows.append((name, f"refined, {k} steps (lr {args.lr:g})", secs,
                          metrics.r2(out["output_params"], v.truth),
                          tenths(out["output_params"], v.truth)))
+            print(rows[-1][:4], flush=True)
+        refined_all.append(out["output_params"])
+
+    if len(args.runs) > 1:
+        for what, members in ((f"{args.samples} posterior samples averaged", plain_all),
+                              (f"refined, {steps[-1]} steps (lr {args.lr:g})", refined_all)):
+            rates = np.mean(members, axis=0, dtype=np.float64)
+            rows.append((f"ensemble of all {len(members)}", what, float("nan"),
+                         metrics.r2(rates, truth), tenths(rates, truth)))
             print(rows[-1][:4], flush=True)
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -86,7 +106,9 @@ def main():
         "|---|---|---|---|" + "---|" * 10,
     ]
     for name, what, secs, r2, prof in rows:
-        lines.append(f"| `{name}` | {what} | {secs:.1f} | {r2:.4f} | "
+        name = name if name.startswith("ensemble") else f"`{name}`"
+        secs = "-" if np.isnan(secs) else f"{secs:.1f}"
+        lines.append(f"| {name} | {what} | {secs} | {r2:.4f} | "
                      + " | ".join(f"{e:.3f}" for e in prof) + " |")
     lines += ["", "Runs (`lfads-fast demo --out NAME`):", ""] + runs
     text = "\n".join(lines) + "\n"

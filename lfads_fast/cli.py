@@ -177,6 +177,9 @@ def _infer(args) -> int:
     if args.refine_ic:
         what += f", initial conditions refined by {args.refine_ic} steps"
     if cfg.multisession:
+        if args.ensemble:
+            raise ValueError("--ensemble: ensembles of multi-session models are not supported here; "
+                             "use lfads_fast.posterior.ensemble_average for each session")
         sessions = data.load_sessions(files)  # write_session_posteriors checks them
         paths = stitching.write_session_posteriors(model, sessions, args.out, n_samples=args.samples,
                                                    seed=args.seed, splits=splits, **refine)
@@ -184,9 +187,40 @@ def _infer(args) -> int:
         return 0
     dataset = data.load_dataset(files[0])
     check_sizes(cfg, dataset, owner="the checkpoint's model", hint="")
+    if args.ensemble:
+        return _infer_ensemble(args, model, dataset, splits, refine, what)
     posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
                               splits=splits, **refine)
     print(f"posterior ({what}): {args.out}")
+    return 0
+
+
+def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> int:
+    import numpy as np
+
+    from . import data, posterior
+    from .train import check_sizes, load_model
+
+    models = [model]
+    for path in args.ensemble:
+        m = load_model(_existing(path, "checkpoint"))
+        check_sizes(m.config, dataset, owner=f"the model of {path}", hint="")
+        models.append(m)
+    present = dataset.splits
+    names = tuple(present) if splits is None else splits
+    unknown = [s for s in names if s not in present]
+    if unknown:
+        raise ValueError(f"split(s) {unknown} not in the data (found {list(present)})")
+    outputs = {}
+    for i, name in enumerate(names):
+        sp = present[name]
+        # The seed of each split as posterior.posterior_outputs derives it.
+        seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])
+        ens = posterior.ensemble_average(models, sp.encod_data, sp.ext_input, n_samples=args.samples,
+                                         seed=seed, **refine)
+        outputs[name] = {"output_params": ens["output_params"]}
+    data.write_posterior_h5(args.out, outputs, {n: present[n].inds for n in names})
+    print(f"ensemble of {len(models)} models, rates averaged ({what}): {args.out}")
     return 0
 
 
@@ -199,9 +233,14 @@ def _demo(args) -> int:
     r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
                  seed=args.seed, progress=not args.quiet, model_overrides=model_fields,
                  train_overrides=train_fields, burn_in_bins=args.burn_in,
-                 refine_steps=args.refine_ic)
+                 refine_steps=args.refine_ic, ensemble=args.ensemble)
     refined = "" if r.r2_refined is None else f" ({r.r2_refined:.3f} with refined initial conditions)"
-    print(f"valid R^2: LFADS {r.r2_lfads:.3f}{refined}, smoothing {r.r2_smoothing:.3f}, "
+    ens = ""
+    if r.r2_ensemble is not None:
+        ens = f", ensemble of {args.ensemble} {r.r2_ensemble:.3f}"
+        if r.r2_ensemble_refined is not None:
+            ens += f" ({r.r2_ensemble_refined:.3f} refined)"
+    print(f"valid R^2: LFADS {r.r2_lfads:.3f}{refined}{ens}, smoothing {r.r2_smoothing:.3f}, "
           f"smoothing + PCA {r.r2_pca:.3f} ({r.total_seconds / 60:.1f} min in all)")
     return 0
 
@@ -339,6 +378,9 @@ def _parser() -> argparse.ArgumentParser:
                    f"{REFINE_STEPS} is a good start; default 0: off)")
     p.add_argument("--refine-lr", type=_positive_float, default=REFINE_LR, metavar="LR",
                    help=f"step size of the refinement (default {REFINE_LR})")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
+                   help="more checkpoints of models trained on the same data: OUT then holds "
+                   "only {split}_output_params, the rates averaged over all the models")
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("demo", help="train on synthetic chaotic-RNN data and report",
@@ -359,6 +401,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-ic", type=_non_negative_int, default=REFINE_STEPS, metavar="STEPS",
                    help="also score the validation rates from initial conditions refined by "
                    f"STEPS gradient steps per trial (default {REFINE_STEPS}; 0: off)")
+    p.add_argument("--ensemble", type=_positive_int, default=1, metavar="K",
+                   help="train K models one after the other (seeds SEED, SEED+1, ...; each for "
+                   "--minutes) and also score their averaged rates (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field of the demo's model or training configuration, "
                    "e.g. model.ic_dim=64 or train.lr_patience=10 (repeatable)")

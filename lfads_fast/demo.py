@@ -69,6 +69,11 @@ class DemoResult:
         r2_pca: pooled R^2 of smoothing + PCA (width and components chosen on train).
         r2_refined: pooled R^2 of LFADS's rates from initial conditions refined per trial
             (LFADS.refine_ic), or None when refinement was off.
+        r2_ensemble: pooled R^2 of the rates averaged over the ensemble's models (each
+            model's posterior average), or None without an ensemble.
+        r2_ensemble_refined: the same from each model's refined initial conditions, or None.
+        members: per model of the ensemble (the first is the one above): seed, epochs,
+            best_epoch, r2 and r2_refined (None when refinement was off).
         sigma_bins: the smoothing width of the smoothing baseline, in bins.
         pca_sigma_bins, pca_components: the choices of the PCA baseline.
         epochs: training epochs completed.
@@ -82,6 +87,9 @@ class DemoResult:
     r2_smoothing: float
     r2_pca: float
     r2_refined: float | None
+    r2_ensemble: float | None
+    r2_ensemble_refined: float | None
+    members: list
     sigma_bins: float
     pca_sigma_bins: float
     pca_components: int
@@ -96,7 +104,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
              n_samples: int = posterior.DEFAULT_SAMPLES, quick: bool = False, seed: int = 0,
              progress: bool = True, log=print, model_overrides: dict | None = None,
              train_overrides: dict | None = None, burn_in_bins: int = 0,
-             refine_steps: int = posterior.REFINE_STEPS) -> DemoResult:
+             refine_steps: int = posterior.REFINE_STEPS, ensemble: int = 1) -> DemoResult:
     """Runs the demo (see the module docstring).
 
     Args:
@@ -116,12 +124,17 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         refine_steps: also score the validation rates from initial conditions refined by
             this many steps per trial (LFADS.refine_ic; written to posterior_refined.h5);
             0: off.
+        ensemble: number of models trained one after the other (seeds seed, seed + 1, ...,
+            each for `minutes`), whose rates are averaged (posterior.ensemble_average);
+            the first model's outputs are the ones written to posterior.h5.
 
     Returns:
         The measurements (also written to out_dir/report.md).
     """
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be an integer >= 1, got {ensemble!r}")
     t_start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +159,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     train_cfg = TrainConfig(**{**train_fields, "time_budget": 60.0 * minutes})
     model = LFADS(model_cfg, seed=seed)
     log(f"training LFADS ({model.num_params} parameters, {ops.get_num_threads()} threads) "
-        f"for {minutes:g} min")
+        f"for {minutes:g} min" + (f" (model 1 of {ensemble})" if ensemble > 1 else ""))
     fit = Trainer(model, ds, train_cfg, out / "train", progress=progress).fit()
     timings["train"] = fit.train_seconds
 
@@ -170,6 +183,13 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         timings["refine"] = time.perf_counter() - t0
         log(f"LFADS valid R^2 with refined initial conditions ({refine_steps} steps) "
             f"{r2_refined:.3f}")
+    members = [{"seed": seed, "epochs": fit.epochs, "best_epoch": fit.best_epoch, "r2": r2_lfads,
+                "r2_refined": r2_refined}]
+    r2_ens = r2_ens_refined = None
+    if ensemble > 1:
+        r2_ens, r2_ens_refined = _ensemble(out, ds, model_cfg, train_fields, minutes, ensemble, seed,
+                                           fit.best_checkpoint, n_samples, refine_steps, progress,
+                                           log, members, timings)
 
     t0 = time.perf_counter()
     dt = float(ds.other.get("dt", sd.dt))
@@ -179,7 +199,8 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
 
     result = DemoResult(
         r2_lfads=r2_lfads, r2_smoothing=base["r2_smoothing"], r2_pca=base["r2_pca"],
-        r2_refined=r2_refined,
+        r2_refined=r2_refined, r2_ensemble=r2_ens, r2_ensemble_refined=r2_ens_refined,
+        members=members,
         sigma_bins=base["sigma"], pca_sigma_bins=base["pca_sigma"],
         pca_components=base["pca_k"], epochs=fit.epochs, train_seconds=fit.train_seconds,
         posterior_seconds=timings["posterior"], total_seconds=timings["total"],
@@ -188,6 +209,47 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
                   n_samples, minutes, quick, burn_in_bins, refine_steps)
     log(f"report: {out / 'report.md'}")
     return result
+
+
+def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minutes: float,
+              ensemble: int, seed: int, first_checkpoint: str, n_samples: int, refine_steps: int,
+              progress: bool, log, members: list, timings: dict):
+    """Trains models 2..ensemble (out/train_<i>), then scores the ensemble's averaged rates;
+    appends each new model to members and writes ensemble.h5 (and ensemble_refined.h5)."""
+    checkpoints = [first_checkpoint]
+    for i in range(1, ensemble):
+        model = LFADS(model_cfg, seed=seed + i)
+        cfg = TrainConfig(**{**train_fields, "seed": seed + i, "time_budget": 60.0 * minutes})
+        log(f"training LFADS for {minutes:g} min (model {i + 1} of {ensemble})")
+        fit = Trainer(model, ds, cfg, out / f"train_{i}", progress=progress).fit()
+        timings["train"] += fit.train_seconds
+        checkpoints.append(fit.best_checkpoint)
+        members.append({"seed": seed + i, "epochs": fit.epochs, "best_epoch": fit.best_epoch})
+    t0 = time.perf_counter()
+    models = [load_model(c) for c in checkpoints]
+    v = ds.valid
+    ens = posterior.ensemble_average(models, v.encod_data, v.ext_input, n_samples=n_samples, seed=seed)
+    for m, rates in zip(members, ens["members"]):
+        m["r2"] = metrics.r2(rates, v.truth)
+    r2_ens = metrics.r2(ens["output_params"], v.truth)
+    data.write_posterior_h5(out / "ensemble.h5", {"valid": {"output_params": ens["output_params"]}},
+                            {"valid": v.inds})
+    log(f"ensemble of {ensemble}: valid R^2 {r2_ens:.3f}")
+    r2_refined = None
+    if refine_steps > 0:
+        ens = posterior.ensemble_average(models, v.encod_data, v.ext_input, seed=seed,
+                                         refine_steps=refine_steps)
+        for m, rates in zip(members, ens["members"]):
+            m["r2_refined"] = metrics.r2(rates, v.truth)
+        r2_refined = metrics.r2(ens["output_params"], v.truth)
+        data.write_posterior_h5(out / "ensemble_refined.h5",
+                                {"valid": {"output_params": ens["output_params"]}}, {"valid": v.inds})
+        log(f"ensemble of {ensemble}, refined initial conditions: valid R^2 {r2_refined:.3f}")
+    else:
+        for m in members:
+            m["r2_refined"] = None
+    timings["ensemble"] = time.perf_counter() - t0
+    return r2_ens, r2_refined
 
 
 def _baselines(ds: data.Dataset) -> dict:
@@ -226,6 +288,20 @@ def _figures(out: Path, ds: data.Dataset, outputs: dict, dt: float, history: lis
     return [os.path.relpath(p, out) for p in paths]
 
 
+def _member_lines(r: DemoResult) -> list[str]:
+    if len(r.members) < 2:
+        return []
+    lines = ["## Ensemble", "",
+             f"{len(r.members)} models of the same configuration, trained one after the other "
+             "with different seeds, each for the training budget (`train/`, `train_1/`, ...):", "",
+             "| model | seed | epochs | best epoch | valid R^2 | refined |", "|---|---|---|---|---|---|"]
+    for i, m in enumerate(r.members):
+        refined = "-" if m.get("r2_refined") is None else f"{m['r2_refined']:.4f}"
+        lines.append(f"| {i + 1} | {m['seed']} | {m['epochs']} | {m['best_epoch']} | {m['r2']:.4f} "
+                     f"| {refined} |")
+    return lines + [""]
+
+
 def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, train_cfg,
                   fit, timings: dict, figures: list[str], n_samples: int, minutes: float,
                   quick: bool, burn_in_bins: int = 0, refine_steps: int = 0) -> None:
@@ -250,6 +326,13 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
     if r.r2_refined is not None:
         lines.append(f"| LFADS, initial conditions refined per trial ({refine_steps} steps, "
                      f"`posterior_refined.h5`) | {r.r2_refined:.4f} |")
+    K = len(r.members)
+    if r.r2_ensemble is not None:
+        lines.append(f"| ensemble of {K} LFADS models, rates averaged (`ensemble.h5`) "
+                     f"| {r.r2_ensemble:.4f} |")
+    if r.r2_ensemble_refined is not None:
+        lines.append(f"| ensemble of {K}, each with refined initial conditions "
+                     f"(`ensemble_refined.h5`) | {r.r2_ensemble_refined:.4f} |")
     lines += [
         f"| best Gaussian smoothing (sigma = {r.sigma_bins:g} bins) | {r.r2_smoothing:.4f} |",
         f"| smoothing (sigma = {r.pca_sigma_bins:g} bins) + PCA ({r.pca_components} components) "
@@ -262,10 +345,15 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         f"| data generation | {timings['data']:.1f} |",
         f"| baselines | {timings['baselines']:.1f} |",
         f"| training ({fit.epochs} epochs, {steps} steps, {per_epoch:.2f} s/epoch; "
-        f"stopped by {fit.stop_reason}) | {timings['train']:.1f} |",
+        f"stopped by {fit.stop_reason}"
+        f"{f'; all {len(r.members)} models of the ensemble' if len(r.members) > 1 else ''}) "
+        f"| {timings['train']:.1f} |",
         f"| posterior sampling ({n_samples} samples x {ds.train.n_trials + ds.valid.n_trials} "
         f"trials) | {timings['posterior']:.1f} |",
     ]
+    if "ensemble" in timings:
+        lines.append(f"| models 2-{K} of the ensemble: posteriors and scores of all {K} "
+                     f"| {timings['ensemble']:.1f} |")
     if "refine" in timings:
         lines.append(f"| refinement of the initial conditions ({refine_steps} steps x "
                      f"{ds.valid.n_trials} valid trials) | {timings['refine']:.1f} |")
@@ -277,6 +365,7 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         f"{ops.get_num_threads()} kernel threads; Python {platform.python_version()}.",
         f"Training budget: {minutes:g} min. Best checkpoint: epoch {fit.best_epoch}.",
         "",
+        *_member_lines(r),
         "## Model",
         "",
         f"{model.num_params} parameters: ic_enc_dim {mc.ic_enc_dim}, ic_dim {mc.ic_dim}, "

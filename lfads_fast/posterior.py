@@ -14,7 +14,7 @@ import numpy as np
 from . import data as data_mod
 from .model import LFADS
 
-__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "sample_and_average", "posterior_outputs", "write_posterior"]
+__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
 # Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
@@ -91,6 +91,46 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
     if not chunks:
         raise ValueError("encod_data has no trials")
     return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in data_mod.POSTERIOR_FIELDS}
+
+
+def ensemble_average(models: list[LFADS], encod_data: np.ndarray, ext_input: np.ndarray | None = None,
+                     *, n_samples: int = DEFAULT_SAMPLES, seed: int = 0, max_rows: int | None = None,
+                     session: int | None = None, refine_steps: int = 0,
+                     refine_lr: float = REFINE_LR) -> dict[str, np.ndarray]:
+    """Rates averaged over an ensemble: several models trained on the same data (different
+    seeds or settings), each run with sample_and_average, their output_params averaged.
+
+    Only the rates are averaged: factors, states and initial conditions are each model's own
+    coordinates and have no common meaning across models.
+
+    Args:
+        models: the trained models; all must read and reconstruct the same neurons and bins.
+        encod_data, ext_input, n_samples, seed, max_rows, session, refine_steps, refine_lr:
+            as in sample_and_average (every model gets the same seed).
+
+    Returns:
+        output_params: the mean over the models of their posterior-averaged rates
+        [B, T_r, N_r]; members: a list with each model's [B, T_r, N_r].
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("models is empty: an ensemble needs at least one model")
+    first = models[0].config
+    for i, m in enumerate(models[1:], start=1):
+        c = m.config
+        got = (c.encod_seq_len, c.recon_seq_len, c.encod_data_dim, c.recon_data_dim, c.ext_input_dim,
+               c.session_neurons, c.session_recon_neurons)
+        want = (first.encod_seq_len, first.recon_seq_len, first.encod_data_dim, first.recon_data_dim,
+                first.ext_input_dim, first.session_neurons, first.session_recon_neurons)
+        if got != want:
+            raise ValueError(f"models[{i}] has data sizes (encod_seq_len, recon_seq_len, encod_data_dim, "
+                             f"recon_data_dim, ext_input_dim, session_neurons, session_recon_neurons) "
+                             f"= {got}, but models[0] has {want}")
+    members = [sample_and_average(m, encod_data, ext_input, n_samples=n_samples, seed=seed,
+                                  max_rows=max_rows, session=session, refine_steps=refine_steps,
+                                  refine_lr=refine_lr)["output_params"] for m in models]
+    return {"output_params": np.mean(members, axis=0, dtype=np.float64).astype(members[0].dtype),
+            "members": members}
 
 
 def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lfads_fast import cli, data, synth
+from lfads_fast import cli, data, posterior, synth
 from lfads_fast.train import load_checkpoint, load_model
 
 TINY = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
@@ -74,6 +74,23 @@ def test_train_infer_resume(data_file, tmp_path, capsys):
     np.testing.assert_allclose(post_r["valid_ic_mean"], expect, rtol=1e-5, atol=1e-6)
     assert not np.allclose(post_r["valid_ic_mean"], post["valid_ic_mean"])
     np.testing.assert_allclose(post_r["valid_ic_std"], post["valid_ic_std"], rtol=1e-5)
+    # An ensemble of two checkpoints: only the averaged rates are written.
+    ens = tmp_path / "ens.h5"
+    code, stdout, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out",
+                             str(ens), "--samples", "3", "--splits", "valid", "--ensemble",
+                             str(out / "checkpoints" / "last.h5")], capsys)
+    assert code == 0, err
+    assert "ensemble of 2 models" in stdout
+    post_e = data.read_posterior_h5(ens)
+    assert set(post_e) == {"valid_output_params", "valid_inds"}
+    last = posterior.posterior_outputs(load_model(out / "checkpoints" / "last.h5"),
+                                       data.load_dataset(data_file), n_samples=3,
+                                       splits=("valid",))["valid"]["output_params"]
+    np.testing.assert_allclose(post_e["valid_output_params"],
+                               (post["valid_output_params"].astype(np.float64) + last) / 2, rtol=1e-5)
+    code, _, err = run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out", str(ens),
+                        "--ensemble", str(tmp_path / "nope.h5")], capsys)
+    assert code == 2 and "nope.h5 does not exist" in err
     with pytest.raises(SystemExit):
         run(["infer", str(out / "checkpoints" / "best.h5"), data_file, "--out", str(refined),
              "--refine-ic", "-1"], capsys)
@@ -234,6 +251,25 @@ def test_demo_quick(tmp_path, capsys):
         assert (out / name).is_file(), name
     refined = data.read_posterior_h5(out / "posterior_refined.h5")
     assert refined["valid_output_params"].shape == (24, 100, 50)
+
+
+def test_demo_ensemble(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--quick", "--minutes", "0.01", "--samples", "2", "--ensemble",
+                             "2", "--refine-ic", "3", "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    assert "ensemble of 2" in stdout
+    report = (out / "report.md").read_text()
+    for text in ("| ensemble of 2 LFADS models, rates averaged (`ensemble.h5`) |",
+                 "| ensemble of 2, each with refined initial conditions", "## Ensemble",
+                 "| 2 | 1 |"):
+        assert text in report, text
+    for name in ("train/checkpoints/best.h5", "train_1/checkpoints/best.h5", "ensemble.h5",
+                 "ensemble_refined.h5"):
+        assert (out / name).is_file(), name
+    ens = data.read_posterior_h5(out / "ensemble.h5")["valid_output_params"]
+    first = data.read_posterior_h5(out / "posterior.h5")["valid_output_params"]
+    assert ens.shape == first.shape and not np.allclose(ens, first)
 
 
 def test_demo_set_overrides_the_demo_configuration(tmp_path, capsys):

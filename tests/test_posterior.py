@@ -114,3 +114,25 @@ def test_hdf5_round_trip_with_lfads_torch_keys(tmp_path):
     assert list(only_valid) == ["valid"]
     with pytest.raises(ValueError, match="not in the data"):
         posterior.posterior_outputs(m, ds, splits=("test",))
+
+
+def test_ensemble_averages_the_members_rates(model, spikes):
+    other = LFADS(model.config, seed=123)
+    ens = posterior.ensemble_average([model, other], spikes, n_samples=3, seed=5)
+    a = posterior.sample_and_average(model, spikes, n_samples=3, seed=5)["output_params"]
+    b = posterior.sample_and_average(other, spikes, n_samples=3, seed=5)["output_params"]
+    np.testing.assert_array_equal(ens["members"][0], a)
+    np.testing.assert_array_equal(ens["members"][1], b)
+    np.testing.assert_allclose(ens["output_params"], (a.astype(np.float64) + b) / 2, rtol=1e-6)
+    assert not np.allclose(a, b)  # two different models
+    refined = posterior.ensemble_average([model, other], spikes, refine_steps=3)
+    expect = posterior.sample_and_average(other, spikes, refine_steps=3)["output_params"]
+    np.testing.assert_array_equal(refined["members"][1], expect)
+
+
+def test_ensemble_errors(model, spikes):
+    with pytest.raises(ValueError, match="models is empty"):
+        posterior.ensemble_average([], spikes)
+    wider = LFADS(LFADSConfig(**{**CFG, "recon_data_dim": CFG["recon_data_dim"] + 2}))
+    with pytest.raises(ValueError, match=r"models\[1\] has data sizes"):
+        posterior.ensemble_average([model, wider], spikes)
