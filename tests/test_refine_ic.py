@@ -208,3 +208,33 @@ def test_posterior_with_refinement(rng):
     assert metrics.r2(out["output_params"], rates) > metrics.r2(plain["output_params"], rates)
     with pytest.raises(ValueError, match="refine_steps must be an integer >= 0"):
         posterior.sample_and_average(model, spikes, refine_steps=-2)
+
+
+def test_sessions(rng):
+    # A stitched model: each session's own read-in and read-out (held-out neurons in one).
+    fields = dict(BASE, **NO_CON, encod_data_dim=5, session_neurons=[7, 4],
+                  session_recon_neurons=[9, 4])
+    del fields["recon_data_dim"]
+    cfg = LFADSConfig(**fields)
+    model = LFADS(cfg, seed=3, dtype=np.float64)
+    model.flat += rng.normal(size=model.flat.shape) * 0.1
+    encod = rng.poisson(1.5, size=(3, cfg.encod_seq_len, 7)).astype(np.float64)
+    ic = rng.normal(size=(3, cfg.ic_dim)) * 0.5
+    obj, grad = model.ic_objective(encod, ic, session=0)
+    fd = np.zeros_like(ic)
+    for idx in np.ndindex(ic.shape):
+        plus, minus = ic.copy(), ic.copy()
+        plus[idx] += FD_STEP
+        minus[idx] -= FD_STEP
+        fd[idx] = (model.ic_objective(encod, plus, session=0, grads=False)[0]
+                   - model.ic_objective(encod, minus, session=0, grads=False)[0]) / (2 * FD_STEP)
+    np.testing.assert_allclose(grad, fd, rtol=FD_RTOL, atol=1e-7)
+    # The held-out neurons are not fitted: changing their read-out leaves the objective.
+    model.params["readout_W_0"][7:] += 1.0
+    assert model.ic_objective(encod, ic, session=0, grads=False)[0] == pytest.approx(obj, rel=1e-12)
+    out = model.refine_ic(encod, session=0, steps=20)
+    assert out["objective"][-1] < out["objective"][0]
+    with pytest.raises(ValueError, match="session= is required"):
+        model.refine_ic(encod)
+    with pytest.raises(ValueError, match="encod_data must have shape"):
+        model.refine_ic(encod, session=1)
