@@ -484,7 +484,8 @@ class LFADS:
 
     def _ic_objective(self, batch: Batch, noise: dict, ic: np.ndarray, *, grads: bool):
         cfg, dt = self.config, self.dtype
-        c = self._forward(batch, noise, grads=grads, kl_ramp=0.0, l2_ramp=0.0, outputs=False, ic=ic)
+        c = self._forward(batch, noise, grads=grads, kl_ramp=0.0, l2_ramp=0.0, outputs=False, ic=ic,
+                          encoders=cfg.use_con)  # only the controller reads the encoders here
         diff = ic - self.params["ic_prior_mean"]
         inv_var = 1.0 / cfg.ic_prior_var
         # The forward pass reports the reconstruction as loss_scale * sum / n_valid.
@@ -582,8 +583,11 @@ class LFADS:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
-                 outputs: bool, ic: np.ndarray | None = None) -> dict:
+                 outputs: bool, ic: np.ndarray | None = None, encoders: bool = True) -> dict:
         cfg, p, dt = self.config, self.params, self.dtype
+        if not encoders and (ic is None or cfg.use_con or outputs):
+            raise ValueError("encoders=False needs given initial conditions, no controller and "
+                             "no outputs")
         Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
         Tr, Nr = cfg.recon_seq_len, cfg.recon_data_dim
         Hi, Hc, G, F, U, E = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.fac_dim, cfg.co_dim, cfg.ext_input_dim
@@ -592,55 +596,59 @@ class LFADS:
         nz = _NoiseReader(noise, dt)
         c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
 
-        # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
-        # then dropout.
-        x = self._buf("x", (Te, B, Ne))
-        if batch.segments is None:
-            x[...] = batch.encod
-            cd_keep = nz.get("cd_keep", (Te, B, Ne))
-            if cd_keep is not None:
-                x *= cd_keep
-                x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
-        else:
-            cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
-                                                  for seg in batch.segments])
-            c["readin_in"] = self._readin(batch.segments, cd_keep, x)
-        drop_data = nz.get("drop_data", (Te, B, Ne))
-        if drop_data is not None:
-            x *= drop_data
-        c.update(x=x, drop_data=drop_data)
+        if encoders:
+            # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
+            # then dropout.
+            x = self._buf("x", (Te, B, Ne))
+            if batch.segments is None:
+                x[...] = batch.encod
+                cd_keep = nz.get("cd_keep", (Te, B, Ne))
+                if cd_keep is not None:
+                    x *= cd_keep
+                    x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
+            else:
+                cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
+                                                      for seg in batch.segments])
+                c["readin_in"] = self._readin(batch.segments, cd_keep, x)
+            drop_data = nz.get("drop_data", (Te, B, Ne))
+            if drop_data is not None:
+                x *= drop_data
+            c.update(x=x, drop_data=drop_data)
 
-        # One GEMM projects the input for all encoder GRUs.
-        enc = self._encoders()
-        W_enc, b_enc = self._enc_input_weights(self.flat)
-        xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
-        ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
-        xproj += b_enc
-        c["xproj"] = xproj
-        c["enc"] = {}
-        for name, H, off, rev, h0_name, h0_row in enc:
-            h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
-            out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
-            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
-            c["enc"][name] = (hs, gates, h0)
+            # One GEMM projects the input for all encoder GRUs.
+            enc = self._encoders()
+            W_enc, b_enc = self._enc_input_weights(self.flat)
+            xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
+            ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
+            xproj += b_enc
+            c["xproj"] = xproj
+            c["enc"] = {}
+            for name, H, off, rev, h0_name, h0_row in enc:
+                h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
+                out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
+                hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
+                c["enc"][name] = (hs, gates, h0)
 
-        # Initial-condition posterior.
-        hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
-        h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
-        drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
-        h_n_d = h_n * drop_ic if drop_ic is not None else h_n
-        ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
-        ic_mean = np.ascontiguousarray(ic_params[:, : cfg.ic_dim])
-        ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
-        ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
-        ic_eps = nz.get("ic_eps", (B, cfg.ic_dim))
-        if ic is not None:  # given initial conditions (refine_ic) replace the sample
-            ic_eps = None
-            ic_samp = ic
-        else:
-            ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
-        c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
-                 ic_eps=ic_eps, ic_samp=ic_samp, ic_given=ic is not None)
+            # Initial-condition posterior.
+            hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
+            h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
+            drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
+            h_n_d = h_n * drop_ic if drop_ic is not None else h_n
+            ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
+            ic_mean = np.ascontiguousarray(ic_params[:, : cfg.ic_dim])
+            ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
+            ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
+            ic_eps = nz.get("ic_eps", (B, cfg.ic_dim))
+            if ic is not None:  # given initial conditions (refine_ic) replace the sample
+                ic_eps = None
+                ic_samp = ic
+            else:
+                ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
+            c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
+                     ic_eps=ic_eps, ic_samp=ic_samp, ic_given=ic is not None)
+        else:  # refine_ic without a controller: the decoder needs nothing from the encoders
+            ic_samp, cd_keep = ic, None
+            c.update(ic_mean=None, ic_samp=ic, ic_eps=None, drop_ic=None, ic_given=True)
 
         # Generator initial state and factors.
         g0 = np.ascontiguousarray(ic_samp @ p["ic_to_g0_W"].T + p["ic_to_g0_b"])
@@ -720,9 +728,12 @@ class LFADS:
         c.update(elbos=elbos, d_factors=d_factors)
 
         kl_ic_w = cfg.loss_scale * kl_ramp * cfg.kl_ic_scale
-        kl = ops.kl_ic(ic_mean, ic_logvar, p["ic_prior_mean"],
-                       np.full(cfg.ic_dim, np.log(cfg.ic_prior_var), dtype=dt),
-                       var_min=cfg.ic_post_var_min, scale=1.0, grads=grads)
+        if encoders:
+            kl = ops.kl_ic(ic_mean, ic_logvar, p["ic_prior_mean"],
+                           np.full(cfg.ic_dim, np.log(cfg.ic_prior_var), dtype=dt),
+                           var_min=cfg.ic_post_var_min, scale=1.0, grads=grads)
+        else:
+            kl = {"kl": 0.0}
         terms["kl_ic"] = kl["kl"]
         c["kl_ic"] = kl
         c["kl_ic_w"] = kl_ic_w
