@@ -344,19 +344,18 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         "|---|---|",
         f"| data generation | {timings['data']:.1f} |",
         f"| baselines | {timings['baselines']:.1f} |",
-        f"| training ({fit.epochs} epochs, {steps} steps, {per_epoch:.2f} s/epoch; "
-        f"stopped by {fit.stop_reason}"
-        f"{f'; all {len(r.members)} models of the ensemble' if len(r.members) > 1 else ''}) "
-        f"| {timings['train']:.1f} |",
+        f"| training ({f'{len(r.members)} models; model 1: ' if len(r.members) > 1 else ''}"
+        f"{fit.epochs} epochs, {steps} steps, {per_epoch:.2f} s/epoch; "
+        f"stopped by {fit.stop_reason}) | {timings['train']:.1f} |",
         f"| posterior sampling ({n_samples} samples x {ds.train.n_trials + ds.valid.n_trials} "
         f"trials) | {timings['posterior']:.1f} |",
     ]
-    if "ensemble" in timings:
-        lines.append(f"| models 2-{K} of the ensemble: posteriors and scores of all {K} "
-                     f"| {timings['ensemble']:.1f} |")
     if "refine" in timings:
         lines.append(f"| refinement of the initial conditions ({refine_steps} steps x "
                      f"{ds.valid.n_trials} valid trials) | {timings['refine']:.1f} |")
+    if "ensemble" in timings:
+        lines.append(f"| valid posteriors of all {K} models of the ensemble"
+                     f"{', plain and refined' if refine_steps else ''} | {timings['ensemble']:.1f} |")
     lines += [
         f"| figures | {timings['figures']:.1f} |",
         f"| total | {timings['total']:.1f} |",

@@ -262,7 +262,8 @@ def test_demo_ensemble(tmp_path, capsys):
     report = (out / "report.md").read_text()
     for text in ("| ensemble of 2 LFADS models, rates averaged (`ensemble.h5`) |",
                  "| ensemble of 2, each with refined initial conditions", "## Ensemble",
-                 "| 2 | 1 |"):
+                 "| 2 | 1 |", "| training (2 models; model 1: ",
+                 "| valid posteriors of all 2 models of the ensemble, plain and refined |"):
         assert text in report, text
     for name in ("train/checkpoints/best.h5", "train_1/checkpoints/best.h5", "ensemble.h5",
                  "ensemble_refined.h5"):
