@@ -206,20 +206,13 @@ def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> in
         m = load_model(_existing(path, "checkpoint"))
         check_sizes(m.config, dataset, owner=f"the model of {path}", hint="")
         models.append(m)
-    present = dataset.splits
-    names = tuple(present) if splits is None else splits
-    unknown = [s for s in names if s not in present]
-    if unknown:
-        raise ValueError(f"split(s) {unknown} not in the data (found {list(present)})")
-    outputs = {}
-    for i, name in enumerate(names):
-        sp = present[name]
-        # The seed of each split as posterior.posterior_outputs derives it.
-        seed = int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0])
-        ens = posterior.ensemble_average(models, sp.encod_data, sp.ext_input, n_samples=args.samples,
-                                         seed=seed, **refine)
-        outputs[name] = {"output_params": ens["output_params"]}
-    data.write_posterior_h5(args.out, outputs, {n: present[n].inds for n in names})
+    # Each model as `infer` runs it alone (same splits and seeds), keeping only the rates.
+    rates = [{name: out["output_params"] for name, out in posterior.posterior_outputs(
+        m, dataset, n_samples=args.samples, seed=args.seed, splits=splits, **refine).items()}
+        for m in models]
+    outputs = {name: {"output_params": np.mean([r[name] for r in rates], axis=0, dtype=np.float64)
+                      .astype(rates[0][name].dtype)} for name in rates[0]}
+    data.write_posterior_h5(args.out, outputs, {n: dataset.splits[n].inds for n in outputs})
     print(f"ensemble of {len(models)} models, rates averaged ({what}): {args.out}")
     return 0
 

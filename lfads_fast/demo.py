@@ -187,9 +187,10 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
                 "r2_refined": r2_refined}]
     r2_ens = r2_ens_refined = None
     if ensemble > 1:
+        first = {"plain": rates, "refined": None if refine_steps == 0 else refined["output_params"]}
         r2_ens, r2_ens_refined = _ensemble(out, ds, model_cfg, train_fields, minutes, ensemble, seed,
-                                           fit.best_checkpoint, n_samples, refine_steps, progress,
-                                           log, members, timings)
+                                           first, n_samples, refine_steps, progress, log, members,
+                                           timings)
 
     t0 = time.perf_counter()
     dt = float(ds.other.get("dt", sd.dt))
@@ -212,11 +213,12 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
 
 
 def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minutes: float,
-              ensemble: int, seed: int, first_checkpoint: str, n_samples: int, refine_steps: int,
+              ensemble: int, seed: int, first: dict, n_samples: int, refine_steps: int,
               progress: bool, log, members: list, timings: dict):
-    """Trains models 2..ensemble (out/train_<i>), then scores the ensemble's averaged rates;
-    appends each new model to members and writes ensemble.h5 (and ensemble_refined.h5)."""
-    checkpoints = [first_checkpoint]
+    """Trains models 2..ensemble (out/train_<i>) and scores the ensemble's averaged rates, the
+    first model's valid rates (plain and refined) given in `first`; appends each new model to
+    members and writes ensemble.h5 (and ensemble_refined.h5)."""
+    checkpoints = []
     for i in range(1, ensemble):
         model = LFADS(model_cfg, seed=seed + i)
         cfg = TrainConfig(**{**train_fields, "seed": seed + i, "time_budget": 60.0 * minutes})
@@ -228,28 +230,24 @@ def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minute
     t0 = time.perf_counter()
     models = [load_model(c) for c in checkpoints]
     v = ds.valid
-    ens = posterior.ensemble_average(models, v.encod_data, v.ext_input, n_samples=n_samples, seed=seed)
-    for m, rates in zip(members, ens["members"]):
-        m["r2"] = metrics.r2(rates, v.truth)
-    r2_ens = metrics.r2(ens["output_params"], v.truth)
-    data.write_posterior_h5(out / "ensemble.h5", {"valid": {"output_params": ens["output_params"]}},
-                            {"valid": v.inds})
-    log(f"ensemble of {ensemble}: valid R^2 {r2_ens:.3f}")
-    r2_refined = None
+    kinds = [("plain", "ensemble.h5", {"n_samples": n_samples}, "r2")]
     if refine_steps > 0:
-        ens = posterior.ensemble_average(models, v.encod_data, v.ext_input, seed=seed,
-                                         refine_steps=refine_steps)
-        for m, rates in zip(members, ens["members"]):
-            m["r2_refined"] = metrics.r2(rates, v.truth)
-        r2_refined = metrics.r2(ens["output_params"], v.truth)
-        data.write_posterior_h5(out / "ensemble_refined.h5",
-                                {"valid": {"output_params": ens["output_params"]}}, {"valid": v.inds})
-        log(f"ensemble of {ensemble}, refined initial conditions: valid R^2 {r2_refined:.3f}")
-    else:
-        for m in members:
-            m["r2_refined"] = None
+        kinds.append(("refined", "ensemble_refined.h5", {"refine_steps": refine_steps}, "r2_refined"))
+    scores = {"plain": None, "refined": None}
+    for kind, file_name, options, key in kinds:
+        rest = posterior.ensemble_average(models, v.encod_data, v.ext_input, seed=seed, **options)
+        rates = [first[kind]] + rest["members"]
+        for m, r in zip(members, rates):
+            m[key] = metrics.r2(r, v.truth)
+        mean = np.mean(rates, axis=0, dtype=np.float64).astype(rates[0].dtype)
+        scores[kind] = metrics.r2(mean, v.truth)
+        data.write_posterior_h5(out / file_name, {"valid": {"output_params": mean}}, {"valid": v.inds})
+        log(f"ensemble of {ensemble}{', refined initial conditions' if kind == 'refined' else ''}: "
+            f"valid R^2 {scores[kind]:.3f}")
+    for m in members:
+        m.setdefault("r2_refined", None)
     timings["ensemble"] = time.perf_counter() - t0
-    return r2_ens, r2_refined
+    return scores["plain"], scores["refined"]
 
 
 def _baselines(ds: data.Dataset) -> dict:
@@ -354,7 +352,7 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         lines.append(f"| refinement of the initial conditions ({refine_steps} steps x "
                      f"{ds.valid.n_trials} valid trials) | {timings['refine']:.1f} |")
     if "ensemble" in timings:
-        lines.append(f"| valid posteriors of all {K} models of the ensemble"
+        lines.append(f"| valid posteriors of the ensemble's models 2-{K}"
                      f"{', plain and refined' if refine_steps else ''} | {timings['ensemble']:.1f} |")
     lines += [
         f"| figures | {timings['figures']:.1f} |",

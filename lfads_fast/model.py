@@ -434,17 +434,17 @@ class LFADS:
             raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
         dt = self.dtype
         batch, noise = self._ic_batch(encod_data, ext_input, session, recon_data)
-        if ic_init is None:
-            c = self._forward(batch, noise, grads=False, kl_ramp=0.0, l2_ramp=0.0, outputs=False)
-            ic_init = c["ic_mean"]
-        ic = self._given_ic(ic_init, batch.size, name="ic_init").copy()
+        # The encoders do not depend on the initial condition: encoded once for all steps.
+        encoded = self._encode(batch, _NoiseReader(noise, dt))
+        ic = self._given_ic(encoded["ic_mean"] if ic_init is None else ic_init, batch.size,
+                            name="ic_init").copy()
         start = ic.copy()
         m = np.zeros_like(ic)
         v = np.zeros_like(ic)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
         objective = np.empty(steps + 1)
         for k in range(steps + 1):
-            objective[k], grad = self._ic_objective(batch, noise, ic, grads=k < steps)
+            objective[k], grad = self._ic_objective(batch, noise, ic, grads=k < steps, encoded=encoded)
             if not np.isfinite(objective[k]):
                 raise FloatingPointError(f"refine_ic: the objective became {objective[k]} at step {k}")
             if k == steps:
@@ -482,18 +482,21 @@ class LFADS:
         # No dropout, posterior means of the controller (its KL noise is drawn but unused).
         return batch, self.draw_noise(batch, np.random.default_rng(0), train=False, sample=False)
 
-    def _ic_objective(self, batch: Batch, noise: dict, ic: np.ndarray, *, grads: bool):
+    def _ic_objective(self, batch: Batch, noise: dict, ic: np.ndarray, *, grads: bool,
+                      encoded: dict | None = None):
         cfg, dt = self.config, self.dtype
         c = self._forward(batch, noise, grads=grads, kl_ramp=0.0, l2_ramp=0.0, outputs=False, ic=ic,
-                          encoders=cfg.use_con)  # only the controller reads the encoders here
+                          encoded=encoded)
         diff = ic - self.params["ic_prior_mean"]
         inv_var = 1.0 / cfg.ic_prior_var
-        # The forward pass reports the reconstruction as loss_scale * sum / n_valid.
-        objective = c["terms"]["recon"] * batch.n_valid + 0.5 * inv_var * float(np.vdot(diff, diff))
+        # The forward pass reports the reconstruction as the sum divided by the number of valid
+        # bins (recon_reduce_mean) or of trials; one session per batch here.
+        to_sum = batch.n_valid if cfg.recon_reduce_mean else batch.size
+        objective = c["terms"]["recon"] * to_sum + 0.5 * inv_var * float(np.vdot(diff, diff))
         if not grads:
             return objective, None
         d_recon = self._backward(c, ic_only=True)
-        return objective, d_recon * dt.type(batch.n_valid / cfg.loss_scale) + diff * dt.type(inv_var)
+        return objective, d_recon * dt.type(to_sum / cfg.loss_scale) + diff * dt.type(inv_var)
 
     def _encoder_targets(self, encod_data: np.ndarray, session) -> np.ndarray:
         """refine_ic's default targets: the encoder's spikes in the read-out's first neurons
@@ -501,9 +504,9 @@ class LFADS:
         cfg = self.config
         n_e, n_r = cfg.encod_data_dim, cfg.recon_data_dim
         if cfg.multisession:
-            s = self._session_index(session) if session is not None else None
-            if s is None:
+            if session is None:
                 raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions")
+            s = self._session_index(session)
             n_e, n_r = cfg.session_neurons[s], cfg.session_recon_neurons[s]
         B = encod_data.shape[0]
         _expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, n_e))
@@ -583,72 +586,27 @@ class LFADS:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
-                 outputs: bool, ic: np.ndarray | None = None, encoders: bool = True) -> dict:
+                 outputs: bool, ic: np.ndarray | None = None, encoded: dict | None = None) -> dict:
+        """One pass; ic replaces the posterior's sample (refine_ic); encoded is the _encode
+        result of an earlier pass of the same batch and noise, reused instead of encoding
+        again (its arrays live in this model's buffers, so no other pass may run between)."""
         cfg, p, dt = self.config, self.params, self.dtype
-        if not encoders and (ic is None or cfg.use_con or outputs):
-            raise ValueError("encoders=False needs given initial conditions, no controller and "
-                             "no outputs")
-        Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
+        Te, B = cfg.encod_seq_len, batch.size
         Tr, Nr = cfg.recon_seq_len, cfg.recon_data_dim
-        Hi, Hc, G, F, U, E = cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.fac_dim, cfg.co_dim, cfg.ext_input_dim
+        G, F, U = cfg.gen_dim, cfg.fac_dim, cfg.co_dim
         con = cfg.use_con
         clip = cfg.cell_clip
         nz = _NoiseReader(noise, dt)
         c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
-
-        if encoders:
-            # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
-            # then dropout.
-            x = self._buf("x", (Te, B, Ne))
-            if batch.segments is None:
-                x[...] = batch.encod
-                cd_keep = nz.get("cd_keep", (Te, B, Ne))
-                if cd_keep is not None:
-                    x *= cd_keep
-                    x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
-            else:
-                cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
-                                                      for seg in batch.segments])
-                c["readin_in"] = self._readin(batch.segments, cd_keep, x)
-            drop_data = nz.get("drop_data", (Te, B, Ne))
-            if drop_data is not None:
-                x *= drop_data
-            c.update(x=x, drop_data=drop_data)
-
-            # One GEMM projects the input for all encoder GRUs.
-            enc = self._encoders()
-            W_enc, b_enc = self._enc_input_weights(self.flat)
-            xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
-            ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
-            xproj += b_enc
-            c["xproj"] = xproj
-            c["enc"] = {}
-            for name, H, off, rev, h0_name, h0_row in enc:
-                h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
-                out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
-                hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
-                c["enc"][name] = (hs, gates, h0)
-
-            # Initial-condition posterior.
-            hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
-            h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
-            drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
-            h_n_d = h_n * drop_ic if drop_ic is not None else h_n
-            ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
-            ic_mean = np.ascontiguousarray(ic_params[:, : cfg.ic_dim])
-            ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
-            ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
-            ic_eps = nz.get("ic_eps", (B, cfg.ic_dim))
-            if ic is not None:  # given initial conditions (refine_ic) replace the sample
-                ic_eps = None
-                ic_samp = ic
-            else:
-                ic_samp = ic_mean + ic_std * ic_eps if ic_eps is not None else ic_mean
-            c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
-                     ic_eps=ic_eps, ic_samp=ic_samp, ic_given=ic is not None)
-        else:  # refine_ic without a controller: the decoder needs nothing from the encoders
-            ic_samp, cd_keep = ic, None
-            c.update(ic_mean=None, ic_samp=ic, ic_eps=None, drop_ic=None, ic_given=True)
+        c.update(self._encode(batch, nz) if encoded is None else encoded)
+        cd_keep = c["cd_keep"]
+        if ic is not None:  # given initial conditions replace the sample
+            c.update(ic_samp=ic, ic_eps=None)
+        else:
+            ic_eps = c["ic_eps"]
+            c["ic_samp"] = c["ic_mean"] + c["ic_std"] * ic_eps if ic_eps is not None else c["ic_mean"]
+        c["ic_given"] = ic is not None
+        ic_samp = c["ic_samp"]
 
         # Generator initial state and factors.
         g0 = np.ascontiguousarray(ic_samp @ p["ic_to_g0_W"].T + p["ic_to_g0_b"])
@@ -659,27 +617,12 @@ class LFADS:
         f0 = np.ascontiguousarray(g0_d @ W_fac.T)
         c.update(g0=g0, g0_d=g0_d, drop_g0=drop_g0, W_fac=W_fac, fac_norm=fac_norm)
 
-        # Decoder inputs: controller-input projection of the lagged CI, generator-input
-        # projection of the external inputs (both one GEMM over all steps).
+        # Decoder inputs (their projections come from _encode).
         dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
                "mask_g": nz.get("drop_gen", (Tr, B, G))}
         if con:
-            ci = self._buf("ci", (Tr, B, 2 * Hc))
-            ci[...] = 0
-            lag = cfg.ci_lag
-            cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
-            if lag < Te:
-                ci[lag:Te, :, :Hc] = cf[: Te - lag]
-                ci[: Te - lag, :, Hc:] = cb[lag:]
-            drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
-            if drop_ci is not None:
-                ci *= drop_ci
-            ci_d = ci
-            xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
-            ops.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
-                       out=xcon.reshape(Tr * B, -1))
-            xcon += p["con_b_ih"]
-            dec.update(xcon=xcon,
+            Hc = cfg.ci_enc_dim
+            dec.update(xcon=c["xcon"],
                        W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
                        W_con_hh=p["con_W_hh"],
                        c0=np.ascontiguousarray(np.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
@@ -687,18 +630,7 @@ class LFADS:
                        eps=nz.get("co_eps", (Tr, B, U)),
                        mask_f=nz.get("drop_fac_in", (Tr, B, F)),
                        W_gen_u=np.ascontiguousarray(p["gen_W_ih"][:, :U]))
-            c.update(ci_d=ci_d, drop_ci=drop_ci)
-        Ug = U if con else 0
-        xgen = self._buf("xgen", (Tr, B, 3 * G))
-        if E > 0:
-            drop_ext = nz.get("drop_ext", (Tr, B, E))
-            ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
-            ops.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
-            xgen += p["gen_b_ih"]
-            c.update(ext_d=ext_d)
-        else:
-            xgen[...] = p["gen_b_ih"]
-        dec["xgen"] = xgen
+        dec["xgen"] = c["xgen"]
         sample = con and dec.get("eps") is not None
         C = cfg.con_dim if con else 0
         dec_sizes = {"con_states": C, "con_gates": 3 * C, "co_mean": U if con else 0,
@@ -728,12 +660,9 @@ class LFADS:
         c.update(elbos=elbos, d_factors=d_factors)
 
         kl_ic_w = cfg.loss_scale * kl_ramp * cfg.kl_ic_scale
-        if encoders:
-            kl = ops.kl_ic(ic_mean, ic_logvar, p["ic_prior_mean"],
-                           np.full(cfg.ic_dim, np.log(cfg.ic_prior_var), dtype=dt),
-                           var_min=cfg.ic_post_var_min, scale=1.0, grads=grads)
-        else:
-            kl = {"kl": 0.0}
+        kl = ops.kl_ic(c["ic_mean"], c["ic_logvar"], p["ic_prior_mean"],
+                       np.full(cfg.ic_dim, np.log(cfg.ic_prior_var), dtype=dt),
+                       var_min=cfg.ic_post_var_min, scale=1.0, grads=grads)
         terms["kl_ic"] = kl["kl"]
         c["kl_ic"] = kl
         c["kl_ic_w"] = kl_ic_w
@@ -760,6 +689,93 @@ class LFADS:
         c["terms"] = terms
         if outputs:
             c["outputs"] = self._outputs(c, terms)
+        return c
+
+    def _encode(self, batch: Batch, nz) -> dict:
+        """The part of a pass that does not depend on the initial condition: the encoders,
+        the initial-condition posterior, the controller's input projection and the external
+        inputs' projection (a dict of cache entries for _forward)."""
+        cfg, p, dt = self.config, self.params, self.dtype
+        Te, B, Ne = cfg.encod_seq_len, batch.size, cfg.encod_data_dim
+        Tr, Hi, Hc, G, E = cfg.recon_seq_len, cfg.ic_enc_dim, cfg.ci_enc_dim, cfg.gen_dim, cfg.ext_input_dim
+        clip = cfg.cell_clip
+        con = cfg.use_con
+        c: dict = {}
+        # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
+        # then dropout.
+        x = self._buf("x", (Te, B, Ne))
+        if batch.segments is None:
+            x[...] = batch.encod
+            cd_keep = nz.get("cd_keep", (Te, B, Ne))
+            if cd_keep is not None:
+                x *= cd_keep
+                x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
+        else:
+            cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
+                                                  for seg in batch.segments])
+            c["readin_in"] = self._readin(batch.segments, cd_keep, x)
+        drop_data = nz.get("drop_data", (Te, B, Ne))
+        if drop_data is not None:
+            x *= drop_data
+        c.update(x=x, drop_data=drop_data)
+
+        # One GEMM projects the input for all encoder GRUs.
+        enc = self._encoders()
+        W_enc, b_enc = self._enc_input_weights(self.flat)
+        xproj = self._buf("xproj", (Te, B, W_enc.shape[0]))
+        ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
+        xproj += b_enc
+        c["xproj"] = xproj
+        c["enc"] = {}
+        for name, H, off, rev, h0_name, h0_row in enc:
+            h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
+            out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
+            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
+            c["enc"][name] = (hs, gates, h0)
+
+        # Initial-condition posterior.
+        hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
+        h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
+        drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
+        h_n_d = h_n * drop_ic if drop_ic is not None else h_n
+        ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
+        ic_mean = np.ascontiguousarray(ic_params[:, : cfg.ic_dim])
+        ic_logvar = np.ascontiguousarray(ic_params[:, cfg.ic_dim :])
+        ic_std = np.sqrt(np.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
+        c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
+                 ic_eps=nz.get("ic_eps", (B, cfg.ic_dim)), cd_keep=cd_keep)
+
+        # Controller input: the lagged CI, projected by one GEMM over all steps.
+        if con:
+            ci = self._buf("ci", (Tr, B, 2 * Hc))
+            ci[...] = 0
+            lag = cfg.ci_lag
+            cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
+            if lag < Te:
+                ci[lag:Te, :, :Hc] = cf[: Te - lag]
+                ci[: Te - lag, :, Hc:] = cb[lag:]
+            drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
+            if drop_ci is not None:
+                ci *= drop_ci
+            ci_d = ci
+            xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
+            ops.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+                       out=xcon.reshape(Tr * B, -1))
+            xcon += p["con_b_ih"]
+            c.update(ci_d=ci_d, drop_ci=drop_ci, xcon=xcon)
+
+        # Generator input from the external inputs (one GEMM over all steps).
+        Ug = cfg.co_dim if con else 0
+        xgen = self._buf("xgen", (Tr, B, 3 * G))
+        if E > 0:
+            drop_ext = nz.get("drop_ext", (Tr, B, E))
+            ext_d = batch.ext * drop_ext if drop_ext is not None else batch.ext
+            ops.matmul(ext_d.reshape(Tr * B, E), p["gen_W_ih"][:, Ug:].T, out=xgen.reshape(Tr * B, -1))
+            xgen += p["gen_b_ih"]
+            c.update(ext_d=ext_d)
+        else:
+            xgen[...] = p["gen_b_ih"]
+        c["xgen"] = xgen
         return c
 
     def _readin(self, segments: list[Segment], cd_keep: list | None, x: np.ndarray) -> list:
@@ -899,6 +915,11 @@ class LFADS:
               "d_xcon": self._buf("d_xcon", (Tr, B, 3 * C))}
         d = ops.decoder_backward(dec, out, c["d_factors"], d_co_mean, d_co_logvar,
                                  clip=clip, sample=c["sample"], workspace=ws)
+        # The initial state's gradient: from the recurrence and from the factors f0 of g0.
+        d_g0_d = d["d_f0"] @ c["W_fac"]
+        d_g0 = d["d_g0"] + (d_g0_d * c["drop_g0"] if c["drop_g0"] is not None else d_g0_d)
+        if ic_only:
+            return d_g0 @ p["ic_to_g0_W"]
         g["gen_W_hh"][...] = d["d_W_gen_hh"]
         Ug = U if con else 0
         d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
@@ -931,8 +952,6 @@ class LFADS:
 
         # Factors of the initial state, and the row normalisation of fac_W.
         d_W_fac = d["d_W_fac"] + d["d_f0"].T @ c["g0_d"]
-        d_g0_d = d["d_f0"] @ c["W_fac"]
-        d_g0 = d["d_g0"] + (d_g0_d * c["drop_g0"] if c["drop_g0"] is not None else d_g0_d)
         Wn = c["W_fac"]
         g["fac_W"][...] = (d_W_fac - Wn * np.sum(d_W_fac * Wn, axis=1, keepdims=True)) / c["fac_norm"]
 
@@ -940,8 +959,6 @@ class LFADS:
         g["ic_to_g0_W"][...] = d_g0.T @ c["ic_samp"]
         g["ic_to_g0_b"][...] = d_g0.sum(axis=0)
         d_samp = d_g0 @ p["ic_to_g0_W"]
-        if ic_only:
-            return d_samp
         w = dt.type(c["kl_ic_w"])
         kl = c["kl_ic"]
         d_mean = d_samp + kl["d_mean"] * w
