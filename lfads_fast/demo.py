@@ -19,7 +19,7 @@ import numpy as np
 
 from . import data, metrics, ops, plots, posterior, synth
 from .model import LFADS
-from .train import Trainer, TrainConfig, config_for_data, load_model
+from .train import NonFiniteLossError, Trainer, TrainConfig, config_for_data, load_model
 
 __all__ = ["DEMO_MODEL", "DEMO_TRAIN", "DemoResult", "run_demo"]
 
@@ -73,7 +73,7 @@ class DemoResult:
             model's posterior average), or None without an ensemble.
         r2_ensemble_refined: the same from each model's refined initial conditions, or None.
         members: per model of the ensemble (the first is the one above): seed, epochs,
-            best_epoch, r2 and r2_refined (None when refinement was off).
+            best_epoch, stop_reason, r2 and r2_refined (None when refinement was off).
         sigma_bins: the smoothing width of the smoothing baseline, in bins.
         pca_sigma_bins, pca_components: the choices of the PCA baseline.
         epochs: training epochs completed.
@@ -160,7 +160,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     model = LFADS(model_cfg, seed=seed)
     log(f"training LFADS ({model.num_params} parameters, {ops.get_num_threads()} threads) "
         f"for {minutes:g} min" + (f" (model 1 of {ensemble})" if ensemble > 1 else ""))
-    fit = Trainer(model, ds, train_cfg, out / "train", progress=progress).fit()
+    fit = _fit(Trainer(model, ds, train_cfg, out / "train", progress=progress), log)
     timings["train"] = fit.train_seconds
 
     t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         log(f"LFADS valid R^2 with refined initial conditions ({refine_steps} steps) "
             f"{r2_refined:.3f}")
     members = [{"seed": seed, "epochs": fit.epochs, "best_epoch": fit.best_epoch, "r2": r2_lfads,
-                "r2_refined": r2_refined}]
+                "r2_refined": r2_refined, "stop_reason": fit.stop_reason}]
     r2_ens = r2_ens_refined = None
     if ensemble > 1:
         first = {"plain": rates, "refined": None if refine_steps == 0 else refined["output_params"]}
@@ -212,6 +212,20 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     return result
 
 
+def _fit(trainer: Trainer, log):
+    """trainer.fit(); a run stopped by the non-finite guard after at least one epoch goes on
+    with its best checkpoint (the message is logged and stays in the FitResult's
+    stop_message for the report); one stopped before any epoch re-raises."""
+    try:
+        return trainer.fit()
+    except NonFiniteLossError as e:
+        if e.result is None:
+            raise
+        log(f"{e}\nThe demo goes on with the best checkpoint (epoch {e.result.best_epoch}).")
+        e.result.stop_message = str(e)
+        return e.result
+
+
 def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minutes: float,
               ensemble: int, seed: int, first: dict, n_samples: int, refine_steps: int,
               progress: bool, log, members: list, timings: dict):
@@ -223,10 +237,11 @@ def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minute
         model = LFADS(model_cfg, seed=seed + i)
         cfg = TrainConfig(**{**train_fields, "seed": seed + i, "time_budget": 60.0 * minutes})
         log(f"training LFADS for {minutes:g} min (model {i + 1} of {ensemble})")
-        fit = Trainer(model, ds, cfg, out / f"train_{i}", progress=progress).fit()
+        fit = _fit(Trainer(model, ds, cfg, out / f"train_{i}", progress=progress), log)
         timings["train"] += fit.train_seconds
         checkpoints.append(fit.best_checkpoint)
-        members.append({"seed": seed + i, "epochs": fit.epochs, "best_epoch": fit.best_epoch})
+        members.append({"seed": seed + i, "epochs": fit.epochs, "best_epoch": fit.best_epoch,
+                        "stop_reason": fit.stop_reason})
     t0 = time.perf_counter()
     models = [load_model(c) for c in checkpoints]
     v = ds.valid
@@ -292,11 +307,12 @@ def _member_lines(r: DemoResult) -> list[str]:
     lines = ["## Ensemble", "",
              f"{len(r.members)} models of the same configuration, trained one after the other "
              "with different seeds, each for the training budget (`train/`, `train_1/`, ...):", "",
-             "| model | seed | epochs | best epoch | valid R^2 | refined |", "|---|---|---|---|---|---|"]
+             "| model | seed | epochs | stopped by | best epoch | valid R^2 | refined |",
+             "|---|---|---|---|---|---|---|"]
     for i, m in enumerate(r.members):
         refined = "-" if m.get("r2_refined") is None else f"{m['r2_refined']:.4f}"
-        lines.append(f"| {i + 1} | {m['seed']} | {m['epochs']} | {m['best_epoch']} | {m['r2']:.4f} "
-                     f"| {refined} |")
+        lines.append(f"| {i + 1} | {m['seed']} | {m['epochs']} | {m['stop_reason']} "
+                     f"| {m['best_epoch']} | {m['r2']:.4f} | {refined} |")
     return lines + [""]
 
 
@@ -362,6 +378,7 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         f"{ops.get_num_threads()} kernel threads; Python {platform.python_version()}.",
         f"Training budget: {minutes:g} min. Best checkpoint: epoch {fit.best_epoch}.",
         "",
+        *([f"Training stopped early: {fit.stop_message}", ""] if fit.stop_message else []),
         *_member_lines(r),
         "## Model",
         "",

@@ -240,7 +240,15 @@ class TrainConfig:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss or gradient too many steps in a row."""
+    """Training produced a non-finite loss or gradient too many steps in a row.
+
+    Attributes:
+        result: raised by Trainer.fit: what the run had done before (a FitResult with
+            stop_reason "nonfinite", its checkpoints those of the last completed epoch), or
+            None when no epoch had completed (no checkpoint to go on from).
+    """
+
+    result: "FitResult | None" = None
 
 
 @dataclass
@@ -251,7 +259,8 @@ class FitResult:
         epochs: epochs completed in total (including those of resumed runs).
         epochs_this_call: epochs completed by this call.
         stop_reason: "max_epochs", "early_stopping", "time_budget" or "diverged" (more than
-            max_divergences divergences; the parameters are the best checkpoint's).
+            max_divergences divergences; the parameters are the best checkpoint's); "nonfinite"
+            only in the result a NonFiniteLossError carries.
         best_epoch: the epoch of the best checkpoint (0-based).
         best_valid_recon_smth: its smoothed validation reconstruction.
         train_seconds: wall-clock seconds spent in this call.
@@ -260,6 +269,7 @@ class FitResult:
         best_checkpoint, last_checkpoint: paths of the checkpoints.
         history: one dict per epoch (the rows of log.csv).
         divergences: divergences (see TrainConfig.divergence_factor) recovered from, in total.
+        stop_message: why a run stopped early, for the reader ("" when nothing to say).
     """
 
     epochs: int
@@ -274,6 +284,7 @@ class FitResult:
     last_checkpoint: str
     history: list = field(default_factory=list)
     divergences: int = 0
+    stop_message: str = ""
 
 
 @dataclass
@@ -468,6 +479,7 @@ class Trainer:
         # log files are rewritten whole, so on small data they can outlast the epoch),
         # measured from the start of one pass to the start of the next.
         epochs_this_call, last_s, saved_epoch, final = 0, 0.0, None, False
+        failure = None
         pass_start = None
         stop_reason = self._stop_reason()
         try:
@@ -487,7 +499,13 @@ class Trainer:
                 final = final or (cfg.time_budget is not None and (
                     elapsed >= (1.0 - BUDGET_FINAL_FRACTION) * cfg.time_budget
                     or (epochs_this_call > 0 and elapsed + 3.0 * last_s > cfg.time_budget)))
-                row = self._run_epoch(cfg.time_budget_lr_factor if final else 1.0)
+                try:
+                    row = self._run_epoch(cfg.time_budget_lr_factor if final else 1.0)
+                except NonFiniteLossError as e:
+                    # The checkpoints stay those of the last completed epoch (one written in
+                    # the middle of an epoch could not be resumed exactly).
+                    stop_reason, failure = "nonfinite", e
+                    break
                 epochs_this_call += 1
                 stop_reason = self._stop_reason()
                 if self.epoch % cfg.checkpoint_every == 0:
@@ -501,20 +519,26 @@ class Trainer:
                     bar.update(1)
         finally:
             bar.close()
-        if saved_epoch != self.epoch and (epochs_this_call > 0 or not self.last_checkpoint.exists()):
-            self._save(self.last_checkpoint)
-        if not self.best_checkpoint.exists():
-            self._save(self.best_checkpoint)
+        if failure is None:
+            if saved_epoch != self.epoch and (epochs_this_call > 0
+                                              or not self.last_checkpoint.exists()):
+                self._save(self.last_checkpoint)
+            if not self.best_checkpoint.exists():
+                self._save(self.best_checkpoint)
         self._write_logs()
         self._plot_curves()
         self._plot_session_factors()
-        return FitResult(
+        result = FitResult(
             epochs=self.epoch, epochs_this_call=epochs_this_call, stop_reason=stop_reason,
             best_epoch=self.best_epoch, best_valid_recon_smth=_none_to_nan(self.best_value),
             train_seconds=_now() - t_start, skipped_steps=self.skipped_steps,
             out_dir=str(self.out_dir), best_checkpoint=str(self.best_checkpoint),
             last_checkpoint=str(self.last_checkpoint), history=list(self.history),
             divergences=self.divergences)
+        if failure is not None:
+            failure.result = result if self.best_epoch >= 0 else None
+            raise failure
+        return result
 
     # ------------------------------------------------------------------ one epoch
 

@@ -277,6 +277,32 @@ def test_demo_ensemble(tmp_path, capsys):
     assert not np.allclose(ens, first)
 
 
+def test_demo_goes_on_from_the_best_checkpoint_after_a_nonfinite_stop(tmp_path, capsys,
+                                                                      monkeypatch):
+    # Three batches per epoch; every step after the fourth is NaN, so the guard stops the run
+    # in its second epoch. The demo reports on the first epoch's checkpoint and says why.
+    from lfads_fast.model import LFADS
+    original, calls = LFADS.loss_and_grads, {"n": 0}
+
+    def nan_after_4(self, *args, **kwargs):
+        terms, grad = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (dict(terms, recon=float("nan")), grad) if calls["n"] > 4 else (terms, grad)
+
+    monkeypatch.setattr(LFADS, "loss_and_grads", nan_after_4)
+    out = tmp_path / "demo"
+    code, stdout, err = run(["demo", "--quick", "--minutes", "0.2", "--samples", "1",
+                             "--refine-ic", "0", "--out", str(out), "--set", "train.batch_size=32",
+                             "--set", "train.max_nonfinite_steps=2"], capsys)
+    assert code == 0, err
+    assert "goes on with the best checkpoint (epoch 0)" in stdout + err
+    report = (out / "report.md").read_text()
+    assert "stopped by nonfinite" in report
+    assert "Training stopped early: LFADS training stopped: 2 consecutive steps" in report
+    assert "loss term 'recon' = nan" in report
+    assert np.isfinite(data.read_posterior_h5(out / "posterior.h5")["valid_output_params"]).all()
+
+
 def test_demo_set_overrides_the_demo_configuration(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "1",

@@ -395,6 +395,48 @@ def test_nonfinite_gradient_message(tiny, tmp_path):
         t.fit()
 
 
+def test_nonfinite_stop_carries_what_the_run_had_done(tiny, tmp_path):
+    # 4 batches per epoch: epochs 0 and 1 train, then every step from epoch 2's second on is
+    # NaN. The error carries a result whose checkpoints are those of the completed epochs.
+    t = make_trainer(tiny, tmp_path, max_epochs=6, max_nonfinite_steps=3)
+    original = t.model.loss_and_grads
+    calls = {"n": 0}
+
+    def nan_from_step_10(*args, **kwargs):
+        terms, grad = original(*args, **kwargs)
+        calls["n"] += 1
+        return (dict(terms, loss=float("nan")), grad) if calls["n"] > 9 else (terms, grad)
+
+    t.model.loss_and_grads = nan_from_step_10
+    with pytest.raises(NonFiniteLossError) as info:
+        t.fit()
+    result = info.value.result
+    assert result is not None and result.stop_reason == "nonfinite"
+    assert result.epochs == 2 and len(result.history) == 2 and result.epochs_this_call == 2
+    assert result.best_epoch in (0, 1)
+    assert load_checkpoint(result.last_checkpoint).epoch == 2
+    assert load_checkpoint(result.best_checkpoint).epoch == result.best_epoch + 1
+    assert np.all(np.isfinite(load_model(result.best_checkpoint).flat))
+    # The last checkpoint is an exact place to go on from: a run resumed there with the
+    # loss repaired matches an uninterrupted one.
+    resumed = make_trainer(tiny, tmp_path, max_epochs=6, max_nonfinite_steps=3).fit(resume=True)
+    reference = make_trainer(tiny, tmp_path / "ref", max_epochs=6, max_nonfinite_steps=3).fit()
+    assert resumed.epochs == reference.epochs == 6
+    np.testing.assert_array_equal(load_model(resumed.last_checkpoint).flat,
+                                  load_model(reference.last_checkpoint).flat)
+
+
+def test_nonfinite_stop_in_the_first_epoch_carries_no_result(tiny, tmp_path):
+    t = make_trainer(tiny, tmp_path, max_nonfinite_steps=2)
+    original = t.model.loss_and_grads
+    t.model.loss_and_grads = lambda *a, **k: (dict(original(*a, **k)[0], kl_ic=float("inf")),
+                                              original(*a, **k)[1])
+    with pytest.raises(NonFiniteLossError, match="kl_ic") as info:
+        t.fit()
+    assert info.value.result is None
+    assert not t.best_checkpoint.exists()
+
+
 # ------------------------------------------------------------------ divergence
 
 
