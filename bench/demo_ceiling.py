@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from lfads_fast import synth
+from lfads_fast import metrics, synth
 
 # Model settings named for each --lfads run.
 RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate")
@@ -151,8 +151,7 @@ def main():
         return 1 - ((pred - truth) ** 2).mean() / var
 
     def tenths(pred):
-        e = ((pred - truth) ** 2).mean((0, 2)) / var
-        return [float(e[i * n_bins // 10:(i + 1) * n_bins // 10].mean()) for i in range(10)]
+        return metrics.error_by_time(pred, truth, 10).tolist()
 
     rows, runs = [], []
     t0 = time.perf_counter()

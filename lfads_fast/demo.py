@@ -76,6 +76,10 @@ class DemoResult:
             best_epoch, stop_reason, r2 and r2_refined (None when refinement was off).
         sigma_bins: the smoothing width of the smoothing baseline, in bins.
         pca_sigma_bins, pca_components: the choices of the PCA baseline.
+        error_by_time: per estimate of the validation rates ("LFADS", "LFADS, refined",
+            "ensemble", "ensemble, refined", "smoothing + PCA", those computed), the squared
+            error in each tenth of the trial as a fraction of the rates' variance
+            (metrics.error_by_time).
         epochs: training epochs completed.
         train_seconds: wall-clock seconds of training.
         posterior_seconds: wall-clock seconds of posterior sampling.
@@ -93,6 +97,7 @@ class DemoResult:
     sigma_bins: float
     pca_sigma_bins: float
     pca_components: int
+    error_by_time: dict
     epochs: int
     train_seconds: float
     posterior_seconds: float
@@ -172,6 +177,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     r2_lfads = metrics.r2(rates, ds.valid.truth)
     log(f"LFADS valid R^2 {r2_lfads:.3f} after {fit.epochs} epochs")
 
+    errors = {"LFADS": rates}
     r2_refined = None
     if refine_steps > 0:
         t0 = time.perf_counter()
@@ -180,6 +186,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         data.write_posterior_h5(out / "posterior_refined.h5", {"valid": refined},
                                 {"valid": ds.valid.inds})
         r2_refined = metrics.r2(refined["output_params"], ds.valid.truth)
+        errors["LFADS, refined"] = refined["output_params"]
         timings["refine"] = time.perf_counter() - t0
         log(f"LFADS valid R^2 with refined initial conditions ({refine_steps} steps) "
             f"{r2_refined:.3f}")
@@ -190,7 +197,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
         first = {"plain": rates, "refined": None if refine_steps == 0 else refined["output_params"]}
         r2_ens, r2_ens_refined = _ensemble(out, ds, model_cfg, train_fields, minutes, ensemble, seed,
                                            first, n_samples, refine_steps, progress, log, members,
-                                           timings)
+                                           timings, errors)
 
     t0 = time.perf_counter()
     dt = float(ds.other.get("dt", sd.dt))
@@ -198,12 +205,16 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
     timings["figures"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
+    errors["smoothing + PCA"] = base["pca_rates"]
     result = DemoResult(
         r2_lfads=r2_lfads, r2_smoothing=base["r2_smoothing"], r2_pca=base["r2_pca"],
         r2_refined=r2_refined, r2_ensemble=r2_ens, r2_ensemble_refined=r2_ens_refined,
         members=members,
         sigma_bins=base["sigma"], pca_sigma_bins=base["pca_sigma"],
-        pca_components=base["pca_k"], epochs=fit.epochs, train_seconds=fit.train_seconds,
+        pca_components=base["pca_k"],
+        error_by_time={k: metrics.error_by_time(r, ds.valid.truth, 10).tolist()
+                       for k, r in errors.items()},
+        epochs=fit.epochs, train_seconds=fit.train_seconds,
         posterior_seconds=timings["posterior"], total_seconds=timings["total"],
         out_dir=str(out))
     _write_report(out / "report.md", result, ds, model, train_cfg, fit, timings, figures,
@@ -228,10 +239,10 @@ def _fit(trainer: Trainer, log):
 
 def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minutes: float,
               ensemble: int, seed: int, first: dict, n_samples: int, refine_steps: int,
-              progress: bool, log, members: list, timings: dict):
+              progress: bool, log, members: list, timings: dict, errors: dict):
     """Trains models 2..ensemble (out/train_<i>) and scores the ensemble's averaged rates, the
     first model's valid rates (plain and refined) given in `first`; appends each new model to
-    members and writes ensemble.h5 (and ensemble_refined.h5)."""
+    members, the averaged rates to errors, and writes ensemble.h5 (and ensemble_refined.h5)."""
     checkpoints = []
     for i in range(1, ensemble):
         model = LFADS(model_cfg, seed=seed + i)
@@ -256,6 +267,7 @@ def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minute
             m[key] = metrics.r2(r, v.truth)
         mean = np.mean(rates, axis=0, dtype=np.float64).astype(rates[0].dtype)
         scores[kind] = metrics.r2(mean, v.truth)
+        errors["ensemble" if kind == "plain" else "ensemble, refined"] = mean
         data.write_posterior_h5(out / file_name, {"valid": {"output_params": mean}}, {"valid": v.inds})
         log(f"ensemble of {ensemble}{', refined initial conditions' if kind == 'refined' else ''}: "
             f"valid R^2 {scores[kind]:.3f}")
@@ -282,7 +294,8 @@ def _baselines(ds: data.Dataset) -> dict:
     sigma, k = max(scores, key=scores.get)
     pca = metrics.pca_of_smoothed(valid.recon_data, sigma, k, fit_spikes=train.recon_data)
     return {"r2_smoothing": smooth.r2, "sigma": smooth.sigma_bins,
-            "r2_pca": metrics.r2(pca.rates, valid.truth), "pca_sigma": sigma, "pca_k": k}
+            "r2_pca": metrics.r2(pca.rates, valid.truth), "pca_sigma": sigma, "pca_k": k,
+            "pca_rates": pca.rates}
 
 
 def _figures(out: Path, ds: data.Dataset, outputs: dict, dt: float, history: list) -> list[str]:
@@ -299,6 +312,18 @@ def _figures(out: Path, ds: data.Dataset, outputs: dict, dt: float, history: lis
     if curves.exists():
         paths.append(str(curves))
     return [os.path.relpath(p, out) for p in paths]
+
+
+def _error_lines(r: DemoResult, n_bins: int) -> list[str]:
+    edges = [i * n_bins // 10 for i in range(11)]
+    lines = ["## Where the error sits", "",
+             "Squared error in each tenth of the trial, as a fraction of the true rates' variance "
+             "(the values average to 1 - R^2; `metrics.error_by_time`):", "",
+             "| rates | " + " | ".join(f"bins {edges[i]}-{edges[i + 1] - 1}" for i in range(10))
+             + " |", "|---" * 11 + "|"]
+    for name, errs in r.error_by_time.items():
+        lines.append(f"| {name} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+    return lines + [""]
 
 
 def _member_lines(r: DemoResult) -> list[str]:
@@ -379,6 +404,7 @@ def _write_report(path: Path, r: DemoResult, ds: data.Dataset, model: LFADS, tra
         f"Training budget: {minutes:g} min. Best checkpoint: epoch {fit.best_epoch}.",
         "",
         *([f"Training stopped early: {fit.stop_message}", ""] if fit.stop_message else []),
+        *_error_lines(r, ds.recon_seq_len),
         *_member_lines(r),
         "## Model",
         "",

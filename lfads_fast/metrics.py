@@ -88,6 +88,45 @@ def r2(pred: np.ndarray, target: np.ndarray, per_neuron: bool = False) -> float:
     return float(1.0 - np.sum((t - p) ** 2) / ss_tot)
 
 
+def error_by_time(pred: np.ndarray, target: np.ndarray, n_segments: int = 10) -> np.ndarray:
+    """Where in the trial the error sits: squared error per stretch of bins, as a fraction of
+    the target's variance.
+
+    The bins are split into n_segments consecutive stretches of (nearly) equal length; for
+    each, the mean squared error over its trials, bins and neurons divided by the target's
+    variance over everything (the pooled R^2's denominator), so that a segment's value is
+    what it would make of 1 - R^2 if the whole trial erred as it does; the mean of the
+    values, weighted by the stretches' observed entries, is 1 - r2(pred, target).
+
+    Args:
+        pred: predictions [B, T, N].
+        target: true values [B, T, N]; NaN entries are left out.
+        n_segments: number of stretches, 1 <= n_segments <= T.
+
+    Returns:
+        float64 [n_segments]; NaN for a stretch with no observed entry.
+    """
+    p, t, observed = _paired(pred, target, "pred", "target")
+    if t.ndim != 3:
+        raise ValueError(f"pred and target must be [trials, bins, neurons], got shape {t.shape}")
+    n_bins = t.shape[1]
+    if isinstance(n_segments, bool) or not isinstance(n_segments, (int, np.integer)) \
+            or not 1 <= n_segments <= n_bins:
+        raise ValueError(f"n_segments must be an integer in [1, {n_bins}] (the bins), "
+                         f"got {n_segments!r}")
+    mean = t[observed].mean() if observed.any() else np.nan
+    var = ((t[observed] - mean) ** 2).mean() if observed.any() else np.nan
+    sq = np.where(observed, (t - p) ** 2, 0.0).sum(axis=(0, 2))
+    count = observed.sum(axis=(0, 2))
+    edges = [i * n_bins // n_segments for i in range(n_segments + 1)]
+    out = np.full(n_segments, np.nan)
+    for i in range(n_segments):
+        c = count[edges[i]:edges[i + 1]].sum()
+        if c and var > 0:
+            out[i] = sq[edges[i]:edges[i + 1]].sum() / c / var
+    return out
+
+
 def r2_per_neuron(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """R^2 of each neuron (last axis) over all its bins.
 

@@ -244,13 +244,20 @@ def test_demo_quick(tmp_path, capsys):
     assert "with refined initial conditions" in stdout
     for text in ("| LFADS (2 posterior samples averaged) |", "best Gaussian smoothing",
                  "+ PCA", "| total |", "| LFADS, initial conditions refined per trial (50 steps",
-                 "| refinement of the initial conditions (50 steps x 24 valid trials) |"):
+                 "| refinement of the initial conditions (50 steps x 24 valid trials) |",
+                 "## Where the error sits", "| rates | bins 0-9 | bins 10-19 |",
+                 "| LFADS, refined | ", "| smoothing + PCA | "):
         assert text in report
     for name in ("data.h5", "posterior.h5", "posterior_refined.h5", "example_trials.png",
                  "factor_trajectories.png", "train/checkpoints/best.h5"):
         assert (out / name).is_file(), name
     refined = data.read_posterior_h5(out / "posterior_refined.h5")
     assert refined["valid_output_params"].shape == (24, 100, 50)
+    # The error table's LFADS row is that of the R^2 above (its tenths average to 1 - R^2).
+    rows = {line.split(" | ")[0][2:]: line.strip(" |").split(" | ")[1:]
+            for line in report.splitlines() if line.startswith("| ")}
+    r2 = float(rows["LFADS (2 posterior samples averaged)"][0])
+    assert np.mean([float(e) for e in rows["LFADS"]]) == pytest.approx(1 - r2, abs=2e-3)
 
 
 def test_demo_ensemble(tmp_path, capsys):
@@ -263,7 +270,8 @@ def test_demo_ensemble(tmp_path, capsys):
     for text in ("| ensemble of 2 LFADS models, rates averaged (`ensemble.h5`) |",
                  "| ensemble of 2, each with refined initial conditions", "## Ensemble",
                  "| 2 | 1 |", "| training (2 models; model 1: ",
-                 "| valid posteriors of the ensemble's models 2-2, plain and refined |"):
+                 "| valid posteriors of the ensemble's models 2-2, plain and refined |",
+                 "| ensemble, refined | "):
         assert text in report, text
     for name in ("train/checkpoints/best.h5", "train_1/checkpoints/best.h5", "ensemble.h5",
                  "ensemble_refined.h5"):

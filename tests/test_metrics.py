@@ -89,6 +89,44 @@ def test_r2_errors():
 # Bits per spike ----------------------------------------------------------------------------
 
 
+def test_error_by_time_locates_the_error_and_averages_to_one_minus_r2(rng):
+    truth = rng.random((6, 7, 4))
+    pred = truth.copy()
+    pred[:, :2] += 0.5  # error only in the first two bins: segments [0, 2), [2, 4), [4, 7)
+    seg = metrics.error_by_time(pred, truth, 3)
+    var = truth.var()
+    np.testing.assert_allclose(seg, [0.25 / var, 0.0, 0.0])
+    noisy = truth + 0.1 * rng.standard_normal(truth.shape)
+    seg = metrics.error_by_time(noisy, truth, 3)
+    lengths = np.array([2, 2, 3])
+    assert np.sum(seg * lengths) / 7 == pytest.approx(1 - metrics.r2(noisy, truth))
+    assert metrics.error_by_time(noisy, truth, 1)[0] == pytest.approx(1 - metrics.r2(noisy, truth))
+    assert metrics.error_by_time(noisy, truth, 7).shape == (7,)
+
+
+def test_error_by_time_leaves_out_missing_targets(rng):
+    truth = rng.random((5, 6, 3))
+    pred = truth + 0.2
+    truth[:, 3:] = np.nan  # the second segment has no observed entry
+    truth[0, 0, 0] = np.nan
+    pred[0, 0, 0] = 100.0  # not observed: not counted
+    seg = metrics.error_by_time(pred, truth, 2)
+    observed = truth[~np.isnan(truth)]
+    assert seg[0] == pytest.approx(0.04 / observed.var())
+    assert np.isnan(seg[1])
+
+
+def test_error_by_time_errors(rng):
+    x = rng.random((2, 5, 3))
+    for bad in (0, 6, True, 2.0):
+        with pytest.raises(ValueError, match="n_segments"):
+            metrics.error_by_time(x, x, bad)
+    with pytest.raises(ValueError, match=r"\[trials, bins, neurons\]"):
+        metrics.error_by_time(x[0], x[0])
+    with pytest.raises(ValueError, match="shape"):
+        metrics.error_by_time(x, x[:, :4])
+
+
 def test_bits_per_spike_of_truth_is_positive_and_of_the_mean_rate_model_zero(rnn):
     spikes, truth = rnn.valid.spikes, rnn.valid.rates
     assert metrics.bits_per_spike(truth, spikes) > 0.2
