@@ -27,7 +27,7 @@ import yaml
 from lfads_fast import data, metrics, ops, posterior
 from lfads_fast.train import load_model
 
-RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate")
+RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate", "kl_ic_scale")
 
 
 def tenths(pred, truth):
