@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
         print(f"lfads-fast {args.command}: error: {e}", file=sys.stderr)
+        result = getattr(e, "result", None)
+        if result is not None:
+            print(f"Epochs completed: {result.epochs}; their checkpoints are kept: best (epoch "
+                  f"{result.best_epoch}) {result.best_checkpoint}, last {result.last_checkpoint} "
+                  "(--resume goes on from it).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lfads-fast {args.command}: interrupted", file=sys.stderr)

@@ -285,6 +285,27 @@ def test_demo_ensemble(tmp_path, capsys):
     assert not np.allclose(ens, first)
 
 
+def test_train_nonfinite_stop_says_which_checkpoints_are_kept(data_file, tmp_path, capsys,
+                                                              monkeypatch):
+    from lfads_fast.model import LFADS
+    original, calls = LFADS.loss_and_grads, {"n": 0}
+
+    def nan_after_2(self, *args, **kwargs):  # two batches per epoch: epoch 0 trains
+        terms, grad = original(self, *args, **kwargs)
+        calls["n"] += 1
+        return (dict(terms, kl_ic=float("nan")), grad) if calls["n"] > 2 else (terms, grad)
+
+    monkeypatch.setattr(LFADS, "loss_and_grads", nan_after_2)
+    out = tmp_path / "run"
+    code, _, err = run(["train", data_file, "--out", str(out), "--quiet", *TINY, "--set",
+                        "max_epochs=4", "--set", "max_nonfinite_steps=2"], capsys)
+    assert code == 2
+    assert "loss term 'kl_ic' = nan" in err
+    assert "Epochs completed: 1; their checkpoints are kept: best (epoch 0)" in err
+    assert "--resume goes on from it" in err
+    assert load_checkpoint(out / "checkpoints" / "last.h5").epoch == 1
+
+
 def test_demo_goes_on_from_the_best_checkpoint_after_a_nonfinite_stop(tmp_path, capsys,
                                                                       monkeypatch):
     # Three batches per epoch; every step after the fourth is NaN, so the guard stops the run
