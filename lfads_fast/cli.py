@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lfads-fast {args.command}: error: {e}", file=sys.stderr)
         result = getattr(e, "result", None)
         if result is not None:
-            print(f"Epochs completed: {result.epochs}; their checkpoints are kept: best (epoch "
+            print(f"Epochs completed: {result.epochs}. Checkpoints kept: best (epoch "
                   f"{result.best_epoch}) {result.best_checkpoint}, last {result.last_checkpoint} "
-                  "(--resume goes on from it).", file=sys.stderr)
+                  "(written at the end of an epoch; --resume goes on from it).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lfads-fast {args.command}: interrupted", file=sys.stderr)
@@ -201,8 +201,6 @@ def _infer(args) -> int:
 
 
 def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> int:
-    import numpy as np
-
     from . import data, posterior
     from .train import check_sizes, load_model
 
@@ -215,8 +213,8 @@ def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> in
     rates = [{name: out["output_params"] for name, out in posterior.posterior_outputs(
         m, dataset, n_samples=args.samples, seed=args.seed, splits=splits, **refine).items()}
         for m in models]
-    outputs = {name: {"output_params": np.mean([r[name] for r in rates], axis=0, dtype=np.float64)
-                      .astype(rates[0][name].dtype)} for name in rates[0]}
+    outputs = {name: {"output_params": posterior.average_rates([r[name] for r in rates])}
+               for name in rates[0]}
     data.write_posterior_h5(args.out, outputs, {n: dataset.splits[n].inds for n in outputs})
     print(f"ensemble of {len(models)} models, rates averaged ({what}): {args.out}")
     return 0

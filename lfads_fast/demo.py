@@ -130,7 +130,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
             this many steps per trial (LFADS.refine_ic; written to posterior_refined.h5);
             0: off.
         ensemble: number of models trained one after the other (seeds seed, seed + 1, ...,
-            each for `minutes`), whose rates are averaged (posterior.ensemble_average);
+            each for `minutes`), whose rates are averaged (posterior.average_rates);
             the first model's outputs are the ones written to posterior.h5.
 
     Returns:
@@ -225,15 +225,14 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
 
 def _fit(trainer: Trainer, log):
     """trainer.fit(); a run stopped by the non-finite guard after at least one epoch goes on
-    with its best checkpoint (the message is logged and stays in the FitResult's
-    stop_message for the report); one stopped before any epoch re-raises."""
+    with its best checkpoint (the message is logged; the FitResult's stop_message has it for
+    the report); one stopped before any epoch re-raises."""
     try:
         return trainer.fit()
     except NonFiniteLossError as e:
         if e.result is None:
             raise
         log(f"{e}\nThe demo goes on with the best checkpoint (epoch {e.result.best_epoch}).")
-        e.result.stop_message = str(e)
         return e.result
 
 
@@ -261,11 +260,12 @@ def _ensemble(out: Path, ds: data.Dataset, model_cfg, train_fields: dict, minute
         kinds.append(("refined", "ensemble_refined.h5", {"refine_steps": refine_steps}, "r2_refined"))
     scores = {"plain": None, "refined": None}
     for kind, file_name, options, key in kinds:
-        rest = posterior.ensemble_average(models, v.encod_data, v.ext_input, seed=seed, **options)
-        rates = [first[kind]] + rest["members"]
+        rates = [first[kind]] + [posterior.sample_and_average(m, v.encod_data, v.ext_input, seed=seed,
+                                                              **options)["output_params"]
+                                 for m in models]
         for m, r in zip(members, rates):
             m[key] = metrics.r2(r, v.truth)
-        mean = np.mean(rates, axis=0, dtype=np.float64).astype(rates[0].dtype)
+        mean = posterior.average_rates(rates)
         scores[kind] = metrics.r2(mean, v.truth)
         errors["ensemble" if kind == "plain" else "ensemble, refined"] = mean
         data.write_posterior_h5(out / file_name, {"valid": {"output_params": mean}}, {"valid": v.inds})

@@ -14,7 +14,7 @@ import numpy as np
 from . import data as data_mod
 from .model import LFADS
 
-__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
+__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
 # Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
@@ -129,8 +129,22 @@ def ensemble_average(models: list[LFADS], encod_data: np.ndarray, ext_input: np.
     members = [sample_and_average(m, encod_data, ext_input, n_samples=n_samples, seed=seed,
                                   max_rows=max_rows, session=session, refine_steps=refine_steps,
                                   refine_lr=refine_lr)["output_params"] for m in models]
-    return {"output_params": np.mean(members, axis=0, dtype=np.float64).astype(members[0].dtype),
-            "members": members}
+    return {"output_params": average_rates(members), "members": members}
+
+
+def average_rates(rates: list[np.ndarray]) -> np.ndarray:
+    """The mean of several models' rates of the same trials (an ensemble's output_params),
+    accumulated in float64 and returned in the members' dtype.
+
+    Raises:
+        ValueError: no rates, or rates of different shapes.
+    """
+    if len(rates) == 0:
+        raise ValueError("rates is empty: an average needs at least one model's rates")
+    shapes = {np.shape(r) for r in rates}
+    if len(shapes) > 1:
+        raise ValueError(f"rates of different shapes cannot be averaged: {sorted(shapes)}")
+    return np.mean(rates, axis=0, dtype=np.float64).astype(np.asarray(rates[0]).dtype)
 
 
 def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,

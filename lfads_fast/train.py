@@ -244,8 +244,9 @@ class NonFiniteLossError(RuntimeError):
 
     Attributes:
         result: raised by Trainer.fit: what the run had done before (a FitResult with
-            stop_reason "nonfinite", its checkpoints those of the last completed epoch), or
-            None when no epoch had completed (no checkpoint to go on from).
+            stop_reason "nonfinite" and the message as stop_message; its checkpoints are the
+            last ones written, at the end of completed epochs, so --resume goes on exactly),
+            or None when no epoch had completed (no checkpoint to go on from).
     """
 
     result: "FitResult | None" = None
@@ -269,7 +270,8 @@ class FitResult:
         best_checkpoint, last_checkpoint: paths of the checkpoints.
         history: one dict per epoch (the rows of log.csv).
         divergences: divergences (see TrainConfig.divergence_factor) recovered from, in total.
-        stop_message: why a run stopped early, for the reader ("" when nothing to say).
+        stop_message: why the run stopped, for the reader, when that was an error (the
+            NonFiniteLossError's message); "" otherwise.
     """
 
     epochs: int
@@ -502,8 +504,8 @@ class Trainer:
                 try:
                     row = self._run_epoch(cfg.time_budget_lr_factor if final else 1.0)
                 except NonFiniteLossError as e:
-                    # The checkpoints stay those of the last completed epoch (one written in
-                    # the middle of an epoch could not be resumed exactly).
+                    # The checkpoints stay the last ones written, at the end of an epoch (one
+                    # written in the middle of an epoch could not be resumed exactly).
                     stop_reason, failure = "nonfinite", e
                     break
                 epochs_this_call += 1
@@ -534,7 +536,7 @@ class Trainer:
             train_seconds=_now() - t_start, skipped_steps=self.skipped_steps,
             out_dir=str(self.out_dir), best_checkpoint=str(self.best_checkpoint),
             last_checkpoint=str(self.last_checkpoint), history=list(self.history),
-            divergences=self.divergences)
+            divergences=self.divergences, stop_message="" if failure is None else str(failure))
         if failure is not None:
             failure.result = result if self.best_epoch >= 0 else None
             raise failure

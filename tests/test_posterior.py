@@ -130,6 +130,19 @@ def test_ensemble_averages_the_members_rates(model, spikes):
     np.testing.assert_array_equal(refined["members"][1], expect)
 
 
+def test_average_rates(rng):
+    a = rng.random((3, 4, 2)).astype(np.float32)
+    b = rng.random((3, 4, 2)).astype(np.float32)
+    mean = posterior.average_rates([a, b])
+    assert mean.dtype == np.float32
+    np.testing.assert_allclose(mean, (a.astype(np.float64) + b) / 2, rtol=1e-7)
+    np.testing.assert_array_equal(posterior.average_rates([a]), a)
+    with pytest.raises(ValueError, match="rates is empty"):
+        posterior.average_rates([])
+    with pytest.raises(ValueError, match="different shapes"):
+        posterior.average_rates([a, b[:2]])
+
+
 def test_ensemble_errors(model, spikes):
     with pytest.raises(ValueError, match="models is empty"):
         posterior.ensemble_average([], spikes)

@@ -412,6 +412,7 @@ def test_nonfinite_stop_carries_what_the_run_had_done(tiny, tmp_path):
         t.fit()
     result = info.value.result
     assert result is not None and result.stop_reason == "nonfinite"
+    assert result.stop_message == str(info.value) and "3 consecutive steps" in result.stop_message
     assert result.epochs == 2 and len(result.history) == 2 and result.epochs_this_call == 2
     assert result.best_epoch in (0, 1)
     assert load_checkpoint(result.last_checkpoint).epoch == 2
@@ -429,8 +430,12 @@ def test_nonfinite_stop_carries_what_the_run_had_done(tiny, tmp_path):
 def test_nonfinite_stop_in_the_first_epoch_carries_no_result(tiny, tmp_path):
     t = make_trainer(tiny, tmp_path, max_nonfinite_steps=2)
     original = t.model.loss_and_grads
-    t.model.loss_and_grads = lambda *a, **k: (dict(original(*a, **k)[0], kl_ic=float("inf")),
-                                              original(*a, **k)[1])
+
+    def inf_kl(*args, **kwargs):
+        terms, grad = original(*args, **kwargs)
+        return dict(terms, kl_ic=float("inf")), grad
+
+    t.model.loss_and_grads = inf_kl
     with pytest.raises(NonFiniteLossError, match="kl_ic") as info:
         t.fit()
     assert info.value.result is None
