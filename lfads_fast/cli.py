@@ -182,12 +182,15 @@ def _infer(args) -> int:
     if args.refine_ic:
         what += f", initial conditions refined by {args.refine_ic} steps"
     if cfg.multisession:
+        sessions = data.load_sessions(files)  # session_posteriors checks them per model
+        kwargs = dict(n_samples=args.samples, seed=args.seed, splits=splits, **refine)
         if args.ensemble:
-            raise ValueError("--ensemble: ensembles of multi-session models are not supported here; "
-                             "use lfads_fast.posterior.ensemble_average for each session")
-        sessions = data.load_sessions(files)  # write_session_posteriors checks them
-        paths = stitching.write_session_posteriors(model, sessions, args.out, n_samples=args.samples,
-                                                   seed=args.seed, splits=splits, **refine)
+            models = [model] + [_ensemble_member(path, cfg) for path in args.ensemble]
+            outputs = stitching.ensemble_session_posteriors(models, sessions, **kwargs)
+            paths = stitching.write_session_outputs(sessions, args.out, outputs)
+            print(f"ensemble of {len(models)} models, rates averaged ({what}): {', '.join(paths)}")
+            return 0
+        paths = stitching.write_session_posteriors(model, sessions, args.out, **kwargs)
         print(f"posteriors ({what}): {', '.join(paths)}")
         return 0
     dataset = data.load_dataset(files[0])
@@ -198,6 +201,19 @@ def _infer(args) -> int:
                               splits=splits, **refine)
     print(f"posterior ({what}): {args.out}")
     return 0
+
+
+def _ensemble_member(path: str, cfg):
+    """Loads an --ensemble checkpoint of a multi-session model and checks it has the sessions
+    of the first checkpoint's model (the data files are checked against each model later)."""
+    from .train import load_model
+
+    m = load_model(_existing(path, "checkpoint"))
+    if m.config.session_neurons != cfg.session_neurons:
+        raise ValueError(f"--ensemble: the model of {path} has sessions with "
+                         f"{m.config.session_neurons or [m.config.encod_data_dim]} neurons but the "
+                         f"first checkpoint's model {cfg.session_neurons}")
+    return m
 
 
 def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> int:
@@ -375,8 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--refine-lr", type=_positive_float, default=REFINE_LR, metavar="LR",
                    help=f"step size of the refinement (default {REFINE_LR})")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="CHECKPOINT",
-                   help="more checkpoints of models trained on the same data: OUT then holds "
-                   "only {split}_output_params, the rates averaged over all the models")
+                   help="more checkpoints of models trained on the same data: OUT (each "
+                   "session's file of OUT for multi-session models) then holds only "
+                   "{split}_output_params, the rates averaged over all the models")
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("demo", help="train on synthetic chaotic-RNN data and report",

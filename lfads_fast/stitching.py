@@ -434,6 +434,53 @@ def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out
     Returns:
         The paths written, in session order.
     """
+    return write_session_outputs(sessions, out_dir, session_posteriors(model, sessions, **kwargs))
+
+
+def ensemble_session_posteriors(models: list[LFADS], sessions: list[data_mod.Dataset],
+                                **kwargs) -> list[dict]:
+    """Rates of every session averaged over an ensemble of multi-session models.
+
+    Each model runs as session_posteriors runs it alone (same samples' seeds, splits and
+    refinement); only the rates are kept and averaged (posterior.average_rates).
+
+    Args:
+        models: trained multi-session models of the same sessions (same neurons per session,
+            in the same order); they may differ in anything else.
+        sessions: one Dataset per session, in the models' order.
+        **kwargs: n_samples, seed, splits, refine_steps, refine_lr as in session_posteriors.
+
+    Returns:
+        Per session: split name -> {"output_params": the averaged rates [B_s, T_r, n_recon_s]}.
+    """
+    if not models:
+        raise ValueError("models: an ensemble needs at least one model, got none")
+    per_model = []
+    for m in models:
+        outs = session_posteriors(m, sessions, **kwargs)
+        per_model.append([{split: o["output_params"] for split, o in out.items()} for out in outs])
+    return [{split: {"output_params": posterior.average_rates([pm[s][split] for pm in per_model])}
+             for split in per_model[0][s]}
+            for s in range(len(sessions))]
+
+
+def write_session_outputs(sessions: list[data_mod.Dataset], out_dir: str | os.PathLike,
+                          outputs: list[dict]) -> list[str]:
+    """Writes one posterior file per session (names as in write_session_posteriors).
+
+    Args:
+        sessions: one Dataset per session (their sources name the files, their splits' inds
+            are written beside the outputs).
+        out_dir: the directory (created if needed).
+        outputs: per session, split name -> output name -> array, as session_posteriors or
+            ensemble_session_posteriors return.
+
+    Returns:
+        The paths written, in session order.
+    """
+    if len(outputs) != len(sessions):
+        raise ValueError(f"outputs: one entry per session expected ({len(sessions)}), "
+                         f"got {len(outputs)}")
     os.makedirs(out_dir, exist_ok=True)
     names = [os.path.basename(ds.source) if os.path.isfile(ds.source) else f"session_{s:02d}.h5"
              for s, ds in enumerate(sessions)]
@@ -441,10 +488,10 @@ def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out
         names = [name if name.startswith("session_") else f"session_{s:02d}_{name}"
                  for s, name in enumerate(names)]
     paths = []
-    for name, ds, outputs in zip(names, sessions, session_posteriors(model, sessions, **kwargs)):
+    for name, ds, out in zip(names, sessions, outputs):
         path = os.path.join(os.fspath(out_dir), f"lfads_output_{name}")
-        inds = {split: ds.splits[split].inds for split in outputs}
-        paths.append(data_mod.write_posterior_h5(path, outputs, inds))
+        inds = {split: ds.splits[split].inds for split in out}
+        paths.append(data_mod.write_posterior_h5(path, out, inds))
     return paths
 
 

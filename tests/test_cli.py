@@ -155,6 +155,40 @@ def test_train_infer_resume_sessions(session_files, tmp_path, capsys):
     assert post["valid_output_params"].shape == (8, 15, 10)
 
     best = str(out / "checkpoints" / "best.h5")
+    other = tmp_path / "other"
+    assert run(["train", a, b, "--out", str(other), "--samples", "0", "--quiet", *TINY,
+                "--set", "seed=1"], capsys)[0] == 0
+    last = str(other / "checkpoints" / "best.h5")
+    # An ensemble of multi-session checkpoints: per session the rates averaged over the models.
+    single = tmp_path / "single"
+    code, _, err = run(["infer", last, a, b, "--out", str(single), "--samples", "2", "--splits",
+                        "valid", "--refine-ic", "2"], capsys)
+    assert code == 0, err
+    ens = tmp_path / "ens"
+    code, stdout, err = run(["infer", best, a, b, "--out", str(ens), "--samples", "2", "--splits",
+                             "valid", "--refine-ic", "2", "--ensemble", last], capsys)
+    assert code == 0, err
+    assert "ensemble of 2 models, rates averaged (2 samples, initial conditions refined" in stdout
+    alone = tmp_path / "alone"
+    assert run(["infer", best, a, b, "--out", str(alone), "--samples", "2", "--splits", "valid",
+                "--refine-ic", "2"], capsys)[0] == 0
+    for s in ("00", "01"):
+        got = data.read_posterior_h5(ens / f"lfads_output_session_{s}.h5")
+        assert set(got) == {"valid_output_params", "valid_inds"}
+        one = [data.read_posterior_h5(d / f"lfads_output_session_{s}.h5")["valid_output_params"]
+               for d in (alone, single)]
+        assert not np.allclose(one[0], one[1])  # the two models differ
+        np.testing.assert_allclose(got["valid_output_params"], (one[0] + one[1]) / 2, rtol=1e-5)
+    code, _, err = run(["infer", best, a, b, "--out", str(ens), "--ensemble",
+                        str(tmp_path / "nope.h5")], capsys)
+    assert code == 2 and "nope.h5" in err
+    swapped = tmp_path / "swapped"
+    assert run(["train", b, a, "--out", str(swapped), "--samples", "0", "--quiet", *TINY,
+                "--set", "max_epochs=1"], capsys)[0] == 0
+    code, _, err = run(["infer", best, a, b, "--out", str(ens), "--ensemble",
+                        str(swapped / "checkpoints" / "best.h5")], capsys)
+    assert code == 2 and "has sessions with [14, 10] neurons but the first checkpoint's model [10, 14]" in err
+
     code, _, err = run(["infer", best, a, "--out", str(target)], capsys)
     assert code == 2 and "the checkpoint's model has 2 sessions but 1 data file was given" in err
     code, _, err = run(["infer", best, b, a, "--out", str(target)], capsys)

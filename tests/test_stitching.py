@@ -545,6 +545,25 @@ def test_session_files_round_trip_and_posteriors(rng, tmp_path):
     direct = model.forward(loaded[2].valid.encod_data, session=2)
     np.testing.assert_allclose(post["valid_factors"], direct["factors"], rtol=1e-6)
 
+    # An ensemble: per session and split the mean of the models' rates, written alike.
+    other = LFADS(cfg, seed=1)
+    stitching.init_session_layers(other, loaded)
+    ens = stitching.ensemble_session_posteriors([model, other], loaded, n_samples=2, seed=3)
+    for s in range(3):
+        singles = [stitching.session_posteriors(m, loaded, n_samples=2, seed=3)[s]
+                   for m in (model, other)]
+        for split in ("train", "valid"):
+            expect = (singles[0][split]["output_params"].astype(np.float64)
+                      + singles[1][split]["output_params"]) / 2
+            np.testing.assert_allclose(ens[s][split]["output_params"], expect, rtol=1e-6)
+    paths = stitching.write_session_outputs(loaded, tmp_path / "ens", ens)
+    back = data.read_posterior_h5(paths[1])
+    assert set(back) == {f"{sp}_{k}" for sp in ("train", "valid") for k in ("output_params", "inds")}
+    with pytest.raises(ValueError, match="models: an ensemble needs at least one model"):
+        stitching.ensemble_session_posteriors([], loaded)
+    with pytest.raises(ValueError, match=r"outputs: one entry per session expected \(3\), got 2"):
+        stitching.write_session_outputs(loaded, tmp_path / "ens", ens[:2])
+
 
 def test_session_factor_averages_and_conditions(rng):
     sessions = session_datasets(rng)
