@@ -1,15 +1,26 @@
-"""How well the demo's validation rates can be recovered from their spikes at all: fit each
-trial's initial state under the true chaotic network (its weights, gain and the per-trial
-min-max normalisation are known here, as no method on real data knows them) by maximising
-the Poisson likelihood plus the N(0, x0_std^2) prior, in float64 with L-BFGS (PyTorch).
+"""How well the demo's validation rates can be recovered from their spikes at all, given the
+true chaotic network (its weights, gain and the per-trial min-max normalisation are known here,
+as no method on real data knows them), with the N(0, x0_std^2) prior on each trial's initial
+state; float64, PyTorch.
 
-Two starts per trial: the true initial state (which finds the mode next to the truth) and
-random draws from the prior (what an optimiser without the answer finds: the trajectories
-are chaotic, so the objective has many local optima). For every trial the script checks
-which start reached the lower objective; when the mode next to the truth is the lowest one
-found, its R^2 is what the spikes support given the dynamics.
+The Bayes-optimal estimate. The rates' posterior mean, E[rates | the trial's spikes], has the
+least expected squared error of any estimate from one trial's spikes. It is computed by
+Hamiltonian Monte Carlo on each trial's initial state, started at the true x0: the true state
+is itself an exact draw from the posterior (the data were drawn from this model), so the chain
+is stationary from its first step and needs no burn-in to reach the posterior, only the first
+--hmc-adapt iterations to tune each trial's step size. Reported: the average of the rates over
+the draws that follow, one draw alone (a draw's expected squared error is twice the posterior
+mean's; the trace shows the chain moving away from the truth), and the trace.
 
-    python bench/demo_ceiling.py [--seed 0] [--burn-in 0] [--restarts 2] [--lfads DIR ...]
+Maximum a posteriori fits (L-BFGS). Two starts per trial: the true initial state and random
+draws from the prior. The chaotic trajectories make the objective rugged, with local optima
+everywhere: the fit started at the truth stops at a local optimum near it (how near depends
+on how far the optimiser goes: L-BFGS runs on all trials' objectives summed, so fewer
+trials go further), so its R^2 measures the ruggedness, not what the spikes determine; from
+random starts the fits end far off.
+
+    python bench/demo_ceiling.py [--seed 0] [--burn-in 0] [--restarts 2] [--hmc-iters 600]
+        [--lfads DIR ...]
 
 --lfads DIR adds two rows per `lfads-fast demo --out DIR` run (same seed and burn-in): the
 posterior-averaged rates of DIR/posterior.h5, and the same trained generator
@@ -32,7 +43,8 @@ import yaml
 from lfads_fast import metrics, synth
 
 # Model settings named for each --lfads run.
-RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate")
+RUN_FIELDS = ("ic_enc_dim", "ic_dim", "gen_dim", "fac_dim", "co_dim", "dropout_rate",
+              "kl_ic_scale")
 
 
 def _epochs(run):
@@ -98,14 +110,70 @@ def refined_rates(checkpoint, ic_mean, spikes, iters):
         return rates(ic).numpy()
 
 
+def hmc_posterior_mean(objective, x_start, n_iter, n_adapt, leapfrog, seed, report):
+    """Hamiltonian Monte Carlo on each row of x_start [B, D] (one chain per trial, all in one
+    batch) for the density exp(-objective(x)), objective giving [B].
+
+    The first n_adapt iterations tune each chain's step size (x1.05 after an accepted
+    proposal, x0.9 after a rejected one: about 2/3 accepted); the draws of the remaining
+    iterations are returned through report(iteration, x, accepted) and averaged by the caller.
+    Each step size is jittered by up to 20% per iteration so that no chain cycles.
+
+    Returns:
+        The acceptance rate of the iterations after the adaptation, per chain [B].
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def value_and_grad(x):
+        x = x.detach().requires_grad_(True)
+        f = objective(x)
+        grad, = torch.autograd.grad(f.sum(), x)
+        return f.detach(), grad
+
+    x = x_start.clone()
+    f, grad = value_and_grad(x)
+    eps = torch.full((x.shape[0], 1), 0.01)
+    accepted_sum = torch.zeros(x.shape[0])
+    for it in range(n_iter):
+        step = eps * (0.8 + 0.4 * torch.rand(eps.shape, generator=gen))
+        p0 = torch.randn(x.shape, generator=gen)
+        xn, p = x, p0 - 0.5 * step * grad
+        for k in range(leapfrog):
+            xn = xn + step * p
+            fn, gn = value_and_grad(xn)
+            p = p - (step if k < leapfrog - 1 else 0.5 * step) * gn
+        log_ratio = (f + 0.5 * (p0 ** 2).sum(1)) - (fn + 0.5 * (p ** 2).sum(1))
+        accept = torch.isfinite(log_ratio) & (
+            torch.log(torch.rand(log_ratio.shape, generator=gen)) < log_ratio)
+        x = torch.where(accept[:, None], xn, x)
+        f = torch.where(accept, fn, f)
+        grad = torch.where(accept[:, None], gn, grad)
+        if it < n_adapt:
+            eps = eps * torch.where(accept, 1.05, 0.9)[:, None]
+        else:
+            accepted_sum += accept.double()
+            report(it, x, accept)
+    return accepted_sum / max(n_iter - n_adapt, 1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--burn-in", type=int, default=0)
+    ap.add_argument("--trials", type=int, default=None,
+                    help="only the first TRIALS validation trials (default: all)")
     ap.add_argument("--restarts", type=int, default=2, help="random starts per trial")
     ap.add_argument("--iters", type=int, default=300, help="L-BFGS iterations per fit")
+    ap.add_argument("--hmc-iters", type=int, default=600,
+                    help="HMC iterations per chain (0: no posterior mean)")
+    ap.add_argument("--hmc-adapt", type=int, default=100,
+                    help="of them, the first ones that tune the step sizes")
+    ap.add_argument("--hmc-leapfrog", type=int, default=10, help="leapfrog steps per iteration")
     ap.add_argument("--threads", type=int, default=1, help="PyTorch threads")
     ap.add_argument("--lfads", nargs="*", default=[], help="lfads-fast demo output directories")
+    ap.add_argument("--rates", nargs="*", default=[], metavar="LABEL=FILE[,FILE...]",
+                    help="a row of valid_output_params from posterior files (averaged over the "
+                    "files, e.g. the ensemble.h5 of several demo runs)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                           "demo_ceiling_cpu.md"))
     args = ap.parse_args()
@@ -116,9 +184,13 @@ def main():
     p = sd.params
     alpha, scale = p["dt"] / p["tau"], p["max_firing_rate"] * p["dt"]
     weights = torch.tensor(sd.system["weights"])
-    x0_true = torch.tensor(sd.system["x0"])[torch.tensor(sd.valid.conditions)]
-    spikes = torch.tensor(sd.valid.spikes, dtype=torch.float64)
-    truth = sd.valid.rates.astype(np.float64)
+    n_valid = sd.valid.rates.shape[0]
+    if args.trials is not None and not 0 < args.trials <= n_valid:
+        raise ValueError(f"--trials must be in 1..{n_valid}, got {args.trials}")
+    keep = slice(0, args.trials or n_valid)
+    x0_true = torch.tensor(sd.system["x0"])[torch.tensor(sd.valid.conditions[keep])]
+    spikes = torch.tensor(sd.valid.spikes[keep], dtype=torch.float64)
+    truth = sd.valid.rates[keep].astype(np.float64)
     n_bins = truth.shape[1]
     prior_var = p["x0_std"] ** 2
     forward = lambda x0: rates_of(x0, weights, p["g"], alpha, n_bins, scale)  # noqa: E731
@@ -168,6 +240,30 @@ def main():
             better = f < f_rand
             x_rand[better], f_rand = x[better], torch.minimum(f, f_rand)
     near_lowest = float((f_near <= f_rand + 1e-6).double().mean())
+    trace = []
+    if args.hmc_iters > args.hmc_adapt:
+        total = np.zeros_like(truth)
+        count = [0]
+        t0 = time.perf_counter()
+
+        def report(it, x, accept):
+            with torch.no_grad():
+                rate = forward(x).numpy()
+            total[...] += rate
+            count[0] += 1
+            if count[0] == 1 or (it + 1) % 50 == 0 or it + 1 == args.hmc_iters:
+                trace.append((it + 1, r2(rate), r2(total / count[0]), time.perf_counter() - t0))
+                print(f"HMC iteration {it + 1}: one draw R^2 {trace[-1][1]:.4f}, mean of "
+                      f"{count[0]} draws {trace[-1][2]:.4f} ({trace[-1][3]:.0f} s)", flush=True)
+            report.last = rate
+        acceptance = hmc_posterior_mean(objective, x0_true, args.hmc_iters, args.hmc_adapt,
+                                        args.hmc_leapfrog, args.seed + 2, report)
+        t_hmc = time.perf_counter() - t0
+        mean_rate = total / count[0]
+        rows.append((f"posterior mean under the true network (HMC, {count[0]} draws per trial)",
+                     r2(mean_rate), tenths(mean_rate)))
+        rows.append(("one posterior draw under the true network (the chains' last)",
+                     r2(report.last), tenths(report.last)))
     rows.append(("MAP under the true network, started at the true x0", r2(rate_near),
                  tenths(rate_near)))
     rate_rand = forward(x_rand).numpy()
@@ -176,8 +272,8 @@ def main():
     for run in args.lfads:
         path = Path(run) / "posterior.h5"
         with h5py.File(path, "r") as f:
-            pred = f["valid_output_params"][()].astype(np.float64)
-            ic_mean = torch.tensor(f["valid_ic_mean"][()], dtype=torch.float64)
+            pred = f["valid_output_params"][keep].astype(np.float64)
+            ic_mean = torch.tensor(f["valid_ic_mean"][keep], dtype=torch.float64)
         if pred.shape != truth.shape:
             raise ValueError(f"{path}: valid_output_params has shape {pred.shape}, expected "
                              f"{truth.shape} (same --seed and --burn-in as the demo?)")
@@ -193,17 +289,45 @@ def main():
         rows.append((f"LFADS generator (`{name}`), MAP initial conditions", r2(rate),
                      tenths(rate)))
 
+    for item in args.rates:
+        label, sep, files = item.partition("=")
+        if not sep or not files:
+            raise ValueError(f"--rates: expected LABEL=FILE[,FILE...], got {item!r}")
+        preds = []
+        for path in files.split(","):
+            with h5py.File(path, "r") as f:
+                preds.append(f["valid_output_params"][keep].astype(np.float64))
+            if preds[-1].shape != truth.shape:
+                raise ValueError(f"{path}: valid_output_params has shape {preds[-1].shape}, "
+                                 f"expected {truth.shape}")
+        pred = np.mean(preds, axis=0)
+        rows.append((label, r2(pred), tenths(pred)))
+        runs.append(f"- {label}: mean of " + ", ".join(f"`{path}`" for path in files.split(",")))
+
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=Path(__file__).parent).stdout.strip()
     lines = [
-        "# What the demo's spikes support: MAP initial states under the true network",
+        "# What the demo's spikes support, given the true network",
         "",
         f"Data: synth.chaotic_rnn(seed={args.seed}, burn_in_bins={args.burn_in}), "
-        f"{truth.shape[0]} validation trials x {n_bins} bins x {truth.shape[2]} neurons. "
+        f"{truth.shape[0]} of its {n_valid} validation trials x {n_bins} bins x {truth.shape[2]} neurons. "
         f"Commit {commit}, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}; MAP fit next to the truth {t_near:.0f} s.",
+        f"torch {torch.__version__}, {args.threads} thread(s); MAP fit next to the truth "
+        f"{t_near:.0f} s.",
         "",
-        f"Trials where the mode next to the true x0 has the lowest objective found: "
+    ]
+    if trace:
+        lines += [
+            f"HMC: {args.hmc_iters} iterations per trial ({args.hmc_adapt} tuning the step "
+            f"size, not averaged), {args.hmc_leapfrog} leapfrog steps each, started at the true "
+            f"x0; acceptance {float(acceptance.mean()):.2f} (trials "
+            f"{float(acceptance.min()):.2f}-{float(acceptance.max()):.2f}); {t_hmc:.0f} s.",
+            "",
+            "| iteration | R^2 of one draw | R^2 of the mean of the draws so far |",
+            "|---|---|---|",
+        ] + [f"| {it} | {one:.4f} | {mean:.4f} |" for it, one, mean, _ in trace] + [""]
+    lines += [
+        f"Trials where the MAP fit next to the true x0 has the lowest objective found: "
         f"{100 * near_lowest:.1f}%.",
         "",
         "Squared error per tenth of the trial, as a fraction of the rates' variance:",
@@ -216,7 +340,7 @@ def main():
     for name, value, prof in rows:
         lines.append(f"| {name} | {value:.4f} | " + " | ".join(f"{e:.3f}" for e in prof) + " |")
     if runs:
-        lines += ["", "LFADS runs (`lfads-fast demo --out NAME`):", ""] + runs
+        lines += ["", "LFADS runs (`lfads-fast demo --out NAME`) and rate files:", ""] + runs
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
