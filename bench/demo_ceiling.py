@@ -184,6 +184,8 @@ def main():
     p = sd.params
     alpha, scale = p["dt"] / p["tau"], p["max_firing_rate"] * p["dt"]
     weights = torch.tensor(sd.system["weights"])
+    if args.restarts < 1:
+        raise ValueError(f"--restarts must be at least 1, got {args.restarts}")
     n_valid = sd.valid.rates.shape[0]
     if args.trials is not None and not 0 < args.trials <= n_valid:
         raise ValueError(f"--trials must be in 1..{n_valid}, got {args.trials}")
@@ -242,28 +244,28 @@ def main():
     near_lowest = float((f_near <= f_rand + 1e-6).double().mean())
     trace = []
     if args.hmc_iters > args.hmc_adapt:
-        total = np.zeros_like(truth)
-        count = [0]
+        draws = {"sum": np.zeros_like(truth), "n": 0, "last": None}
         t0 = time.perf_counter()
 
         def report(it, x, accept):
             with torch.no_grad():
                 rate = forward(x).numpy()
-            total[...] += rate
-            count[0] += 1
-            if count[0] == 1 or (it + 1) % 50 == 0 or it + 1 == args.hmc_iters:
-                trace.append((it + 1, r2(rate), r2(total / count[0]), time.perf_counter() - t0))
+            draws["sum"] += rate
+            draws["n"] += 1
+            draws["last"] = rate
+            if draws["n"] == 1 or (it + 1) % 50 == 0 or it + 1 == args.hmc_iters:
+                trace.append((it + 1, r2(rate), r2(draws["sum"] / draws["n"]),
+                              time.perf_counter() - t0))
                 print(f"HMC iteration {it + 1}: one draw R^2 {trace[-1][1]:.4f}, mean of "
-                      f"{count[0]} draws {trace[-1][2]:.4f} ({trace[-1][3]:.0f} s)", flush=True)
-            report.last = rate
+                      f"{draws['n']} draws {trace[-1][2]:.4f} ({trace[-1][3]:.0f} s)", flush=True)
         acceptance = hmc_posterior_mean(objective, x0_true, args.hmc_iters, args.hmc_adapt,
                                         args.hmc_leapfrog, args.seed + 2, report)
         t_hmc = time.perf_counter() - t0
-        mean_rate = total / count[0]
-        rows.append((f"posterior mean under the true network (HMC, {count[0]} draws per trial)",
+        mean_rate = draws["sum"] / draws["n"]
+        rows.append((f"posterior mean under the true network (HMC, {draws['n']} draws per trial)",
                      r2(mean_rate), tenths(mean_rate)))
         rows.append(("one posterior draw under the true network (the chains' last)",
-                     r2(report.last), tenths(report.last)))
+                     r2(draws["last"]), tenths(draws["last"])))
     rows.append(("MAP under the true network, started at the true x0", r2(rate_near),
                  tenths(rate_near)))
     rate_rand = forward(x_rand).numpy()

@@ -204,25 +204,28 @@ def _infer(args) -> int:
 
 
 def _ensemble_member(path: str, cfg):
-    """Loads an --ensemble checkpoint of a multi-session model and checks it has the sessions
-    of the first checkpoint's model (the data files are checked against each model later)."""
+    """Loads an --ensemble checkpoint and checks that its model has the sessions of the first
+    checkpoint's model, one or several (the data files are checked against each model later)."""
     from .train import load_model
+
+    def sessions(c):
+        return (f"{c.n_sessions} sessions of {c.session_neurons} neurons" if c.multisession
+                else "one session")
 
     m = load_model(_existing(path, "checkpoint"))
     if m.config.session_neurons != cfg.session_neurons:
-        raise ValueError(f"--ensemble: the model of {path} has sessions with "
-                         f"{m.config.session_neurons or [m.config.encod_data_dim]} neurons but the "
-                         f"first checkpoint's model {cfg.session_neurons}")
+        raise ValueError(f"--ensemble: the model of {path} has {sessions(m.config)} but the first "
+                         f"checkpoint's model {sessions(cfg)}")
     return m
 
 
 def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> int:
     from . import data, posterior
-    from .train import check_sizes, load_model
+    from .train import check_sizes
 
     models = [model]
     for path in args.ensemble:
-        m = load_model(_existing(path, "checkpoint"))
+        m = _ensemble_member(path, model.config)
         check_sizes(m.config, dataset, owner=f"the model of {path}", hint="")
         models.append(m)
     # Each model as `infer` runs it alone (same splits and seeds), keeping only the rates.

@@ -187,7 +187,18 @@ def test_train_infer_resume_sessions(session_files, tmp_path, capsys):
                 "--set", "max_epochs=1"], capsys)[0] == 0
     code, _, err = run(["infer", best, a, b, "--out", str(ens), "--ensemble",
                         str(swapped / "checkpoints" / "best.h5")], capsys)
-    assert code == 2 and "has sessions with [14, 10] neurons but the first checkpoint's model [10, 14]" in err
+    assert code == 2 and ("has 2 sessions of [14, 10] neurons but the first checkpoint's model "
+                          "2 sessions of [10, 14] neurons") in err
+    # A single-session model beside multi-session ones, either way round.
+    single_run = tmp_path / "single_run"
+    assert run(["train", a, "--out", str(single_run), "--samples", "0", "--quiet", *TINY,
+                "--set", "max_epochs=1"], capsys)[0] == 0
+    single_best = str(single_run / "checkpoints" / "best.h5")
+    code, _, err = run(["infer", best, a, b, "--out", str(ens), "--ensemble", single_best], capsys)
+    assert code == 2 and "has one session but the first checkpoint's model 2 sessions" in err
+    code, _, err = run(["infer", single_best, a, "--out", str(tmp_path / "x.h5"), "--ensemble",
+                        best], capsys)
+    assert code == 2 and "has 2 sessions of [10, 14] neurons but the first checkpoint's model one session" in err
 
     code, _, err = run(["infer", best, a, "--out", str(target)], capsys)
     assert code == 2 and "the checkpoint's model has 2 sessions but 1 data file was given" in err
