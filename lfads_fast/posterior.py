@@ -14,7 +14,7 @@ import numpy as np
 from . import data as data_mod
 from .model import LFADS
 
-__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
+__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "RateSum", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
 # Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
@@ -132,19 +132,50 @@ def ensemble_average(models: list[LFADS], encod_data: np.ndarray, ext_input: np.
     return {"output_params": average_rates(members), "members": members}
 
 
-def average_rates(rates: list[np.ndarray]) -> np.ndarray:
+def average_rates(rates) -> np.ndarray:
     """The mean of several models' rates of the same trials (an ensemble's output_params),
     accumulated in float64 and returned in the members' dtype.
+
+    Args:
+        rates: the models' rates, each [B, T_r, N_r]; any iterable: a generator keeps only one
+            model's rates in memory beside the float64 sum.
 
     Raises:
         ValueError: no rates, or rates of different shapes.
     """
-    if len(rates) == 0:
-        raise ValueError("rates is empty: an average needs at least one model's rates")
-    shapes = {np.shape(r) for r in rates}
-    if len(shapes) > 1:
-        raise ValueError(f"rates of different shapes cannot be averaged: {sorted(shapes)}")
-    return np.mean(rates, axis=0, dtype=np.float64).astype(np.asarray(rates[0]).dtype)
+    total = RateSum()
+    for r in rates:
+        total.add(r)
+    return total.mean()
+
+
+class RateSum:
+    """A running float64 sum of rates of the same trials, for averaging models one at a time
+    (what average_rates does for a list or generator)."""
+
+    def __init__(self):
+        self.sum = None
+        self.n = 0
+        self.dtype = None
+
+    def add(self, rates: np.ndarray) -> None:
+        """Adds one model's rates; ValueError if their shape differs from the first's."""
+        rates = np.asarray(rates)
+        if self.sum is None:
+            self.sum = rates.astype(np.float64)
+            self.dtype = rates.dtype
+        elif rates.shape != self.sum.shape:
+            raise ValueError(f"rates of different shapes cannot be averaged: "
+                             f"{sorted({self.sum.shape, rates.shape})}")
+        else:
+            self.sum += rates
+        self.n += 1
+
+    def mean(self) -> np.ndarray:
+        """The mean of the rates added, in the first one's dtype; ValueError if none was."""
+        if self.n == 0:
+            raise ValueError("rates is empty: an average needs at least one model's rates")
+        return (self.sum / self.n).astype(self.dtype)
 
 
 def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,

@@ -442,7 +442,7 @@ def ensemble_session_posteriors(models: list[LFADS], sessions: list[data_mod.Dat
     """Rates of every session averaged over an ensemble of multi-session models.
 
     Each model runs as session_posteriors runs it alone (same samples' seeds, splits and
-    refinement); only the rates are kept and averaged (posterior.average_rates).
+    refinement); only a running sum of the rates is kept (posterior.RateSum).
 
     Args:
         models: trained multi-session models of the same sessions (same neurons per session,
@@ -455,13 +455,13 @@ def ensemble_session_posteriors(models: list[LFADS], sessions: list[data_mod.Dat
     """
     if not models:
         raise ValueError("models: an ensemble needs at least one model, got none")
-    per_model = []
+    sums = [{} for _ in sessions]  # per session: split -> posterior.RateSum
     for m in models:
-        outs = session_posteriors(m, sessions, **kwargs)
-        per_model.append([{split: o["output_params"] for split, o in out.items()} for out in outs])
-    return [{split: {"output_params": posterior.average_rates([pm[s][split] for pm in per_model])}
-             for split in per_model[0][s]}
-            for s in range(len(sessions))]
+        for s, out in enumerate(session_posteriors(m, sessions, **kwargs)):
+            for split, o in out.items():
+                sums[s].setdefault(split, posterior.RateSum()).add(o["output_params"])
+    return [{split: {"output_params": total.mean()} for split, total in per_split.items()}
+            for per_split in sums]
 
 
 def write_session_outputs(sessions: list[data_mod.Dataset], out_dir: str | os.PathLike,

@@ -141,6 +141,21 @@ def test_average_rates(rng):
         posterior.average_rates([])
     with pytest.raises(ValueError, match="different shapes"):
         posterior.average_rates([a, b[:2]])
+    # A generator is consumed one model at a time; the running sum leaves the inputs alone.
+    c = rng.random((3, 4, 2)).astype(np.float32)
+    kept = a.copy()
+    lazy = posterior.average_rates(x for x in (a, b, c))
+    np.testing.assert_allclose(lazy, (a.astype(np.float64) + b + c) / 3, rtol=1e-7)
+    np.testing.assert_array_equal(a, kept)
+    with pytest.raises(ValueError, match="rates is empty"):
+        posterior.average_rates(iter(()))
+    total = posterior.RateSum()
+    with pytest.raises(ValueError, match="rates is empty"):
+        total.mean()
+    total.add(a.astype(np.float64))
+    total.add(b)
+    assert total.n == 2 and total.mean().dtype == np.float64
+    np.testing.assert_allclose(total.mean(), (a.astype(np.float64) + b) / 2, rtol=1e-12)
 
 
 def test_ensemble_errors(model, spikes):
