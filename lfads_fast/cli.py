@@ -228,16 +228,8 @@ def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> in
         m = _ensemble_member(path, model.config)
         check_sizes(m.config, dataset, owner=f"the model of {path}", hint="")
         models.append(m)
-    # Each model as `infer` runs it alone (same splits and seeds), keeping only a running sum
-    # of the rates.
-    sums = {}
-    for m in models:
-        outs = posterior.posterior_outputs(m, dataset, n_samples=args.samples, seed=args.seed,
-                                           splits=splits, **refine)
-        for name, out in outs.items():
-            sums.setdefault(name, posterior.RateSum()).add(out["output_params"])
-        del outs
-    outputs = {name: {"output_params": total.mean()} for name, total in sums.items()}
+    outputs = posterior.ensemble_outputs(models, dataset, n_samples=args.samples, seed=args.seed,
+                                         splits=splits, **refine)
     data.write_posterior_h5(args.out, outputs, {n: dataset.splits[n].inds for n in outputs})
     print(f"ensemble of {len(models)} models, rates averaged ({what}): {args.out}")
     return 0

@@ -14,7 +14,7 @@ import numpy as np
 from . import data as data_mod
 from .model import LFADS
 
-__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "RateSum", "ensemble_average", "sample_and_average", "posterior_outputs", "write_posterior"]
+__all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "RateSum", "ensemble_average", "ensemble_outputs", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
 # Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
@@ -207,6 +207,31 @@ def posterior_outputs(model: LFADS, dataset: data_mod.Dataset, *,
                                      max_rows=max_rows, session=session,
                                      refine_steps=refine_steps, refine_lr=refine_lr)
             for i, name in enumerate(names)}
+
+
+def ensemble_outputs(models: list[LFADS], dataset: data_mod.Dataset, **kwargs
+                     ) -> dict[str, dict[str, np.ndarray]]:
+    """posterior_outputs of several models of the same data, their rates averaged per split.
+
+    Each model runs as posterior_outputs runs it alone (same seeds, splits and refinement);
+    only a running sum of the rates (RateSum) is kept between models.
+
+    Args:
+        models: the trained models (at least one); the caller checks that they fit the data.
+        dataset: the data.
+        **kwargs: n_samples, seed, splits, max_rows, session, refine_steps, refine_lr as in
+            posterior_outputs.
+
+    Returns:
+        split name -> {"output_params": the averaged rates [B, T_r, N_r]}.
+    """
+    if not models:
+        raise ValueError("models: an ensemble needs at least one model, got none")
+    sums = {}
+    for m in models:
+        for name, out in posterior_outputs(m, dataset, **kwargs).items():
+            sums.setdefault(name, RateSum()).add(out["output_params"])
+    return {name: {"output_params": total.mean()} for name, total in sums.items()}
 
 
 def write_posterior(path: str | os.PathLike, model: LFADS, dataset: data_mod.Dataset, *,

@@ -413,9 +413,14 @@ def session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], *, n_samp
     """
     check_sessions(model.config, sessions)
     return [posterior.posterior_outputs(model, ds, n_samples=n_samples, splits=splits, session=s,
-                                        seed=int(np.random.SeedSequence([seed, s]).generate_state(1)[0]),
-                                        refine_steps=refine_steps, refine_lr=refine_lr)
+                                        seed=_session_seed(seed, s), refine_steps=refine_steps,
+                                        refine_lr=refine_lr)
             for s, ds in enumerate(sessions)]
+
+
+def _session_seed(seed: int, session: int) -> int:
+    """The seed of session s's posterior samples: each session draws from its own stream."""
+    return int(np.random.SeedSequence([seed, session]).generate_state(1)[0])
 
 
 def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out_dir: str | os.PathLike,
@@ -437,31 +442,32 @@ def write_session_posteriors(model: LFADS, sessions: list[data_mod.Dataset], out
     return write_session_outputs(sessions, out_dir, session_posteriors(model, sessions, **kwargs))
 
 
-def ensemble_session_posteriors(models: list[LFADS], sessions: list[data_mod.Dataset],
-                                **kwargs) -> list[dict]:
+def ensemble_session_posteriors(models: list[LFADS], sessions: list[data_mod.Dataset], *,
+                                n_samples: int = 0, seed: int = 0,
+                                splits: tuple[str, ...] | None = None, refine_steps: int = 0,
+                                refine_lr: float = posterior.REFINE_LR) -> list[dict]:
     """Rates of every session averaged over an ensemble of multi-session models.
 
     Each model runs as session_posteriors runs it alone (same samples' seeds, splits and
-    refinement); only a running sum of the rates is kept (posterior.RateSum).
+    refinement); posterior.ensemble_outputs averages each session's rates.
 
     Args:
         models: trained multi-session models of the same sessions (same neurons per session,
             in the same order); they may differ in anything else.
         sessions: one Dataset per session, in the models' order.
-        **kwargs: n_samples, seed, splits, refine_steps, refine_lr as in session_posteriors.
+        n_samples, seed, splits, refine_steps, refine_lr: as in session_posteriors.
 
     Returns:
         Per session: split name -> {"output_params": the averaged rates [B_s, T_r, n_recon_s]}.
     """
     if not models:
         raise ValueError("models: an ensemble needs at least one model, got none")
-    sums = [{} for _ in sessions]  # per session: split -> posterior.RateSum
     for m in models:
-        for s, out in enumerate(session_posteriors(m, sessions, **kwargs)):
-            for split, o in out.items():
-                sums[s].setdefault(split, posterior.RateSum()).add(o["output_params"])
-    return [{split: {"output_params": total.mean()} for split, total in per_split.items()}
-            for per_split in sums]
+        check_sessions(m.config, sessions)
+    return [posterior.ensemble_outputs(models, ds, n_samples=n_samples, seed=_session_seed(seed, s),
+                                       splits=splits, session=s, refine_steps=refine_steps,
+                                       refine_lr=refine_lr)
+            for s, ds in enumerate(sessions)]
 
 
 def write_session_outputs(sessions: list[data_mod.Dataset], out_dir: str | os.PathLike,

@@ -158,6 +158,21 @@ def test_average_rates(rng):
     np.testing.assert_allclose(total.mean(), (a.astype(np.float64) + b) / 2, rtol=1e-12)
 
 
+def test_ensemble_outputs_average_each_split(model, spikes):
+    other = LFADS(model.config, seed=7)
+    ds = data.from_arrays(train_encod_data=spikes[:6], valid_encod_data=spikes[6:])
+    got = posterior.ensemble_outputs([model, other], ds, n_samples=2, seed=3)
+    alone = [posterior.posterior_outputs(m, ds, n_samples=2, seed=3) for m in (model, other)]
+    for split in ("train", "valid"):
+        assert set(got[split]) == {"output_params"}
+        a, b = (x[split]["output_params"] for x in alone)
+        assert not np.allclose(a, b)
+        np.testing.assert_allclose(got[split]["output_params"], (a.astype(np.float64) + b) / 2,
+                                   rtol=1e-6)
+    with pytest.raises(ValueError, match="models: an ensemble needs at least one model"):
+        posterior.ensemble_outputs([], ds)
+
+
 def test_ensemble_errors(model, spikes):
     with pytest.raises(ValueError, match="models is empty"):
         posterior.ensemble_average([], spikes)
