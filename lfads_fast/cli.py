@@ -118,6 +118,7 @@ def _train(args) -> int:
     from .model import LFADS
     from .train import Trainer, config_for_data, load_model
 
+    _check_device(args.device)
     out = Path(args.out)
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").exists():
@@ -142,7 +143,7 @@ def _train(args) -> int:
         layers = stitching.init_session_layers(model, dataset)
         print(f"{len(files)} sessions, shared read-in dimension {model_cfg.encod_data_dim}; "
               f"read-ins from {_READIN_SOURCES[layers.method]}")
-    trainer = Trainer(model, dataset, train_cfg, out, progress=not args.quiet)
+    trainer = Trainer(model, dataset, train_cfg, out, progress=not args.quiet, device=args.device)
     result = trainer.fit(resume=args.resume)
     print(f"trained {result.epochs} epochs ({result.epochs_this_call} now, "
           f"{result.train_seconds:.1f} s; stopped by {result.stop_reason}); best epoch "
@@ -151,7 +152,7 @@ def _train(args) -> int:
     if model_cfg.multisession:
         print(f"session factors: {out / 'session_factors.png'}")
     if args.samples > 0:
-        best = load_model(result.best_checkpoint)
+        best = load_model(result.best_checkpoint).to(args.device)
         if model_cfg.multisession:
             paths = stitching.write_session_posteriors(best, dataset, out, n_samples=args.samples,
                                                        seed=train_cfg.seed)
@@ -168,7 +169,8 @@ def _infer(args) -> int:
     from . import data, posterior, stitching
     from .train import check_sizes, load_model
 
-    model = load_model(_existing(args.checkpoint, "checkpoint"))
+    _check_device(args.device)
+    model = load_model(_existing(args.checkpoint, "checkpoint")).to(args.device)
     files = _data_files(args.data)
     splits = None if args.splits is None else tuple(s.strip() for s in args.splits.split(","))
     cfg = model.config
@@ -185,7 +187,7 @@ def _infer(args) -> int:
         sessions = data.load_sessions(files)  # session_posteriors checks them per model
         kwargs = dict(n_samples=args.samples, seed=args.seed, splits=splits, **refine)
         if args.ensemble:
-            models = [model] + [_ensemble_member(path, cfg) for path in args.ensemble]
+            models = [model] + [_ensemble_member(path, cfg, args.device) for path in args.ensemble]
             outputs = stitching.ensemble_session_posteriors(models, sessions, **kwargs)
             paths = stitching.write_session_outputs(sessions, args.out, outputs)
             print(f"ensemble of {len(models)} models, rates averaged ({what}): {', '.join(paths)}")
@@ -203,7 +205,7 @@ def _infer(args) -> int:
     return 0
 
 
-def _ensemble_member(path: str, cfg):
+def _ensemble_member(path: str, cfg, device: str = "cpu"):
     """Loads an --ensemble checkpoint and checks that its model has the sessions of the first
     checkpoint's model, one or several (the data files are checked against each model later)."""
     from .train import load_model
@@ -212,7 +214,7 @@ def _ensemble_member(path: str, cfg):
         return (f"{c.n_sessions} sessions of {c.session_neurons} neurons" if c.multisession
                 else "one session")
 
-    m = load_model(_existing(path, "checkpoint"))
+    m = load_model(_existing(path, "checkpoint")).to(device)
     if m.config.session_neurons != cfg.session_neurons:
         raise ValueError(f"--ensemble: the model of {path} has {sessions(m.config)} but the first "
                          f"checkpoint's model {sessions(cfg)}")
@@ -225,7 +227,7 @@ def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> in
 
     models = [model]
     for path in args.ensemble:
-        m = _ensemble_member(path, model.config)
+        m = _ensemble_member(path, model.config, args.device)
         check_sizes(m.config, dataset, owner=f"the model of {path}", hint="")
         models.append(m)
     outputs = posterior.ensemble_outputs(models, dataset, n_samples=args.samples, seed=args.seed,
@@ -259,10 +261,11 @@ def _demo(args) -> int:
 def _fixed_points(args) -> int:
     import time
 
-    from . import data
+    from . import data, fixed_points
     from .train import load_model
 
-    model = load_model(_existing(args.checkpoint, "checkpoint"))
+    _check_device(args.device)
+    model = load_model(_existing(args.checkpoint, "checkpoint")).to(args.device)
     dataset = data.load_dataset(_existing(args.data, "data file"))
     cfg = model.config
     if cfg.multisession and args.session is None:
@@ -287,10 +290,10 @@ def _fixed_points(args) -> int:
     split = dataset.splits[args.split]
 
     start = time.perf_counter()
-    fps = model.fixed_points(split.encod_data, split.ext_input, session=args.session,
-                             inputs=args.inputs, ext_inputs=args.ext_inputs,
-                             n_init=args.n_init, noise_scale=args.noise, method=args.method,
-                             seed=args.seed)
+    fps = fixed_points.find(model, split.encod_data, split.ext_input, session=args.session,
+                            inputs=args.inputs, ext_inputs=args.ext_inputs,
+                            n_init=args.n_init, noise_scale=args.noise, method=args.method,
+                            seed=args.seed)
     seconds = time.perf_counter() - start
     fps.info.update(checkpoint=os.path.abspath(args.checkpoint),
                     data=os.path.abspath(args.data), split=args.split)
@@ -343,6 +346,22 @@ def _session_config(sessions, model_fields: dict) -> LFADSConfig:
     return cfg
 
 
+def _add_device_option(p) -> None:
+    p.add_argument("--device", default="cpu", metavar="DEV",
+                   help="where the model runs: cpu (default), cuda or cuda:N (needs the gpu "
+                   "extra, pip install 'lfads_fast[gpu]', and a build with the CUDA kernels)")
+
+
+def _check_device(device: str) -> None:
+    """A clear error before any work when --device cannot run here."""
+    from . import ops
+
+    try:
+        ops.check_device(device)
+    except ValueError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfads-fast", description="LFADS with a compiled core.")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -368,6 +387,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="posterior samples for DIR/posterior.h5, or with sessions "
                    "DIR/lfads_output_<file> (0: skip; default 50)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device_option(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("infer", help="posterior-averaged outputs of a checkpoint",
@@ -393,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="more checkpoints of models trained on the same data: OUT (each "
                    "session's file of OUT for multi-session models) then holds only "
                    "{split}_output_params, the rates averaged over all the models")
+    _add_device_option(p)
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("demo", help="train on synthetic chaotic-RNN data and report",
@@ -446,6 +467,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="session of the data file (checkpoints of several sessions)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the initial states (default 0)")
+    _add_device_option(p)
     p.set_defaults(func=_fixed_points)
     return parser
 

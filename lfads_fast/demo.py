@@ -68,7 +68,7 @@ class DemoResult:
         r2_smoothing: pooled R^2 of the best Gaussian smoothing (width chosen on train).
         r2_pca: pooled R^2 of smoothing + PCA (width and components chosen on train).
         r2_refined: pooled R^2 of LFADS's rates from initial conditions refined per trial
-            (LFADS.refine_ic), or None when refinement was off.
+            (refine.refine_ic), or None when refinement was off.
         r2_ensemble: pooled R^2 of the rates averaged over the ensemble's models (each
             model's posterior average), or None without an ensemble.
         r2_ensemble_refined: the same from each model's refined initial conditions, or None.
@@ -127,7 +127,7 @@ def run_demo(out_dir: str | os.PathLike = "demo_out", minutes: float = 5.0, *,
             trial with the transient from a random state; > 0 starts trials on the network's
             attractor (docs/demo.md: where the error of the original data sits).
         refine_steps: also score the validation rates from initial conditions refined by
-            this many steps per trial (LFADS.refine_ic; written to posterior_refined.h5);
+            this many steps per trial (refine.refine_ic; written to posterior_refined.h5);
             0: off.
         ensemble: number of models trained one after the other (seeds seed, seed + 1, ...,
             each for `minutes`), whose rates are averaged (posterior.average_rates);

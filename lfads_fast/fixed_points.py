@@ -14,10 +14,10 @@ Two solvers run entirely in the compiled core (csrc/fixed_points.h):
 - ``"adam"``: FixedPointFinder's optimiser (Adam with its adaptive learning rate and adaptive
   gradient-norm clipping, stopping rules tol_q and tol_dq), each point on its own.
 
-Typical use on a trained model (LFADS.fixed_points runs the model on data, samples the
-initial states from the generator states it visits and calls from_generator)::
+Typical use on a trained model (find runs the model on data, samples the initial states from
+the generator states it visits and calls from_generator)::
 
-    fps = model.fixed_points(dataset.valid.encod_data, n_init=1000, noise_scale=0.01)
+    fps = fixed_points.find(model, dataset.valid.encod_data, n_init=1000, noise_scale=0.01)
     fps.plot("fixed_points.png")        # in the PC space of the generator trajectories
     fps.save_h5("fixed_points.h5")
 
@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 
 from ._backend import cpu
+from .posterior import sample_and_average
 
-# Constant generator inputs LFADS.fixed_points can derive from the data itself.
+# Constant generator inputs find() can derive from the data itself.
 INPUT_MODES = ("zero", "mean")
 
 # FixedPointFinder's defaults for its optimiser (TF1 Adam with epsilon 0.01,
@@ -554,16 +555,61 @@ def _check_number(name: str, value, *, low: float, low_open: bool = False) -> fl
 # ---------------------------------------------------------------------------- LFADS models
 
 
-def _from_model(model, encod_data, ext_input, *, session, inputs, ext_inputs, n_init: int,
-                noise_scale: float, method: str, seed: int, solver_options: dict) -> FixedPoints:
-    """LFADS.fixed_points (documented there)."""
+def find(model, encod_data, ext_input=None, *, session: int | None = None, inputs="zero",
+         ext_inputs="zero", n_init: int = 1000, noise_scale: float = 0.01, method: str = "newton",
+         seed: int = 0, **solver_options) -> FixedPoints:
+    """Fixed points of a model's generator, started from the states it visits on some trials.
+
+    Runs the model on the trials (posterior means, no dropout), draws n_init initial states
+    from the generator states of all trials and time steps plus Gaussian noise
+    (fixed_points.sample_initial_states), and solves F(h, v) = h for the generator's GRU
+    step F with one constant input v = [u, ext] (fixed_points.from_generator).
+    docs/fixed_points.md explains the choices.
+
+    Args:
+        model: a trained LFADS (on any device: the trajectories come back to the host,
+            where the solver runs).
+        encod_data: spike counts [B, encod_seq_len, encod_data_dim] (with sessions:
+            session_neurons[session] neurons); NaN = missing bin, as in forward.
+        ext_input: external inputs [B, T, ext_input_dim], or None (required when
+            ext_input_dim > 0: the trajectories depend on them).
+        session: the session of the trials; required with sessions, else None.
+        inputs: the controller output u held constant, [co_dim]: "zero" (default: the
+            generator's autonomous dynamics), "mean" (the mean of the posterior-mean
+            controller outputs co_means over all trials and time steps), or an array
+            [n_init or 1, co_dim] (or [co_dim]). Without a controller (co_dim = 0) u is
+            empty and "zero" and "mean" are the same.
+        ext_inputs: the external input held constant, [ext_input_dim]: "zero" (default),
+            "mean" (the mean of ext_input over trials and its time steps), or an array
+            [n_init or 1, ext_input_dim]. Empty when ext_input_dim = 0.
+        n_init: number of initial states.
+        noise_scale: standard deviation of the noise added to each initial state, in
+            state units.
+        method: "newton" (damped Newton / Levenberg-Marquardt) or "adam"
+            (FixedPointFinder's optimiser).
+        seed: seed of the initial-state draw and its noise.
+        **solver_options: passed on to fixed_points.find_fixed_points (tol_q, tol_dq,
+            max_iters, tol_unique, outlier_scale, outlier_rule, unique, dtype (default:
+            the model's), adam_options, ...).
+
+    Returns:
+        fixed_points.FixedPoints: the unique converged points with their Jacobians and
+        eigenvalues; inputs [N, co_dim + ext_input_dim] (u then ext); trajectories the
+        generator states [B, recon_seq_len, gen_dim] that plot() draws; info with the
+        settings (inputs, ext_inputs: "zero", "mean" or "given"; noise_scale, seed,
+        n_trials, session).
+
+    Raises:
+        ValueError: bad shapes or option values (the message names the argument), data
+            with no observed bin, non-finite parameters or generator states.
+    """
     cfg = model.config
     n_init = _check_int("n_init", n_init, 1)
     noise_scale = _check_number("noise_scale", noise_scale, low=0.0)
     seed = _check_int("seed", seed, 0)
     if method not in MAX_ITERS:
         raise ValueError(f"method must be 'newton' or 'adam', got {method!r}")
-    if not np.isfinite(model.flat).all():
+    if not np.isfinite(_host(model.flat)).all():
         raise ValueError("the model's parameters contain NaN or inf")
     encod_data = np.asarray(encod_data)
     if encod_data.ndim != 3 or encod_data.shape[0] == 0:
@@ -607,8 +653,6 @@ def _generator_states(model, encod_data, ext_input, session) -> tuple[np.ndarray
         (gen_states [B, T_r, G] in the model's dtype, mean controller output over trials and
         time steps [U] float64; [0] without a controller).
     """
-    from .posterior import sample_and_average
-
     out = sample_and_average(model, encod_data, ext_input, n_samples=0, session=session)
     return out["gen_states"], out["co_means"].astype(np.float64).mean(axis=(0, 1))
 

@@ -4,11 +4,20 @@ Every function takes arrays of one array module (numpy for the CPU kernels; cupy
 kernels, where built), allocates the outputs with that module and returns them. Shapes use the
 names of csrc/common.h: T time, B batch, H hidden, F factors, N neurons, C controller,
 U controller outputs, G generator. Everything is time-major.
+
+For cupy arrays the calls go through _CudaOps, which gives the CUDA bindings what they expect:
+the arrays themselves (the bindings check dtype, shape, contiguity and device of each), the
+sizes, the current CuPy stream of the arrays' device as an int, and device workspaces cached
+per device and stream; the weight gradients the CUDA backward ops leave to the caller are
+cuBLAS GEMMs through CuPy (weight_grads.py). This module is also where the rest of the package
+asks about devices (array_module, to_device, to_host, generator, scalar): nothing above it
+branches on numpy or cupy.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from . import _backend
 from ._backend import cpu
 
 __all__ = [
@@ -23,6 +32,14 @@ __all__ = [
     "kl_co",
     "adam_step",
     "matmul",
+    "array_module",
+    "device_of",
+    "check_device",
+    "to_device",
+    "to_host",
+    "scalar",
+    "generator",
+    "cuda_available",
 ]
 
 
@@ -215,7 +232,7 @@ def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weig
     _module(factors).poisson_elbo(factors, W_ro, b_ro, counts, loss_weight, grad_mask, float(scale),
                                   int(T), loss, out["log_rates"], out["nll_tn"], out["d_factors"],
                                   out["d_W_ro"], out["d_b_ro"])
-    out["loss"] = float(loss[0])
+    out["loss"] = scalar(loss)
     return out
 
 
@@ -229,7 +246,7 @@ def kl_ic(mean, logvar, prior_mean, prior_logvar, *, var_min: float, scale: floa
         scale: multiplies the KL and its gradients.
 
     Returns:
-        dict: kl (float, scale * mean over b of the sum over d), d_mean, d_logvar [B, D],
+        dict: kl (scalar(), scale * mean over b of the sum over d), d_mean, d_logvar [B, D],
         d_prior_mean [D] (None when grads is False).
     """
     xp = _xp(mean)
@@ -239,7 +256,7 @@ def kl_ic(mean, logvar, prior_mean, prior_logvar, *, var_min: float, scale: floa
            for k, a in (("d_mean", mean), ("d_logvar", logvar), ("d_prior_mean", prior_mean))}
     _module(mean).kl_ic(mean, logvar, prior_mean, prior_logvar, float(var_min), float(scale), kl,
                         out["d_mean"], out["d_logvar"], out["d_prior_mean"])
-    out["kl"] = float(kl[0])
+    out["kl"] = scalar(kl)
     return out
 
 
@@ -252,7 +269,7 @@ def kl_co(mean, logvar, eps, logtau, lognvar, *, scale: float = 1.0, grads: bool
         scale: multiplies the KL and its gradients.
 
     Returns:
-        dict: kl (float, scale * mean over b of the sum over t, u of log q - log p), d_mean,
+        dict: kl (scalar(), scale * mean over b of the sum over t, u of log q - log p), d_mean,
         d_logvar [T, B, U], d_logtau, d_lognvar [U] (None when grads is False).
     """
     xp = _xp(mean)
@@ -263,7 +280,7 @@ def kl_co(mean, logvar, eps, logtau, lognvar, *, scale: float = 1.0, grads: bool
                         ("d_lognvar", lognvar))}
     _module(mean).kl_co(mean, logvar, eps, logtau, lognvar, float(scale), kl, out["d_mean"],
                         out["d_logvar"], out["d_logtau"], out["d_lognvar"])
-    out["kl"] = float(kl[0])
+    out["kl"] = scalar(kl)
     return out
 
 
@@ -312,9 +329,128 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
             raise ValueError("beta != 0 needs out")
         _shape(a, "a", 2)
         _shape(b, "b", 2)
-        out = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+        out = _xp(a).empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     mod.matmul(a, b, out, float(beta))
     return out
+
+
+# Devices
+
+
+def array_module(a):
+    """numpy or cupy: the module of array `a` (a TypeError for anything else)."""
+    return _xp(a)
+
+
+def cuda_available() -> tuple[bool, str]:
+    """(whether the CUDA backend can run here, the reason when not)."""
+    try:
+        import cupy
+    except ImportError as e:
+        return False, f"CuPy is not installed ({e}); install the gpu extra: pip install 'lfads_fast[gpu]'"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver: CuPy raises its own runtime error type
+        return False, f"no CUDA driver or device ({e})"
+    if n == 0:
+        return False, "no CUDA device"
+    try:
+        _backend.cuda()
+    except RuntimeError as e:
+        return False, f"{e} (build with LFADS_FAST_CUDA=ON)"
+    return True, ""
+
+
+def device_of(a) -> str:
+    """"cpu" or "cuda:N": where array `a` lives."""
+    if _xp(a) is np:
+        return "cpu"
+    return f"cuda:{a.device.id}"
+
+
+def check_device(device) -> tuple[str, int | None]:
+    """Checks that `device` ("cpu", "cuda", "cuda:N") names a device that can run here.
+
+    Returns:
+        ("cpu", None) or ("cuda", N or None for the current device).
+
+    Raises:
+        ValueError: an unknown name, or a CUDA device where the CUDA backend cannot run (the
+            message says why: no CuPy, no driver or device, or no CUDA build).
+    """
+    kind, index = _parse_device(device)
+    if kind == "cpu":
+        return kind, index
+    ok, why = cuda_available()
+    if not ok:
+        raise ValueError(f"device {device!r} is not available: {why}")
+    import cupy
+
+    n = cupy.cuda.runtime.getDeviceCount()
+    if index is not None and index >= n:
+        raise ValueError(f"device {device!r} is not available: there are {n} CUDA devices")
+    return kind, index
+
+
+def to_device(a, device: str):
+    """Array `a` on `device` ("cpu", "cuda", "cuda:N"): `a` itself when it is there already,
+    else a copy.
+
+    Raises:
+        ValueError: as check_device; or a float64 array for a CUDA device (the CUDA kernels
+            are float32).
+    """
+    kind, index = check_device(device)
+    if kind == "cpu":
+        return to_host(a)
+    import cupy
+
+    if getattr(a, "dtype", np.dtype(np.float32)) == np.float64:
+        raise ValueError(f"device {device!r} runs float32 only (the CUDA kernels are float32), got float64")
+    if index is None:
+        index = cupy.cuda.runtime.getDevice()
+    if _xp(a) is cupy and a.device.id == index:
+        return a
+    with cupy.cuda.Device(index):
+        return cupy.asarray(a) if isinstance(a, np.ndarray) else a.copy()
+
+
+def to_host(a):
+    """`a` as a numpy array (a copy from the device; `a` itself on the host). None stays None."""
+    if a is None or isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__") and hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+def scalar(a):
+    """The value of a one-element array: a float for numpy; on a GPU a 0-d device array, so
+    that reading it (float()) is left to the caller and the device need not wait."""
+    if isinstance(a, np.ndarray):
+        return float(a.reshape(()))
+    return a.reshape(())
+
+
+def generator(xp, rng):
+    """A random generator of module `xp` driven by numpy Generator `rng`: `rng` itself for
+    numpy; for cupy a device generator seeded by one draw of `rng` (reproducible from its seed,
+    resumable from its checkpointed state). A generator of `xp` is returned as it is."""
+    if xp is np or not isinstance(rng, np.random.Generator):
+        return rng
+    return xp.random.default_rng(int(rng.integers(2**63)))
+
+
+def _parse_device(device) -> tuple[str, int | None]:
+    if isinstance(device, str):
+        name = device.strip().lower()
+        if name == "cpu":
+            return "cpu", None
+        if name == "cuda":
+            return "cuda", None
+        if name.startswith("cuda:") and name[5:].isdigit():
+            return "cuda", int(name[5:])
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 # Helpers
@@ -334,10 +470,215 @@ def _xp(a):
 def _module(a):
     if isinstance(a, np.ndarray):
         return cpu
-    raise NotImplementedError("the CUDA kernels are not wired into lfads_fast.ops yet")
+    if _xp(a) is not np:
+        return _cuda_ops()
+    raise TypeError(f"expected a numpy or cupy array, got {type(a).__name__}")
 
 
 def _shape(a, name: str, ndim: int):
     if getattr(a, "ndim", None) != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {getattr(a, 'shape', None)}")
     return a.shape
+
+
+# CUDA adapters: the CPU module's call signatures over the CUDA bindings.
+
+_CUDA_OPS = None
+
+
+def _cuda_ops():
+    global _CUDA_OPS
+    if _CUDA_OPS is None:
+        _CUDA_OPS = _CudaOps(_backend.cuda())
+    return _CUDA_OPS
+
+
+class _CudaOps:
+    """Calls the CUDA bindings with the arguments of the CPU module's functions.
+
+    Per call: the arrays' device is made current (the bindings check that all arrays share
+    it), the stream is CuPy's current stream of that device, and the workspace is a cached
+    uint8 buffer per (device, stream) that grows to the largest size asked for; calls on
+    one stream run in order, so they may share it. The weight gradients that the CUDA backward
+    ops leave to the caller are GEMMs through CuPy (weight_grads.py), on the same stream.
+    """
+
+    def __init__(self, mod):
+        import cupy
+
+        self.mod, self.cupy = mod, cupy
+        self._workspaces: dict[tuple[int, int], object] = {}
+        self._scratch: dict[tuple[int, int, str], object] = {}
+
+    # -- plumbing
+
+    def _on(self, a):
+        """(device context, stream int) of array `a`."""
+        dev = self.cupy.cuda.Device(a.device.id)
+        with dev:
+            stream = self.cupy.cuda.get_current_stream().ptr
+        return dev, stream
+
+    def _workspace(self, a, stream: int, nbytes: int):
+        key = (a.device.id, stream)
+        ws = self._workspaces.get(key)
+        if ws is None or ws.size < nbytes:
+            with self.cupy.cuda.Device(a.device.id):
+                ws = self.cupy.empty(max(int(nbytes), 256), dtype=np.uint8)
+            self._workspaces[key] = ws
+        return ws, ws.size
+
+    def _scratch_array(self, a, stream: int, name: str, shape: tuple):
+        """A float32 scratch array of `shape` on `a`'s device (cached like the workspace)."""
+        n = int(np.prod(shape))
+        key = (a.device.id, stream, name)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < n:
+            with self.cupy.cuda.Device(a.device.id):
+                buf = self.cupy.empty(max(n, 1), dtype=np.float32)
+            self._scratch[key] = buf
+        return buf[:n].reshape(shape)
+
+    # -- GRU
+
+    def gru_forward(self, xproj, x_offset, W_hh, h0, hs, gates, reverse, clip):
+        T, B, LD = xproj.shape
+        H = W_hh.shape[1]
+        dev, stream = self._on(xproj)
+        with dev:
+            ws, nbytes = self._workspace(xproj, stream, self.mod.gru_forward_workspace_size(H))
+            self.mod.gru_forward(xproj, x_offset, W_hh, h0, hs, gates, reverse, clip, T=T, B=B, H=H,
+                                 ldx=LD, workspace=ws, workspace_bytes=nbytes, stream=stream)
+
+    def gru_backward(self, W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset, d_W_hh, d_h0, work,
+                     reverse, clip):
+        from . import weight_grads
+
+        T, B, H = hs.shape
+        dev, stream = self._on(hs)
+        with dev:
+            self.mod.gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset, d_h0, work,
+                                  reverse, clip, T=T, B=B, H=H, ldx=d_xproj.shape[2], stream=stream)
+            d_W_hh[...] = weight_grads.gru_weight_grad(d_xproj[..., x_offset:], hs, h0, work, reverse)
+
+    # -- decoder
+
+    def _decoder_sizes(self, a):
+        T, B, G = a["gen_states"].shape
+        F = a["factors"].shape[2]
+        C = 0 if a.get("W_con_hh") is None else a["W_con_hh"].shape[1]
+        U = 0 if a.get("W_co") is None else a["W_co"].shape[0] // 2
+        return dict(T=T, B=B, C=C, U=U, G=G, F=F, ld_xc=a["xcon"].shape[2] if C else 0,
+                    ld_xg=a["xgen"].shape[2])
+
+    def decoder_forward(self, arrays, clip, sample):
+        sizes = self._decoder_sizes(arrays)
+        g0 = arrays["g0"]
+        dev, stream = self._on(g0)
+        with dev:
+            ws, nbytes = self._workspace(g0, stream, self.mod.decoder_forward_workspace_size(
+                sizes["C"], sizes["U"], sizes["G"], sizes["F"]))
+            self.mod.decoder_forward(*[_none_if_empty(arrays.get(k)) for k in _DECODER_ARRAYS],
+                                     **sizes, clip=clip, sample=sample, workspace=ws,
+                                     workspace_bytes=nbytes, stream=stream)
+
+    def decoder_backward(self, arrays, call, clip, sample):
+        from . import weight_grads
+
+        s = self._decoder_sizes(arrays)
+        T, B, C, U, G, F = (s[k] for k in "TBCUGF")
+        g0 = arrays["g0"]
+        dev, stream = self._on(g0)
+        con = C > 0
+        with dev:
+            work = {"d_factors_total": self._scratch_array(g0, stream, "dec_d_factors_total", (T, B, F)),
+                    "rh_gen": self._scratch_array(g0, stream, "dec_rh_gen", (T, B, G)),
+                    "d_co": self._scratch_array(g0, stream, "dec_d_co", (T, B, 2 * U)) if con else None,
+                    "rh_con": self._scratch_array(g0, stream, "dec_rh_con", (T, B, C)) if con else None}
+            self.mod.decoder_backward(
+                *[_none_if_empty(arrays.get(k)) for k in _DECODER_ARRAYS],
+                *[_none_if_empty(call.get(k)) for k in ("d_factors", "d_co_mean", "d_co_logvar")],
+                call["d_xcon"] if con else None, call["d_c0"] if con else None, call["d_xgen"],
+                call["d_g0"], call["d_f0"], work["d_factors_total"], work["d_co"], work["rh_gen"],
+                work["rh_con"], **s, clip=clip, sample=sample, stream=stream)
+            ctl = {} if not con else dict(
+                d_xcon=call["d_xcon"], d_co=work["d_co"], rh_con=work["rh_con"],
+                con_states=arrays["con_states"], c0=arrays["c0"], u=arrays["u"],
+                factors=arrays["factors"], f0=arrays["f0"], mask_f=arrays.get("mask_f"))
+            w = weight_grads.decoder_weight_grads(
+                d_xgen=call["d_xgen"], d_factors_total=work["d_factors_total"], rh_gen=work["rh_gen"],
+                gen_states=arrays["gen_states"], g0=g0, mask_g=arrays.get("mask_g"), **ctl)
+            for k, v in w.items():
+                call[k][...] = v
+            for k in ("d_W_con_f", "d_W_con_hh", "d_W_co", "d_b_co", "d_W_gen_u"):
+                if k not in w and call[k].size:
+                    call[k][...] = 0
+
+    # -- ELBO and KL
+
+    def poisson_elbo(self, factors, W_ro, b_ro, counts, loss_weight, grad_mask, scale, T, loss,
+                     log_rates, nll_tn, d_factors, d_W_ro, d_b_ro):
+        from . import weight_grads
+
+        R, F = factors.shape
+        N = W_ro.shape[0]
+        B = R // T
+        dev, stream = self._on(factors)
+        with dev:
+            ws, nbytes = self._workspace(factors, stream, self.mod.poisson_elbo_workspace_size(T, B, N))
+            d_lr = None if d_factors is None else self._scratch_array(factors, stream, "elbo_d_log_rates",
+                                                                     (R, N))
+            self.mod.poisson_elbo(factors, W_ro, b_ro, counts, loss_weight, grad_mask, scale, loss,
+                                  log_rates, nll_tn, d_lr, d_b_ro, T=T, B=B, F=F, N=N, workspace=ws,
+                                  workspace_bytes=nbytes, stream=stream)
+            if d_lr is not None:
+                d_f, d_W = weight_grads.readout_grads(d_lr, factors, W_ro)
+                d_factors[...] = d_f
+                d_W_ro[...] = d_W
+
+    def kl_ic(self, mean, logvar, prior_mean, prior_logvar, var_min, scale, kl, d_mean, d_logvar,
+              d_prior_mean):
+        B, D = mean.shape
+        dev, stream = self._on(mean)
+        with dev:
+            ws, nbytes = self._workspace(mean, stream, self.mod.kl_ic_workspace_size(B, D))
+            self.mod.kl_ic(mean, logvar, prior_mean, prior_logvar, var_min, scale, kl, d_mean, d_logvar,
+                           d_prior_mean, B=B, D=D, workspace=ws, workspace_bytes=nbytes, stream=stream)
+
+    def kl_co(self, mean, logvar, eps, logtau, lognvar, scale, kl, d_mean, d_logvar, d_logtau,
+              d_lognvar):
+        T, B, U = mean.shape
+        dev, stream = self._on(mean)
+        with dev:
+            ws, nbytes = self._workspace(mean, stream, self.mod.kl_co_workspace_size(B, U))
+            self.mod.kl_co(mean, logvar, eps, logtau, lognvar, scale, kl, d_mean, d_logvar, d_logtau,
+                           d_lognvar, T=T, B=B, U=U, workspace=ws, workspace_bytes=nbytes, stream=stream)
+
+    # -- Adam and GEMM
+
+    def adam_step(self, params, grads, m, v, mask, lr, beta1, beta2, eps, weight_decay,
+                  max_grad_norm, step, grad_norm):
+        n = params.size
+        dev, stream = self._on(params)
+        with dev:
+            ws, nbytes = self._workspace(params, stream, self.mod.adam_workspace_size(n))
+            self.mod.adam_step(params, grads, m, v, mask, lr, beta1, beta2, eps, weight_decay,
+                               max_grad_norm, step, grad_norm, n=n, workspace=ws, workspace_bytes=nbytes,
+                               stream=stream)
+
+    def matmul(self, a, b, out, beta):
+        dev, _ = self._on(a)
+        with dev:
+            if beta == 0.0:
+                out[...] = a @ b
+            else:
+                out *= out.dtype.type(beta)
+                out += a @ b
+
+
+_DECODER_ARRAYS = DECODER_INPUTS + DECODER_OUTPUTS
+
+
+def _none_if_empty(a):
+    """None for absent or zero-size arrays (the bindings take None for unused ones)."""
+    return None if a is None or a.size == 0 else a

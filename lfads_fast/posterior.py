@@ -13,11 +13,12 @@ import numpy as np
 
 from . import data as data_mod
 from .model import LFADS
+from .refine import refine_ic
 
 __all__ = ["DEFAULT_SAMPLES", "REFINE_STEPS", "REFINE_LR", "average_rates", "RateSum", "ensemble_average", "ensemble_outputs", "sample_and_average", "posterior_outputs", "write_posterior"]
 
 DEFAULT_SAMPLES = 50
-# Refinement of the initial conditions (LFADS.refine_ic): default steps and Adam step size
+# Refinement of the initial conditions (refine.refine_ic): default steps and Adam step size
 # when it is asked for (docs/refine_ic.md: converged on the demo's model by about 50 steps).
 REFINE_STEPS = 50
 REFINE_LR = 0.05
@@ -42,7 +43,7 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
             of activations.
         session: the session of the trials, for a model with sessions (else None).
         refine_steps: > 0 refines each trial's initial condition by that many steps
-            (LFADS.refine_ic, on the trial's own spikes) and runs the generator from it
+            (refine.refine_ic, on the trial's own spikes) and runs the generator from it
             instead of from posterior samples; only the controller's outputs are then
             sampled (without a controller each trial is run once). 0: plain sampling.
         refine_lr: refine_ic's lr.
@@ -81,8 +82,8 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
         ic = None
         if refine_steps > 0:
             ext_c = None if ext_input is None else np.asarray(ext_input)[sl]
-            ic = model.refine_ic(encod_data[sl], ext_c, session=session, steps=int(refine_steps),
-                                 lr=refine_lr)["ic"]
+            ic = refine_ic(model, encod_data[sl], ext_c, session=session, steps=int(refine_steps),
+                           lr=refine_lr)["ic"]
             ic = np.repeat(ic, reps, axis=0)
         out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session, ic=ic)
         n = x.shape[0] // reps

@@ -301,15 +301,19 @@ def init_session_layers(model: LFADS, sessions: list[data_mod.Dataset], *, condi
     readouts, _ = pcr_readouts(result.readin_W, result.readin_b, [ds.train.encod_data for ds in sessions],
                                [ds.train.recon_data for ds in sessions], conditions=conditions,
                                sigma_bins=sigma_bins, ridge=ridge)
+
+    def put(name, value):  # host values into the parameters, on the model's device
+        p[name][...] = model.xp.asarray(value.astype(dt))
+
     for s, (W_out, b_out) in enumerate(readouts):
-        p[f"readin_W_{s}"][...] = result.readin_W[s].astype(dt)
-        p[f"readin_b_{s}"][...] = result.readin_b[s].astype(dt)
+        put(f"readin_W_{s}", result.readin_W[s])
+        put(f"readin_b_{s}", result.readin_b[s])
         if cfg.fac_dim == cfg.encod_data_dim:
-            p[f"readout_W_{s}"][...] = W_out.astype(dt)
-            p[f"readout_b_{s}"][...] = b_out.astype(dt)
+            put(f"readout_W_{s}", W_out)
+            put(f"readout_b_{s}", b_out)
         else:  # the factors are not the read-in's space: only the mean rates carry over
             mean = _mean_counts(sessions[s].train.recon_data)
-            p[f"readout_b_{s}"][...] = np.log(np.maximum(mean, MIN_MEAN_COUNT)).astype(dt)
+            put(f"readout_b_{s}", np.log(np.maximum(mean, MIN_MEAN_COUNT)))
     return result
 
 

@@ -402,12 +402,18 @@ class Trainer:
         config: training hyperparameters (None: the defaults).
         out_dir: where checkpoints and logs go (created if needed).
         progress: show a progress bar (tqdm, on stderr).
+        device: "cpu", "cuda" or "cuda:N": moves the model there first (model.to); None
+            trains where the model is. Optimizer state and noise live on the same device;
+            checkpoints are written from the host and resume on any device.
     """
 
     def __init__(self, model: LFADS, data, config: TrainConfig | None = None,
-                 out_dir: str | os.PathLike = "lfads_out", *, progress: bool = True):
+                 out_dir: str | os.PathLike = "lfads_out", *, progress: bool = True,
+                 device: str | None = None):
         if not isinstance(model, LFADS):
             raise TypeError(f"model must be an LFADS, got {type(model).__name__}")
+        if device is not None:
+            model.to(device)
         self.model = model
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
@@ -600,7 +606,7 @@ class Trainer:
         self.epoch += 1
         row = {"epoch": epoch, "lr": lr, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
         for k in _LOSS_TERMS:
-            row[f"train_{k}"] = sums[k] / n_used if n_used else float("nan")
+            row[f"train_{k}"] = float(sums[k]) / n_used if n_used else float("nan")
         row.update(valid)
         row["grad_norm"] = float(np.mean(norms)) if norms else float("nan")
         row["skipped_steps"] = skipped
@@ -625,8 +631,9 @@ class Trainer:
         cfg = self.config
         self.lr = max(self.lr * cfg.divergence_lr_factor, cfg.lr_stop)
         best = load_checkpoint(self.best_checkpoint)
-        self.model.flat[...] = best.flat
-        self.adam_m[...], self.adam_v[...] = best.adam_m, best.adam_v
+        self.model.flat = best.flat
+        self.adam_m[...], self.adam_v[...] = (ops.to_device(a, self.model.device)
+                                              for a in (best.adam_m, best.adam_v))
         last = count > cfg.max_divergences
         warnings.warn(
             f"LFADS training diverged at epoch {self.epoch}, batch {b} of {n_batches}: the "
@@ -780,8 +787,8 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.lr = cfg.lr_init
-        self.adam_m = np.zeros_like(self.model.flat)
-        self.adam_v = np.zeros_like(self.model.flat)
+        self.adam_m = self.model.xp.zeros_like(self.model.flat)
+        self.adam_v = self.model.xp.zeros_like(self.model.flat)
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _TRAIN_STREAM]))
         self.sched_best, self.sched_bad = None, 0
         self.best_value, self.best_epoch, self.es_wait = None, -1, 0
@@ -830,8 +837,9 @@ class Trainer:
             raise ValueError(f"{path}: the checkpoint is {ckpt.flat.dtype}, the model "
                              f"{self.model.flat.dtype}")
         s = ckpt.state
-        self.model.flat[...] = ckpt.flat
-        self.adam_m, self.adam_v = ckpt.adam_m.copy(), ckpt.adam_v.copy()
+        self.model.flat = ckpt.flat
+        self.adam_m, self.adam_v = (ops.to_device(a.copy(), self.model.device)
+                                    for a in (ckpt.adam_m, ckpt.adam_v))
         self.epoch, self.step, self.lr = int(s["epoch"]), int(s["step"]), float(s["lr"])
         self.sched_best = s["scheduler"]["best"]
         self.sched_bad = int(s["scheduler"]["num_bad_epochs"])
@@ -846,9 +854,9 @@ class Trainer:
 
     def _save(self, path: Path) -> None:
         data_mod.write_h5_atomic(path, {
-            "flat": self.model.flat,
-            "adam_m": self.adam_m,
-            "adam_v": self.adam_v,
+            "flat": ops.to_host(self.model.flat),
+            "adam_m": ops.to_host(self.adam_m),
+            "adam_v": ops.to_host(self.adam_v),
             "step": np.int64(self.step),
             "state_json": json.dumps(self._state()),
         })

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lfads_fast import cli, data, posterior, synth
+from lfads_fast import cli, data, posterior, refine, synth
 from lfads_fast.train import load_checkpoint, load_model
 
 TINY = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
@@ -70,7 +70,7 @@ def test_train_infer_resume(data_file, tmp_path, capsys):
     post_r = data.read_posterior_h5(refined)
     best = load_model(out / "checkpoints" / "best.h5")
     spikes = data.load_dataset(data_file).valid.encod_data
-    expect = best.refine_ic(spikes, steps=5, lr=0.1)["ic"]
+    expect = refine.refine_ic(best, spikes, steps=5, lr=0.1)["ic"]
     np.testing.assert_allclose(post_r["valid_ic_mean"], expect, rtol=1e-5, atol=1e-6)
     assert not np.allclose(post_r["valid_ic_mean"], post["valid_ic_mean"])
     np.testing.assert_allclose(post_r["valid_ic_std"], post["valid_ic_std"], rtol=1e-5)

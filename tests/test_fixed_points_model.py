@@ -1,4 +1,4 @@
-"""Fixed points of a model's generator: LFADS.fixed_points and `lfads-fast fixed-points`.
+"""Fixed points of a model's generator: fixed_points.find and `lfads-fast fixed-points`.
 
 The reference is a numpy float64 clipped-GRU step built from the model's generator weights,
 itself checked against the generator states model.forward returns, so a found point is
@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lfads_fast import LFADS, LFADSConfig, cli, data, synth
+from lfads_fast import LFADS, LFADSConfig, cli, data, fixed_points, synth
 from lfads_fast.fixed_points import FixedPoints
 from lfads_fast.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainConfig, load_model
 
@@ -104,7 +104,7 @@ def test_numpy_step_is_the_models_generator(rng):
 def test_found_points_are_fixed_points_of_the_generator(rng, method):
     model = small_model()
     x, ext = trials(rng, model)
-    fps = model.fixed_points(x, ext, n_init=300, noise_scale=0.05, method=method, seed=3)
+    fps = fixed_points.find(model, x, ext, n_init=300, noise_scale=0.05, method=method, seed=3)
     assert len(fps) >= 2, "the gain must give the generator several fixed points"
     assert fps.converged.all()
     # The reported q is that of the model's map at the point.
@@ -131,8 +131,8 @@ def test_found_points_are_fixed_points_of_the_generator(rng, method):
 def test_mean_inputs_are_the_mean_controller_output(rng):
     model = small_model()
     x, ext = trials(rng, model)
-    zero = model.fixed_points(x, ext, n_init=200, seed=1)
-    mean = model.fixed_points(x, ext, n_init=200, seed=1, inputs="mean", ext_inputs="mean")
+    zero = fixed_points.find(model, x, ext, n_init=200, seed=1)
+    mean = fixed_points.find(model, x, ext, n_init=200, seed=1, inputs="mean", ext_inputs="mean")
     out = model.forward(x, ext)
     u_mean = out["co_means"].astype(np.float64).mean(axis=(0, 1))
     ext_mean = ext.mean(axis=(0, 1))
@@ -150,12 +150,12 @@ def test_given_inputs_per_point_and_broadcast(rng):
     model = small_model()
     x, ext = trials(rng, model)
     u = np.array([0.3, -0.2, 0.1])
-    one = model.fixed_points(x, ext, n_init=100, inputs=u, ext_inputs=[[0.5, -0.5]], unique=False)
+    one = fixed_points.find(model, x, ext, n_init=100, inputs=u, ext_inputs=[[0.5, -0.5]], unique=False)
     np.testing.assert_allclose(one.inputs, np.broadcast_to([0.3, -0.2, 0.1, 0.5, -0.5], (100, 5)),
                                atol=1e-7)
     per_point = np.zeros((100, 3))
     per_point[50:] = u  # half the solves with u, half without
-    both = model.fixed_points(x, ext, n_init=100, inputs=per_point, unique=False)
+    both = fixed_points.find(model, x, ext, n_init=100, inputs=per_point, unique=False)
     assert both.info["inputs"] == "given" and both.info["ext_inputs"] == "zero"
     np.testing.assert_array_equal(both.inputs[:50], 0)
     np.testing.assert_allclose(both.inputs[50:, :3], np.broadcast_to(u, (50, 3)), atol=1e-7)
@@ -169,13 +169,13 @@ def test_given_inputs_per_point_and_broadcast(rng):
 def test_without_controller_zero_and_mean_agree(rng):
     model = small_model(co_dim=0, con_dim=0, ci_enc_dim=0, ext_input_dim=0)
     x, _ = trials(rng, model)
-    a = model.fixed_points(x, n_init=200)
-    b = model.fixed_points(x, n_init=200, inputs="mean")
+    a = fixed_points.find(model, x, n_init=200)
+    b = fixed_points.find(model, x, n_init=200, inputs="mean")
     assert a.inputs.shape[1] == 0 and len(a) >= 1
     np.testing.assert_array_equal(a.xstar, b.xstar)
     assert (residuals(model, a) < RESIDUAL_TOL).all()
     with pytest.raises(ValueError, match=r"inputs must be \[200 \(n_init\) or 1, 0\] \(co_dim = 0\)"):
-        model.fixed_points(x, n_init=200, inputs=[0.1, 0.2])
+        fixed_points.find(model, x, n_init=200, inputs=[0.1, 0.2])
 
 
 def test_missing_bins_are_treated_as_in_forward(rng):
@@ -184,41 +184,41 @@ def test_missing_bins_are_treated_as_in_forward(rng):
     holes = x.copy()
     holes[0, 2:5] = np.nan
     zeros = np.nan_to_num(holes)
-    a = model.fixed_points(holes, ext, n_init=100)
-    b = model.fixed_points(zeros, ext, n_init=100)
+    a = fixed_points.find(model, holes, ext, n_init=100)
+    b = fixed_points.find(model, zeros, ext, n_init=100)
     np.testing.assert_array_equal(a.xstar, b.xstar)
     np.testing.assert_array_equal(a.trajectories, b.trajectories)
-    assert not np.array_equal(a.trajectories, model.fixed_points(x, ext, n_init=100).trajectories)
+    assert not np.array_equal(a.trajectories, fixed_points.find(model, x, ext, n_init=100).trajectories)
 
 
 def test_seed_and_noise_set_the_initial_states(rng):
     model = small_model()
     x, ext = trials(rng, model)
-    a = model.fixed_points(x, ext, n_init=50, seed=4, noise_scale=0.0, unique=False)
-    b = model.fixed_points(x, ext, n_init=50, seed=4, noise_scale=0.0, unique=False)
+    a = fixed_points.find(model, x, ext, n_init=50, seed=4, noise_scale=0.0, unique=False)
+    b = fixed_points.find(model, x, ext, n_init=50, seed=4, noise_scale=0.0, unique=False)
     np.testing.assert_array_equal(a.initial_states, b.initial_states)
     pool = a.trajectories.reshape(-1, a.trajectories.shape[-1]).astype(np.float64)
     dist = np.abs(a.initial_states[:, None].astype(np.float64) - pool[None]).max(axis=2).min(axis=1)
     assert dist.max() < 1e-6, "without noise every initial state is a visited state"
-    noisy = model.fixed_points(x, ext, n_init=50, seed=4, noise_scale=0.1, unique=False)
+    noisy = fixed_points.find(model, x, ext, n_init=50, seed=4, noise_scale=0.1, unique=False)
     assert 0.05 < np.std(noisy.initial_states - a.initial_states) < 0.2
 
 
 def test_multisession_model(rng):
     model = small_model(session_neurons=[7, 5], ext_input_dim=0)
     x = rng.poisson(1.0, (4, 9, 5)).astype(np.float32)
-    fps = model.fixed_points(x, session=1, n_init=100)
+    fps = fixed_points.find(model, x, session=1, n_init=100)
     np.testing.assert_allclose(fps.trajectories, model.forward(x, session=1)["gen_states"])
     assert fps.info["session"] == 1 and len(fps) >= 1
     assert (residuals(model, fps) < RESIDUAL_TOL).all()
     with pytest.raises(ValueError, match="session= is required"):
-        model.fixed_points(x, n_init=10)
+        fixed_points.find(model, x, n_init=10)
 
 
 def test_results_round_trip_with_trajectories(rng, tmp_path):
     model = small_model()
     x, ext = trials(rng, model)
-    fps = model.fixed_points(x, ext, n_init=100, inputs="mean")
+    fps = fixed_points.find(model, x, ext, n_init=100, inputs="mean")
     fps.save_h5(tmp_path / "fps.h5")
     back = FixedPoints.load_h5(tmp_path / "fps.h5")
     np.testing.assert_array_equal(back.trajectories, fps.trajectories)
@@ -257,7 +257,7 @@ def test_bad_arguments_have_clear_errors(rng, change, message):
     args.update(change)
     x, ext = args.pop("x"), args.pop("ext")
     with pytest.raises(ValueError, match=message):
-        model.fixed_points(x, ext, **args)
+        fixed_points.find(model, x, ext, **args)
 
 
 def test_non_finite_model_is_refused(rng):
@@ -265,7 +265,7 @@ def test_non_finite_model_is_refused(rng):
     x, ext = trials(rng, model)
     model.params["gen_W_hh"][0, 0] = np.nan
     with pytest.raises(ValueError, match="parameters contain NaN or inf"):
-        model.fixed_points(x, ext)
+        fixed_points.find(model, x, ext)
 
 
 # ---------------------------------------------------------------------------- command line

@@ -4,7 +4,7 @@ float64 finite differences; what the optimiser achieves; argument errors; poster
 import numpy as np
 import pytest
 
-from lfads_fast import LFADS, LFADSConfig, metrics, posterior
+from lfads_fast import LFADS, LFADSConfig, metrics, posterior, refine
 
 torch_reference = pytest.importorskip("torch_reference")
 
@@ -64,7 +64,7 @@ def test_objective_and_gradient_match_torch_reference(rng, case, explicit):
         targets = rng.poisson(1.5, size=targets.shape).astype(np.float64)
         targets[rng.random(targets.shape) < 0.1] = np.nan
     ic = rng.normal(size=(5, cfg.ic_dim)) * 0.5
-    obj, grad = model.ic_objective(encod, ic, ext, recon_data=targets if explicit else None)
+    obj, grad = refine.ic_objective(model, encod, ic, ext, recon_data=targets if explicit else None)
     ref_obj, ref_grad = torch_reference.reference_ic_objective(
         {k: v.copy() for k, v in model.params.items()}, cfg, encod, targets, ext, ic)
     np.testing.assert_allclose(obj, ref_obj, rtol=F64_RTOL)
@@ -88,8 +88,8 @@ def test_gradient_matches_finite_differences(rng, case):
     cfg = model.config
     encod, ext = _data(cfg, 3, rng)
     ic = rng.normal(size=(3, cfg.ic_dim)) * 0.5
-    _, grad = model.ic_objective(encod, ic, ext)
-    fd = _finite_differences(lambda a: model.ic_objective(encod, a, ext, grads=False)[0], ic)
+    _, grad = refine.ic_objective(model, encod, ic, ext)
+    fd = _finite_differences(lambda a: refine.ic_objective(model, encod, a, ext, grads=False)[0], ic)
     np.testing.assert_allclose(grad, fd, rtol=FD_RTOL, atol=1e-7)
 
 
@@ -98,10 +98,10 @@ def test_each_trial_depends_on_its_own_initial_condition(rng):
     cfg = model.config
     encod, _ = _data(cfg, 4, rng)
     ic = rng.normal(size=(4, cfg.ic_dim)) * 0.5
-    _, grad = model.ic_objective(encod, ic)
+    _, grad = refine.ic_objective(model, encod, ic)
     moved = ic.copy()
     moved[2] += 0.3
-    _, grad_moved = model.ic_objective(encod, moved)
+    _, grad_moved = refine.ic_objective(model, encod, moved)
     np.testing.assert_allclose(np.delete(grad_moved, 2, axis=0), np.delete(grad, 2, axis=0),
                                rtol=1e-12, atol=1e-14)
     assert not np.allclose(grad_moved[2], grad[2])
@@ -127,32 +127,32 @@ def test_refinement_recovers_the_rates_of_a_known_generator(rng):
     # an objective no higher than the true initial conditions'.
     model, spikes, rates, ic_true = _generated_trials(rng)
     start = np.broadcast_to(model.params["ic_prior_mean"], ic_true.shape)
-    out = model.refine_ic(spikes, steps=200, lr=0.1, ic_init=start)
+    out = refine.refine_ic(model, spikes, steps=200, lr=0.1, ic_init=start)
     before = model.forward(spikes, ic=out["ic_init"])["output_params"]
     after = model.forward(spikes, ic=out["ic"])["output_params"]
     r2_before, r2_after = metrics.r2(before, rates), metrics.r2(after, rates)
     assert r2_after > 0.9 and r2_after > r2_before + 0.2, (r2_before, r2_after)
     assert out["objective"][-1] < out["objective"][0]
-    assert out["objective"][-1] <= model.ic_objective(spikes, ic_true, grads=False)[0]
+    assert out["objective"][-1] <= refine.ic_objective(model, spikes, ic_true, grads=False)[0]
     assert out["objective"].shape == (201,)
     # The reported objective is ic_objective's at the start and at the end.
-    assert out["objective"][0] == pytest.approx(model.ic_objective(spikes, out["ic_init"])[0], rel=1e-12)
-    assert out["objective"][-1] == pytest.approx(model.ic_objective(spikes, out["ic"])[0], rel=1e-12)
+    assert out["objective"][0] == pytest.approx(refine.ic_objective(model, spikes, out["ic_init"])[0], rel=1e-12)
+    assert out["objective"][-1] == pytest.approx(refine.ic_objective(model, spikes, out["ic"])[0], rel=1e-12)
 
 
 def test_refinement_starts_at_the_posterior_mean_and_zero_steps_keep_it(rng):
     model = _model("controller", rng, dtype=np.float32)
     encod, _ = _data(model.config, 6, rng)
     mean = model.forward(encod)["ic_mean"]
-    out = model.refine_ic(encod, steps=0)
+    out = refine.refine_ic(model, encod, steps=0)
     np.testing.assert_array_equal(out["ic"], mean)
     np.testing.assert_array_equal(out["ic_init"], mean)
     assert out["ic"].dtype == np.float32 and out["objective"].shape == (1,)
-    out = model.refine_ic(encod, steps=30, lr=0.05)
+    out = refine.refine_ic(model, encod, steps=30, lr=0.05)
     assert out["objective"][-1] < out["objective"][0]
     # The steps reuse one encoding of the trials; a fresh pass at the result agrees.
-    assert out["objective"][-1] == pytest.approx(model.ic_objective(encod, out["ic"])[0], rel=1e-6)
-    given = model.refine_ic(encod, steps=0, ic_init=out["ic"])
+    assert out["objective"][-1] == pytest.approx(refine.ic_objective(model, encod, out["ic"])[0], rel=1e-6)
+    given = refine.refine_ic(model, encod, steps=0, ic_init=out["ic"])
     np.testing.assert_array_equal(given["ic"], out["ic"])
 
 
@@ -185,7 +185,7 @@ def test_refine_ic_argument_errors(rng, kwargs, message):
     model = _model("no_controller", rng)
     encod, _ = _data(model.config, 5, rng)
     with pytest.raises(ValueError, match=message):
-        model.refine_ic(encod, **kwargs)
+        refine.refine_ic(model, encod, **kwargs)
 
 
 def test_forward_rejects_a_wrong_ic(rng):
@@ -194,12 +194,12 @@ def test_forward_rejects_a_wrong_ic(rng):
     with pytest.raises(ValueError, match=r"ic must have shape \[5, 4\]"):
         model.forward(encod, ic=np.zeros((4, 4)))
     with pytest.raises(ValueError, match="ic has non-finite values"):
-        model.ic_objective(encod, np.full((5, 4), np.nan))
+        refine.ic_objective(model, encod, np.full((5, 4), np.nan))
 
 
 def test_posterior_with_refinement(rng):
     model, spikes, rates, _ = _generated_trials(rng, B=12)
-    refined = model.refine_ic(spikes, steps=40, lr=0.1)
+    refined = refine.refine_ic(model, spikes, steps=40, lr=0.1)
     out = posterior.sample_and_average(model, spikes, n_samples=5, refine_steps=40, refine_lr=0.1,
                                        max_rows=20)
     np.testing.assert_allclose(out["ic_mean"], refined["ic"], rtol=1e-10, atol=1e-12)
@@ -221,15 +221,15 @@ def test_sessions(rng):
     model.flat += rng.normal(size=model.flat.shape) * 0.1
     encod = rng.poisson(1.5, size=(3, cfg.encod_seq_len, 7)).astype(np.float64)
     ic = rng.normal(size=(3, cfg.ic_dim)) * 0.5
-    obj, grad = model.ic_objective(encod, ic, session=0)
-    fd = _finite_differences(lambda a: model.ic_objective(encod, a, session=0, grads=False)[0], ic)
+    obj, grad = refine.ic_objective(model, encod, ic, session=0)
+    fd = _finite_differences(lambda a: refine.ic_objective(model, encod, a, session=0, grads=False)[0], ic)
     np.testing.assert_allclose(grad, fd, rtol=FD_RTOL, atol=1e-7)
     # The held-out neurons are not fitted: changing their read-out leaves the objective.
     model.params["readout_W_0"][7:] += 1.0
-    assert model.ic_objective(encod, ic, session=0, grads=False)[0] == pytest.approx(obj, rel=1e-12)
-    out = model.refine_ic(encod, session=0, steps=20)
+    assert refine.ic_objective(model, encod, ic, session=0, grads=False)[0] == pytest.approx(obj, rel=1e-12)
+    out = refine.refine_ic(model, encod, session=0, steps=20)
     assert out["objective"][-1] < out["objective"][0]
     with pytest.raises(ValueError, match="session= is required"):
-        model.refine_ic(encod)
+        refine.refine_ic(model, encod)
     with pytest.raises(ValueError, match="encod_data must have shape"):
-        model.refine_ic(encod, session=1)
+        refine.refine_ic(model, encod, session=1)
