@@ -28,12 +28,15 @@ bench: $(PY)
 
 # Development: build the extension modules into lfads_fast/ of this checkout (no install),
 # with the build tools of $(PY); then PYTHONPATH=. runs the tests against the working tree.
+# PY may be a path or a name on PATH (make inplace PY=python3): CMake gets the interpreter's
+# own sys.executable. CMAKE_ARGS adds options (e.g. -DCMAKE_CUDA_ARCHITECTURES=90).
 inplace:
 	$(PY) -c "import pybind11, scipy_openblas32" 2>/dev/null || $(PY) -m pip install -q pybind11 scipy-openblas32 cmake ninja numpy
 	$(PY) -m cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release \
-	  -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) \
-	  -DLFADS_FAST_CUDA=$${LFADS_FAST_CUDA:-OFF} >/dev/null
-	$(PY) -m cmake --build build/inplace -j2
+	  -DPython_EXECUTABLE=$$($(PY) -c 'import sys; print(sys.executable)') \
+	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) \
+	  -DLFADS_FAST_CUDA=$${LFADS_FAST_CUDA:-OFF} $${CMAKE_ARGS:-} >/dev/null
+	$(PY) -m cmake --build build/inplace -j$${JOBS:-2}
 	cp build/inplace/_cpu*.so lfads_fast/
 	if ls build/inplace/_cuda*.so >/dev/null 2>&1; then cp build/inplace/_cuda*.so lfads_fast/; fi
 

@@ -143,14 +143,12 @@ class Bench:
             cp.matmul(x.reshape(T * B, N), W_ih.T, out=xproj.reshape(T * B, 3 * H))
 
         def fwd():
-            m.gru_forward(xproj.data.ptr, 0, W_hh.data.ptr, h0.data.ptr, hs.data.ptr,
-                          gates.data.ptr, False, CLIP, T=T, B=B, H=H, ldx=3 * H,
-                          workspace=ws.data.ptr, workspace_bytes=nbytes, stream=s.ptr)
+            m.gru_forward(xproj, 0, W_hh, h0, hs, gates, False, CLIP, T=T, B=B, H=H, ldx=3 * H,
+                          workspace=ws, workspace_bytes=nbytes, stream=s.ptr)
 
         def bwd():
-            m.gru_backward(W_hh.data.ptr, h0.data.ptr, hs.data.ptr, gates.data.ptr,
-                           d_hs.data.ptr, 0, d_x.data.ptr, 0, d_h0.data.ptr, work.data.ptr,
-                           False, CLIP, T=T, B=B, H=H, ldx=3 * H, stream=s.ptr)
+            m.gru_backward(W_hh, h0, hs, gates, d_hs, None, d_x, 0, d_h0, work, False, CLIP, T=T,
+                           B=B, H=H, ldx=3 * H, stream=s.ptr)
 
         def bwd_full():
             bwd()
@@ -199,17 +197,14 @@ class Bench:
         bnames = ["d_factors", "d_co_mean", "d_co_logvar", "d_xcon", "d_c0", "d_xgen", "d_g0",
                   "d_f0", "d_factors_total", "d_co", "rh_gen", "rh_con"]
 
-        def p(v):
-            return 0 if v is None else v.data.ptr
-
         kw = dict(T=T, B=B, C=C, U=U, G=G, F=F, ld_xc=3 * C, ld_xg=3 * G, clip=CLIP, sample=True)
 
         def fwd():
-            m.decoder_forward(*[p(a[k]) for k in names], workspace=ws.data.ptr,
+            m.decoder_forward(*[a[k] for k in names], workspace=ws,
                               workspace_bytes=nbytes, stream=s.ptr, **kw)
 
         def bwd():
-            m.decoder_backward(*[p(a[k]) for k in names], *[p(g[k]) for k in bnames],
+            m.decoder_backward(*[a[k] for k in names], *[g[k] for k in bnames],
                                stream=s.ptr, **kw)
 
         def bwd_full():

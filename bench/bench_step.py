@@ -136,18 +136,24 @@ def time_torch(model, cfg, encod, recon, noise, repeats):
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = ref._forward(p, cfg, inputs)
-        recon_loss = ref._recon_loss(cfg, out["log_rates"], inputs)
-        kl_ic = ref._kl_ic(cfg, out["ic_mean"], out["ic_std"], p["ic_prior_mean"])
-        kl_co = ref._kl_co_ar1(out["co_means"], out["co_stds"], inputs["co_kl_eps"],
-                               p["co_prior_logtau"], p["co_prior_lognvar"])
-        l2 = ref._l2_penalty(p, cfg)
-        loss = cfg.loss_scale * (recon_loss + l2 + cfg.kl_ic_scale * kl_ic + cfg.kl_co_scale * kl_co)
-        loss.backward()
+        torch_loss(p, cfg, inputs).backward()
         torch.nn.utils.clip_grad_norm_(list(p.values()), 200.0)
         opt.step()
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
+
+
+def torch_loss(p, cfg, inputs):
+    """The total loss of tests/torch_reference.py (full ramps) for parameters p and inputs."""
+    import torch_reference as ref
+
+    out = ref._forward(p, cfg, inputs)
+    recon_loss = ref._recon_loss(cfg, out["log_rates"], inputs)
+    kl_ic = ref._kl_ic(cfg, out["ic_mean"], out["ic_std"], p["ic_prior_mean"])
+    kl_co = ref._kl_co_ar1(out["co_means"], out["co_stds"], inputs["co_kl_eps"],
+                           p["co_prior_logtau"], p["co_prior_lognvar"])
+    l2 = ref._l2_penalty(p, cfg)
+    return cfg.loss_scale * (recon_loss + l2 + cfg.kl_ic_scale * kl_ic + cfg.kl_co_scale * kl_co)
 
 
 def step_gflop(cfg, B) -> float:

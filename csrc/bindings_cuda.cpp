@@ -4,7 +4,8 @@
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() =
-      "lfads_fast CUDA kernels (float32). Arrays are passed as device pointers (ints), the "
+      "lfads_fast CUDA kernels (float32). Arrays are passed as CuPy (__cuda_array_interface__) "
+      "arrays, each checked for dtype, shape, contiguity and device; the "
       "stream as an int. Call through lfads_fast.ops.";
   m.def("device_count", &lfads::cuda_device_count,
         "Number of CUDA devices this module can use (0 without a driver or device).");

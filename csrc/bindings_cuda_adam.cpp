@@ -22,11 +22,11 @@ void register_adam_cuda(py::module_& m) {
         check_workspace(workspace_bytes, adam_cuda_workspace_size(s), "adam");
         DevicePointers d;
         AdamArgs<float> a{};
-        a.params = d.get(params, "params");
-        a.grads = d.get(grads, "grads");
-        a.m = d.get(m_, "m");
-        a.v = d.get(v, "v");
-        a.mask = d.get<const uint8_t>(mask, "mask", false);
+        a.params = d.get(params, "params", {n});
+        a.grads = d.get(grads, "grads", {n});
+        a.m = d.get(m_, "m", {n});
+        a.v = d.get(v, "v", {n});
+        a.mask = d.get<const uint8_t>(mask, "mask", {n}, false);
         a.lr = lr;
         a.beta1 = beta1;
         a.beta2 = beta2;
@@ -34,8 +34,8 @@ void register_adam_cuda(py::module_& m) {
         a.weight_decay = weight_decay;
         a.max_grad_norm = max_grad_norm;
         a.step = step;
-        a.grad_norm = d.get(grad_norm, "grad_norm");
-        void* ws = d.get<void>(workspace, "workspace");
+        a.grad_norm = d.get(grad_norm, "grad_norm", {1});
+        void* ws = d.workspace(workspace, workspace_bytes);
         py::gil_scoped_release nogil;
         d.activate();
         adam_step_cuda(s, a, ws, stream_of(stream));

@@ -26,30 +26,31 @@ DecoderForwardArgs<float> forward_args(DevicePointers& d, const DecoderShape& s,
                                        O con_states, O con_gates, O co_mean, O co_logvar, O u,
                                        O gen_states, O gen_gates, O factors) {
   const bool con = s.C > 0, co = s.U > 0;
+  const int64_t T = s.T, B = s.B, C = s.C, U = s.U, G = s.G, F = s.F;
   return DecoderForwardArgs<float>{
-      d.get(xcon, "xcon", con),
-      d.get(W_con_f, "W_con_f", con),
-      d.get(W_con_hh, "W_con_hh", con),
-      d.get(c0, "c0", con),
-      d.get(W_co, "W_co", co),
-      d.get(b_co, "b_co", co),
-      d.get(eps, "eps", co && s.sample),
-      d.get(mask_f, "mask_f", false),
-      d.get(xgen, "xgen"),
-      d.get(W_gen_u, "W_gen_u", co),
-      d.get(W_gen_hh, "W_gen_hh"),
-      d.get(g0, "g0"),
-      d.get(f0, "f0"),
-      d.get(W_fac, "W_fac"),
-      d.get(mask_g, "mask_g", false),
-      d.get(con_states, "con_states", con),
-      d.get(con_gates, "con_gates", con),
-      d.get(co_mean, "co_mean", co),
-      d.get(co_logvar, "co_logvar", co),
-      d.get(u, "u", co),
-      d.get(gen_states, "gen_states"),
-      d.get(gen_gates, "gen_gates"),
-      d.get(factors, "factors")};
+      d.get(xcon, "xcon", {T, B, s.ld_xc}, con),
+      d.get(W_con_f, "W_con_f", {3 * C, F}, con),
+      d.get(W_con_hh, "W_con_hh", {3 * C, C}, con),
+      d.get(c0, "c0", {B, C}, con),
+      d.get(W_co, "W_co", {2 * U, C}, co),
+      d.get(b_co, "b_co", {2 * U}, co),
+      d.get(eps, "eps", {T, B, U}, co && s.sample),
+      d.get(mask_f, "mask_f", {T, B, F}, false),
+      d.get(xgen, "xgen", {T, B, s.ld_xg}),
+      d.get(W_gen_u, "W_gen_u", {3 * G, U}, co),
+      d.get(W_gen_hh, "W_gen_hh", {3 * G, G}),
+      d.get(g0, "g0", {B, G}),
+      d.get(f0, "f0", {B, F}),
+      d.get(W_fac, "W_fac", {F, G}),
+      d.get(mask_g, "mask_g", {T, B, G}, false),
+      d.get(con_states, "con_states", {T, B, C}, con),
+      d.get(con_gates, "con_gates", {T, B, 3 * C}, con),
+      d.get(co_mean, "co_mean", {T, B, U}, co),
+      d.get(co_logvar, "co_logvar", {T, B, U}, co),
+      d.get(u, "u", {T, B, U}, co),
+      d.get(gen_states, "gen_states", {T, B, G}),
+      d.get(gen_gates, "gen_gates", {T, B, 3 * G}),
+      d.get(factors, "factors", {T, B, F})};
 }
 
 }  // namespace
@@ -80,7 +81,7 @@ void register_decoder_cuda(py::module_& m) {
                                                          W_gen_hh, g0, f0, W_fac, mask_g,
                                                          con_states, con_gates, co_mean, co_logvar,
                                                          u, gen_states, gen_gates, factors);
-        void* ws = d.get<void>(workspace, "workspace");
+        void* ws = d.workspace(workspace, workspace_bytes);
         py::gil_scoped_release nogil;
         d.activate();
         decoder_forward_cuda(s, a, ws, stream_of(stream));
@@ -94,7 +95,7 @@ void register_decoder_cuda(py::module_& m) {
       py::arg("F"), py::arg("ld_xc"), py::arg("ld_xg"), py::arg("clip"), py::arg("sample"),
       py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"),
-      "Fused decoder forward over all T steps (float32 device pointers, shapes as in "
+      "Fused decoder forward over all T steps (float32 device arrays, shapes as in "
       "decoder.h).");
   m.def(
       "decoder_backward",
@@ -112,17 +113,18 @@ void register_decoder_cuda(py::module_& m) {
         a.fwd = forward_args(d, s, xcon, W_con_f, W_con_hh, c0, W_co, b_co, eps, mask_f, xgen,
                              W_gen_u, W_gen_hh, g0, f0, W_fac, mask_g, con_states, con_gates,
                              co_mean, co_logvar, u, gen_states, gen_gates, factors);
-        a.d_factors = d.get(d_factors, "d_factors", false);
-        a.d_co_mean = d.get(d_co_mean, "d_co_mean", false);
-        a.d_co_logvar = d.get(d_co_logvar, "d_co_logvar", false);
-        a.d_xcon = d.get(d_xcon, "d_xcon", con);
-        a.d_c0 = d.get(d_c0, "d_c0", con);
-        a.d_xgen = d.get(d_xgen, "d_xgen");
-        a.d_g0 = d.get(d_g0, "d_g0");
-        a.d_f0 = d.get(d_f0, "d_f0");
-        const DecoderBackwardCudaWork w{d.get(d_factors_total, "d_factors_total"), d.get(d_co,
-                                              "d_co", co), d.get(rh_gen, "rh_gen"), d.get(rh_con,
-                                              "rh_con", con)};
+        a.d_factors = d.get(d_factors, "d_factors", {T, B, F}, false);
+        a.d_co_mean = d.get(d_co_mean, "d_co_mean", {T, B, U}, false);
+        a.d_co_logvar = d.get(d_co_logvar, "d_co_logvar", {T, B, U}, false);
+        a.d_xcon = d.get(d_xcon, "d_xcon", {T, B, s.ld_xc}, con);
+        a.d_c0 = d.get(d_c0, "d_c0", {B, C}, con);
+        a.d_xgen = d.get(d_xgen, "d_xgen", {T, B, s.ld_xg});
+        a.d_g0 = d.get(d_g0, "d_g0", {B, G});
+        a.d_f0 = d.get(d_f0, "d_f0", {B, F});
+        const DecoderBackwardCudaWork w{d.get(d_factors_total, "d_factors_total", {T, B, F}),
+                                        d.get(d_co, "d_co", {T, B, 2 * U}, co),
+                                        d.get(rh_gen, "rh_gen", {T, B, G}),
+                                        d.get(rh_con, "rh_con", {T, B, C}, con)};
         py::gil_scoped_release nogil;
         d.activate();
         decoder_backward_cuda(s, a, w, stream_of(stream));

@@ -1,6 +1,7 @@
 // CUDA bindings of the clipped-GRU sequence op. Same argument order as the CPU bindings
 // (bindings_cpu_gru.cpp), minus d_W_hh (reduced by the caller: lfads_fast/weight_grads.py),
-// then the sizes and the stream as keywords.
+// then the sizes and the stream as keywords. Arrays are CuPy (or other
+// __cuda_array_interface__) arrays, checked against the sizes.
 #include "bindings_cuda_util.h"
 #include "gru_cuda.h"
 
@@ -27,9 +28,10 @@ void register_gru_cuda(py::module_& m) {
                                 " and H=" + std::to_string(H));
         check_workspace(workspace_bytes, gru_forward_cuda_workspace_size(s), "gru_forward");
         DevicePointers d;
-        GruForwardArgs<float> a{d.get(xproj, "xproj") + x_offset, d.get(W_hh, "W_hh"),
-                                d.get(h0, "h0"), d.get(hs, "hs"), d.get(gates, "gates")};
-        void* ws = d.get<void>(workspace, "workspace");
+        GruForwardArgs<float> a{d.get(xproj, "xproj", {T, B, ldx}) + x_offset,
+                                d.get(W_hh, "W_hh", {3 * H, H}), d.get(h0, "h0", {B, H}),
+                                d.get(hs, "hs", {T, B, H}), d.get(gates, "gates", {T, B, 3 * H})};
+        void* ws = d.workspace(workspace, workspace_bytes);
         py::gil_scoped_release nogil;
         d.activate();
         gru_forward_cuda(s, a, ws, stream_of(stream));
@@ -38,7 +40,7 @@ void register_gru_cuda(py::module_& m) {
       py::arg("gates"), py::arg("reverse"), py::arg("clip"), py::kw_only(), py::arg("T"),
       py::arg("B"), py::arg("H"), py::arg("ldx"), py::arg("workspace"),
       py::arg("workspace_bytes"), py::arg("stream"),
-      "Clipped-GRU sequence forward (float32 device pointers): xproj [T,B,ldx] (columns "
+      "Clipped-GRU sequence forward (float32 device arrays): xproj [T,B,ldx] (columns "
       "x_offset..x_offset+3H used), W_hh [3H,H], h0 [B,H]; writes hs [T,B,H], gates [T,B,3H].");
   m.def(
       "gru_backward",
@@ -53,17 +55,17 @@ void register_gru_cuda(py::module_& m) {
                                 std::to_string(x_offset));
         DevicePointers d;
         const bool steps = T > 0;
-        float* dx = d.get(d_xproj, "d_xproj", steps);
-        GruBackwardArgs<float> a{d.get(W_hh, "W_hh"),
-                                 d.get(h0, "h0"),
-                                 d.get(hs, "hs", steps),
-                                 d.get(gates, "gates", steps),
-                                 d.get(d_hs, "d_hs", false),
-                                 d.get(d_hT, "d_hT", false),
+        float* dx = d.get(d_xproj, "d_xproj", {T, B, ldx}, steps);
+        GruBackwardArgs<float> a{d.get(W_hh, "W_hh", {3 * H, H}),
+                                 d.get(h0, "h0", {B, H}),
+                                 d.get(hs, "hs", {T, B, H}, steps),
+                                 d.get(gates, "gates", {T, B, 3 * H}, steps),
+                                 d.get(d_hs, "d_hs", {T, B, H}, false),
+                                 d.get(d_hT, "d_hT", {B, H}, false),
                                  dx ? dx + x_offset : nullptr,
                                  nullptr,
-                                 d.get(d_h0, "d_h0"),
-                                 d.get(work, "work", steps)};
+                                 d.get(d_h0, "d_h0", {B, H}),
+                                 d.get(work, "work", {T, B, H}, steps)};
         py::gil_scoped_release nogil;
         d.activate();
         gru_backward_cuda(s, a, stream_of(stream));

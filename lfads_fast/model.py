@@ -12,6 +12,8 @@ sampling) are functions of a model in the modules above this one.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import graph, noise as noise_mod, ops
@@ -20,6 +22,15 @@ from .config import LFADSConfig
 from .params import Params, init_params, param_layout
 
 __all__ = ["LFADS", "Batch", "Segment", "param_layout"]
+
+
+def _on_model_device(method):
+    """Runs a method with the parameters' GPU current (arrays it makes go there)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with ops.device_scope(self.flat):
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class LFADS:
@@ -61,6 +72,7 @@ class LFADS:
         return self._params.flat
 
     @flat.setter
+    @_on_model_device
     def flat(self, value) -> None:
         # `model.flat += d` and `model.flat = v` write into the vector the views share (host
         # values are copied to the device).
@@ -106,6 +118,7 @@ class LFADS:
             raise ValueError(f"flat must have shape {self.flat.shape}, got {flat.shape}")
         return self._params.views_of(flat)
 
+    @_on_model_device
     def trainable_mask(self):
         """Which parameters the optimizer may change, for ops.adam_step(mask=...).
 
@@ -117,6 +130,7 @@ class LFADS:
 
     # ------------------------------------------------------------------ one step
 
+    @_on_model_device
     def make_batch(self, encod_data, recon_data=None, ext_input=None, *, session: int | None = None,
                    check_counts=True, sv_mask=None, sv_rate: float = 0.0) -> Batch:
         """Validates batch-major data and turns it into a time-major Batch on the model's
@@ -124,6 +138,7 @@ class LFADS:
         return self._batches.make_batch(encod_data, recon_data, ext_input, session=session,
                                         check_counts=check_counts, sv_mask=sv_mask, sv_rate=sv_rate)
 
+    @_on_model_device
     def make_session_batch(self, parts, *, check_counts=True, sv_masks=None,
                            sv_rate: float = 0.0) -> Batch:
         """A batch mixing the trials of several sessions (a model with session_neurons;
@@ -131,6 +146,7 @@ class LFADS:
         return self._batches.make_session_batch(parts, check_counts=check_counts, sv_masks=sv_masks,
                                                 sv_rate=sv_rate)
 
+    @_on_model_device
     def draw_noise(self, batch_size, rng, *, train: bool = True, sample: bool = True) -> dict:
         """Draws the sampling noise and dropout masks of one step (docs/math.md, 'Noise'), on
         the model's device.
@@ -148,6 +164,7 @@ class LFADS:
         return noise_mod.draw_noise(self.config, self.dtype, batch_size, ops.generator(self.xp, rng),
                                     train=train, sample=sample)
 
+    @_on_model_device
     def loss_and_grads(self, batch: Batch, noise: dict | None = None, *, kl_ramp: float = 1.0,
                        l2_ramp: float = 1.0, grads: bool = True):
         """All loss terms and the gradient of the total loss for one batch.
@@ -169,6 +186,7 @@ class LFADS:
         grad = graph.backward(self._params, self._workspace, cache) if grads else None
         return cache["terms"], grad
 
+    @_on_model_device
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
                 recon_data=None, session: int | None = None, sv_mask=None,
                 sv_rate: float = 0.0, ic=None) -> dict:

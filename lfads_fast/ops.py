@@ -15,6 +15,8 @@ branches on numpy or cupy.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from . import _backend
@@ -35,6 +37,7 @@ __all__ = [
     "array_module",
     "device_of",
     "check_device",
+    "device_scope",
     "to_device",
     "to_host",
     "scalar",
@@ -340,6 +343,17 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
 def array_module(a):
     """numpy or cupy: the module of array `a` (a TypeError for anything else)."""
     return _xp(a)
+
+
+def device_scope(a):
+    """A context in which new arrays and kernels go to array `a`'s device: that GPU made
+    current (CuPy allocates and launches on the current device, which may be another one);
+    nothing for numpy."""
+    if isinstance(a, np.ndarray):
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(a.device.id)
 
 
 def cuda_available() -> tuple[bool, str]:

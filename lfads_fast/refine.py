@@ -54,6 +54,12 @@ def refine_ic(model: LFADS, encod_data, ext_input=None, *, session: int | None =
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not (isinstance(lr, (int, float, np.floating)) and np.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    with ops.device_scope(model.flat):
+        return _refine(model, encod_data, ext_input, session, recon_data, steps, lr, ic_init)
+
+
+def _refine(model: LFADS, encod_data, ext_input, session, recon_data, steps: int, lr: float,
+            ic_init) -> dict:
     dt, xp = model.dtype, model.xp
     batch, noise = _ic_batch(model, encod_data, ext_input, session, recon_data)
     # The encoders do not depend on the initial condition: encoded once for all steps.
@@ -94,9 +100,10 @@ def ic_objective(model: LFADS, encod_data, ic, ext_input=None, *, session: int |
         with respect to ic [B, ic_dim] (None when grads is False). Each trial's
         objective depends on its own row of ic only.
     """
-    batch, noise = _ic_batch(model, encod_data, ext_input, session, recon_data)
-    ic = given_ic(model.config, model.dtype, model.xp, ic, batch.size)
-    objective, grad = _ic_objective(model, batch, noise, ic, grads=grads)
+    with ops.device_scope(model.flat):
+        batch, noise = _ic_batch(model, encod_data, ext_input, session, recon_data)
+        ic = given_ic(model.config, model.dtype, model.xp, ic, batch.size)
+        objective, grad = _ic_objective(model, batch, noise, ic, grads=grads)
     return objective, ops.to_host(grad)
 
 

@@ -787,8 +787,9 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.lr = cfg.lr_init
-        self.adam_m = self.model.xp.zeros_like(self.model.flat)
-        self.adam_v = self.model.xp.zeros_like(self.model.flat)
+        with ops.device_scope(self.model.flat):
+            self.adam_m = self.model.xp.zeros_like(self.model.flat)
+            self.adam_v = self.model.xp.zeros_like(self.model.flat)
         self.rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, _TRAIN_STREAM]))
         self.sched_best, self.sched_bad = None, 0
         self.best_value, self.best_epoch, self.es_wait = None, -1, 0

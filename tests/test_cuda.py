@@ -92,10 +92,6 @@ def poisoned(g, shape, dtype=np.float32):
     return g.cp.full(shape, np.nan, dtype)
 
 
-def ptr(a):
-    return 0 if a is None else a.data.ptr
-
-
 def workspace(g, nbytes):
     return g.cp.empty(max(int(nbytes), 16), np.uint8)
 
@@ -152,12 +148,12 @@ def gru_gpu(g, x, off, reverse, clip):
         hs, gates = poisoned(g, (T, B, H)), poisoned(g, (T, B, 3 * H))
         nbytes = m.gru_forward_workspace_size(H)
         ws = workspace(g, nbytes)
-        m.gru_forward(ptr(a["xproj"]), off, ptr(a["W_hh"]), ptr(a["h0"]), ptr(hs), ptr(gates),
-                      reverse, clip, T=T, B=B, H=H, ldx=LD, workspace=ptr(ws),
+        m.gru_forward(a["xproj"], off, a["W_hh"], a["h0"], hs, gates,
+                      reverse, clip, T=T, B=B, H=H, ldx=LD, workspace=ws,
                       workspace_bytes=nbytes, stream=g.stream.ptr)
         d_x, d_h0, work = poisoned(g, (T, B, LD)), poisoned(g, (B, H)), poisoned(g, (T, B, H))
-        m.gru_backward(ptr(a["W_hh"]), ptr(a["h0"]), ptr(hs), ptr(gates), ptr(a["d_hs"]),
-                       ptr(a["d_hT"]), ptr(d_x), off, ptr(d_h0), ptr(work), reverse, clip, T=T,
+        m.gru_backward(a["W_hh"], a["h0"], hs, gates, a["d_hs"],
+                       a["d_hT"], d_x, off, d_h0, work, reverse, clip, T=T,
                        B=B, H=H, ldx=LD, stream=g.stream.ptr)
         d_W = wg.gru_weight_grad(d_x[..., off:], hs, a["h0"], work, reverse)
         d_x_host = host(g, d_x)
@@ -274,7 +270,7 @@ def decoder_gpu(g, a, d_in, size, sample):
             d[k] = poisoned(g, shape)
         nbytes = m.decoder_forward_workspace_size(C, U, G, F)
         ws = workspace(g, nbytes)
-        m.decoder_forward(*[ptr(d.get(k)) for k in FWD_ARRAYS], workspace=ptr(ws),
+        m.decoder_forward(*[d.get(k) for k in FWD_ARRAYS], workspace=ws,
                           workspace_bytes=nbytes, stream=g.stream.ptr, **kw)
         di = {k: to_dev(g, v) for k, v in d_in.items()}
         bo = dict(d_xgen=poisoned(g, (T, B, ld_xg)), d_g0=poisoned(g, (B, G)),
@@ -284,11 +280,11 @@ def decoder_gpu(g, a, d_in, size, sample):
             bo.update(d_xcon=poisoned(g, (T, B, ld_xc)), d_c0=poisoned(g, (B, C)),
                       d_co=poisoned(g, (T, B, 2 * U)), rh_con=poisoned(g, (T, B, C)))
         m.decoder_backward(
-            *[ptr(d.get(k)) for k in FWD_ARRAYS], ptr(di.get("d_factors")),
-            ptr(di.get("d_co_mean")), ptr(di.get("d_co_logvar")), ptr(bo.get("d_xcon")),
-            ptr(bo.get("d_c0")), ptr(bo["d_xgen"]), ptr(bo["d_g0"]), ptr(bo["d_f0"]),
-            ptr(bo["d_factors_total"]), ptr(bo.get("d_co")), ptr(bo["rh_gen"]),
-            ptr(bo.get("rh_con")), stream=g.stream.ptr, **kw)
+            *[d.get(k) for k in FWD_ARRAYS], di.get("d_factors"),
+            di.get("d_co_mean"), di.get("d_co_logvar"), bo.get("d_xcon"),
+            bo.get("d_c0"), bo["d_xgen"], bo["d_g0"], bo["d_f0"],
+            bo["d_factors_total"], bo.get("d_co"), bo["rh_gen"],
+            bo.get("rh_con"), stream=g.stream.ptr, **kw)
         grads = wg.decoder_weight_grads(
             d_xgen=bo["d_xgen"], d_factors_total=bo["d_factors_total"], rh_gen=bo["rh_gen"],
             gen_states=d["gen_states"], g0=d["g0"], mask_g=d.get("mask_g"),
@@ -374,11 +370,11 @@ def test_poisson_elbo_matches_reference(gpu, T, B, F, N, weights):
                    d_b_ro=poisoned(g, (N,)))
         nbytes = m.poisson_elbo_workspace_size(T, B, N)
         ws = workspace(g, nbytes)
-        m.poisson_elbo(*[ptr(a[k]) for k in ("factors", "W_ro", "b_ro", "counts",
+        m.poisson_elbo(*[a[k] for k in ("factors", "W_ro", "b_ro", "counts",
                                              "loss_weight", "grad_mask")], scale,
-                       *[ptr(out[k]) for k in ("loss", "log_rates", "nll_tn", "d_log_rates",
+                       *[out[k] for k in ("loss", "log_rates", "nll_tn", "d_log_rates",
                                                "d_b_ro")],
-                       T=T, B=B, F=F, N=N, workspace=ptr(ws), workspace_bytes=nbytes,
+                       T=T, B=B, F=F, N=N, workspace=ws, workspace_bytes=nbytes,
                        stream=g.stream.ptr)
         out["d_factors"], out["d_W_ro"] = wg.readout_grads(out["d_log_rates"], a["factors"],
                                                            a["W_ro"])
@@ -410,9 +406,9 @@ def test_kl_ic_matches_reference(gpu, B, D):
                    d_logvar=poisoned(g, (B, D)), d_prior_mean=poisoned(g, (D,)))
         nbytes = m.kl_ic_workspace_size(B, D)
         ws = workspace(g, nbytes)
-        m.kl_ic(ptr(a["mean"]), ptr(a["logvar"]), ptr(a["prior_mean"]), ptr(a["prior_logvar"]),
-                var_min, scale, ptr(out["kl"]), ptr(out["d_mean"]), ptr(out["d_logvar"]),
-                ptr(out["d_prior_mean"]), B=B, D=D, workspace=ptr(ws), workspace_bytes=nbytes,
+        m.kl_ic(a["mean"], a["logvar"], a["prior_mean"], a["prior_logvar"],
+                var_min, scale, out["kl"], out["d_mean"], out["d_logvar"],
+                out["d_prior_mean"], B=B, D=D, workspace=ws, workspace_bytes=nbytes,
                 stream=g.stream.ptr)
         got = {k: host(g, v) for k, v in out.items()}
     for k in r64:
@@ -444,9 +440,9 @@ def test_kl_co_matches_reference(gpu, T, B, U):
                    d_lognvar=poisoned(g, (U,)))
         nbytes = m.kl_co_workspace_size(B, U)
         ws = workspace(g, nbytes)
-        m.kl_co(*[ptr(a[k]) for k in ("mean", "logvar", "eps", "logtau", "lognvar")], scale,
-                *[ptr(out[k]) for k in ("kl", "d_mean", "d_logvar", "d_logtau", "d_lognvar")],
-                T=T, B=B, U=U, workspace=ptr(ws), workspace_bytes=nbytes, stream=g.stream.ptr)
+        m.kl_co(*[a[k] for k in ("mean", "logvar", "eps", "logtau", "lognvar")], scale,
+                *[out[k] for k in ("kl", "d_mean", "d_logvar", "d_logtau", "d_lognvar")],
+                T=T, B=B, U=U, workspace=ws, workspace_bytes=nbytes, stream=g.stream.ptr)
         got = {k: host(g, v) for k, v in out.items()}
     for k in r64:
         check(f"kl_co {k}", got[k], r64[k], r32[k], FLOOR_RECURRENT,
@@ -467,9 +463,9 @@ def adam_gpu(g, x, max_grad_norm, step):
         norm = poisoned(g, (1,))
         nbytes = m.adam_workspace_size(n)
         ws = workspace(g, nbytes)
-        m.adam_step(ptr(p), ptr(gr), ptr(mm), ptr(vv), ptr(mask), **ADAM_HP,
-                    max_grad_norm=max_grad_norm, step=step, grad_norm=ptr(norm), n=n,
-                    workspace=ptr(ws), workspace_bytes=nbytes, stream=g.stream.ptr)
+        m.adam_step(p, gr, mm, vv, mask, **ADAM_HP,
+                    max_grad_norm=max_grad_norm, step=step, grad_norm=norm, n=n,
+                    workspace=ws, workspace_bytes=nbytes, stream=g.stream.ptr)
         return host(g, p), host(g, mm), host(g, vv), host(g, norm)
 
 
@@ -518,25 +514,108 @@ def test_adam_skips_non_finite_norm(gpu, bad):
 
 @pytest.mark.gpu
 def test_bad_arguments_raise_clear_errors(gpu):
-    g, m = gpu, gpu.mod
+    """The bindings check dtype, shape, contiguity and device of every array: a float64, a
+    transposed or a host array gets an error naming it, never a silent wrong result."""
+    g, m, cp = gpu, gpu.mod, gpu.cp
     T, B, H = 2, 3, 4
-    host_buf = np.zeros((T, B, 3 * H), np.float32)
     with g.stream:
-        dev = g.cp.zeros((T, B, 3 * H), np.float32)
+        good = dict(xproj=cp.zeros((T, B, 3 * H), np.float32), W_hh=cp.zeros((3 * H, H), np.float32),
+                    h0=cp.zeros((B, H), np.float32), hs=cp.zeros((T, B, H), np.float32),
+                    gates=cp.zeros((T, B, 3 * H), np.float32))
         nbytes = m.gru_forward_workspace_size(H)
         ws = workspace(g, nbytes)
-        args = [ptr(dev), 0, ptr(dev), ptr(dev), ptr(dev), ptr(dev), False, CLIP]
-        kw = dict(T=T, B=B, H=H, ldx=3 * H, workspace=ptr(ws), workspace_bytes=nbytes,
-                  stream=g.stream.ptr)
-        with pytest.raises(ValueError, match="h0 must point to device memory"):
-            m.gru_forward(*args[:3], host_buf.ctypes.data, *args[4:], **kw)
-        with pytest.raises(ValueError, match="xproj is required"):
-            m.gru_forward(None, *args[1:], **kw)
+
+        def call(x_offset=0, workspace_bytes=nbytes, ws=ws, **change):
+            a = dict(good, **change)
+            m.gru_forward(a["xproj"], x_offset, a["W_hh"], a["h0"], a["hs"], a["gates"], False, CLIP,
+                          T=T, B=B, H=H, ldx=3 * H, workspace=ws, workspace_bytes=workspace_bytes,
+                          stream=g.stream.ptr)
+
+        call()
+        with pytest.raises(TypeError, match=r"h0 must be \[3, 4\] float32 on the GPU"):
+            call(h0=np.zeros((B, H), np.float32))
+        with pytest.raises(TypeError, match="h0 must be"):
+            call(h0=cp.zeros((B, H), np.float32).data.ptr)
+        with pytest.raises(ValueError, match=r"h0 must be \[3, 4\] float32, got \(3, 4\) float64"):
+            call(h0=cp.zeros((B, H), np.float64))
+        with pytest.raises(ValueError, match=r"W_hh must be \[12, 4\] float32, got \(4, 12\) float32"):
+            call(W_hh=cp.zeros((H, 3 * H), np.float32))
+        with pytest.raises(ValueError, match="h0 must be .* C-contiguous"):
+            call(h0=cp.zeros((H, B), np.float32).T)
+        with pytest.raises(ValueError, match="xproj must be .* required"):
+            call(xproj=None)
         with pytest.raises(ValueError, match="workspace_bytes must be >="):
-            m.gru_forward(*args, **{**kw, "workspace_bytes": nbytes - 4})
+            call(workspace_bytes=nbytes - 4)
+        with pytest.raises(ValueError, match="workspace must be a contiguous uint8 device array"):
+            call(ws=cp.zeros(nbytes, np.float32))
         with pytest.raises(ValueError, match="x_offset must leave 3H columns"):
-            m.gru_forward(args[0], 1, *args[2:], **kw)
+            call(x_offset=1)
         g.stream.synchronize()
+
+
+@pytest.mark.gpu
+def test_arrays_on_two_devices_are_refused(gpu):
+    cp, m = gpu.cp, gpu.mod
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two CUDA devices")
+    with cp.cuda.Device(0):
+        mean = cp.zeros((2, 3), np.float32)
+        kl = cp.zeros(1, np.float32)
+        ws = cp.empty(max(m.kl_ic_workspace_size(2, 3), 16), np.uint8)
+    with cp.cuda.Device(1):
+        logvar = cp.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="logvar is on device 1, earlier arguments on device 0"):
+        m.kl_ic(mean, logvar, mean[0], mean[0], 0.1, 1.0, kl, None, None, None, B=2, D=3,
+                workspace=ws, workspace_bytes=ws.size, stream=0)
+
+
+class FakeDeviceArray:
+    """Exposes only __cuda_array_interface__, pointing at no memory: enough to exercise the
+    bindings' argument checks, which all come before the device check, on a machine without
+    a GPU."""
+
+    def __init__(self, shape, typestr="<f4", strides=None, mask=None):
+        self.__cuda_array_interface__ = dict(shape=tuple(shape), typestr=typestr, data=(4096, False),
+                                             strides=strides, mask=mask, version=3)
+
+
+def test_bindings_check_every_array_without_a_device():
+    try:
+        m = cuda()
+    except RuntimeError as e:
+        pytest.skip(f"no CUDA build: {e}")
+    T, B, H = 2, 3, 4
+    nbytes = m.gru_forward_workspace_size(H)
+
+    def gru(xproj):
+        m.gru_forward(xproj, 0, None, None, None, None, False, CLIP, T=T, B=B, H=H, ldx=3 * H,
+                      workspace=None, workspace_bytes=nbytes, stream=0)
+
+    expected = r"xproj must be \[2, 3, 12\] float32"
+    with pytest.raises(TypeError, match=expected + r" on the GPU \(an array with __cuda_array_interface__"):
+        gru(np.zeros((T, B, 3 * H), np.float32))
+    with pytest.raises(TypeError, match=expected):
+        gru(4096)  # a bare pointer carries no dtype or shape: refused
+    with pytest.raises(ValueError, match=expected + r" \(it is required; got None\)"):
+        gru(None)
+    with pytest.raises(ValueError, match=expected + r", got \(2, 3, 12\) float64"):
+        gru(FakeDeviceArray((T, B, 3 * H), "<f8"))
+    with pytest.raises(ValueError, match=expected + r", got \(3, 2, 12\) float32"):
+        gru(FakeDeviceArray((B, T, 3 * H)))
+    with pytest.raises(ValueError, match=expected + r", got \(2, 3, 12\) float32"):
+        gru(FakeDeviceArray((T, B, 3 * H), ">f4"))  # big-endian
+    with pytest.raises(ValueError, match=expected + r" and C-contiguous, got strides \(4, 8, 24\)"):
+        gru(FakeDeviceArray((T, B, 3 * H), strides=(4, 8, 24)))
+    with pytest.raises(ValueError, match="xproj: masked arrays are not supported"):
+        gru(FakeDeviceArray((T, B, 3 * H), mask=FakeDeviceArray((T, B, 3 * H), "|b1")))
+    # Strides of a C-contiguous array, given explicitly, pass the checks (and reach the
+    # device check, which a pointer to no memory fails).
+    with pytest.raises(ValueError, match="xproj must point to device memory"):
+        gru(FakeDeviceArray((T, B, 3 * H), strides=(B * 3 * H * 4, 3 * H * 4, 4)))
+    with pytest.raises(ValueError, match=r"factors must be \[6, 7\] float32, got \(2, 3, 7\) float32"):
+        m.poisson_elbo(FakeDeviceArray((2, 3, 7)), None, None, None, None, None, 1.0, None, None,
+                       None, None, None, T=2, B=3, F=7, N=4, workspace=None,
+                       workspace_bytes=1 << 20, stream=0)
 
 
 # ---------------------------------------------------------------------------- references (CPU)
