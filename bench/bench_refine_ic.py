@@ -1,4 +1,4 @@
-"""What refining the initial conditions per trial (LFADS.refine_ic) gains on demo runs, and
+"""What refining the initial conditions per trial (refine.refine_ic) gains on demo runs, and
 what it costs.
 
 For each `lfads-fast demo --out DIR` run given, on its validation trials (DIR/data.h5, true

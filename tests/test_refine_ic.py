@@ -1,4 +1,4 @@
-"""Refinement of the initial conditions (LFADS.refine_ic, LFADS.ic_objective): the objective
+"""Refinement of the initial conditions (refine.refine_ic, refine.ic_objective): the objective
 and its gradient against an independent PyTorch implementation (tests/torch_reference.py) and
 float64 finite differences; what the optimiser achieves; argument errors; posterior outputs."""
 import numpy as np
