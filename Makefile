@@ -22,9 +22,12 @@ test: $(PY)
 	$(PY) -m pip install -q ".[test]"
 	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
 
+# The CPU benchmark suite (bounded: ~30 min on 2 cores); on a machine with a GPU,
+# bench/gpu_check.sh runs the GPU part.
 bench: $(PY)
 	$(PY) -m pip install -q ".[bench]"
 	$(PY) bench/bench_step.py
+	$(PY) bench/bench_frameworks.py
 
 # Development: build the extension modules into lfads_fast/ of this checkout (no install),
 # with the build tools of $(PY); then PYTHONPATH=. runs the tests against the working tree.
