@@ -346,6 +346,9 @@ class LFADS:
             (terms, grad): terms is a dict of floats (loss, recon, kl_ic, kl_co, l2); grad is a
             flat vector of the parameters' layout (None when grads is False).
         """
+        from .config import check_batch  # a batch of another model: a clear error, not numpy's
+
+        check_batch(self.config, batch, self.dtype)
         cache = self._forward(batch, noise or {}, grads=grads, kl_ramp=kl_ramp, l2_ramp=l2_ramp,
                               outputs=False)
         grad = self._backward(cache) if grads else None
