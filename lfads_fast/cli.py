@@ -122,7 +122,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         section, field = _resolve(key.strip())
-        sections[section][field] = _coerce(section, field, yaml.safe_load(text), where="--set")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        sections[section][field] = _coerce(section, field, value, where="--set")
     return sections["model"], sections["train"]
 
 
