@@ -80,10 +80,8 @@ def test_config_for_data_checks_sizes(tiny):
 # ------------------------------------------------------------------ learning
 
 
-def test_trainer_learns_in_seconds(tiny, tmp_path):
-    t0 = time.perf_counter()
+def test_trainer_learns(tiny, tmp_path):
     result = make_trainer(tiny, tmp_path, max_epochs=25, lr_init=2e-2).fit()
-    assert time.perf_counter() - t0 < 60
     h = result.history
     assert result.stop_reason == "max_epochs" and result.epochs == 25
     assert h[-1]["train_recon"] < 0.8 * h[0]["train_recon"]
@@ -176,7 +174,6 @@ def test_time_budget_stops_between_epochs(tiny, tmp_path):
                           early_stopping=False).fit()  # only the budget may stop it
     assert result.stop_reason == "time_budget"
     assert 1 <= result.epochs < 10_000
-    assert result.train_seconds < 10
     assert load_checkpoint(result.last_checkpoint).epoch == result.epochs
 
 
