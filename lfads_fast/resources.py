@@ -44,7 +44,12 @@ def available_memory() -> int | None:
             limit = f.read().strip()
         if limit != "max":
             with open("/sys/fs/cgroup/memory.current") as f:
-                found.append(max(int(limit) - int(f.read().strip()), 0))
+                used = int(f.read().strip())
+            # The page cache counts as used but is given back on demand.
+            with open("/sys/fs/cgroup/memory.stat") as f:
+                stat = dict(line.split() for line in f if line.count(" ") == 1)
+            used -= int(stat.get("inactive_file", 0)) + int(stat.get("active_file", 0))
+            found.append(max(int(limit) - max(used, 0), 0))
     except (OSError, ValueError):
         pass
     if not found and hasattr(os, "sysconf"):

@@ -757,3 +757,16 @@ def test_checkpoints_and_posteriors_follow_the_umask(data_file, tmp_path, capsys
         assert stat.S_IMODE((tmp_path / "p.h5").stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_memory_check_compares_the_estimate_with_what_is_available(monkeypatch):
+    have = resources.available_memory()
+    assert have is None or have > 0
+    monkeypatch.setattr(resources, "available_memory", lambda: 10 * 2**30)
+    resources.check_memory(9 * 2**30, "nine gigabytes")
+    with pytest.raises(resources.InsufficientMemoryError,
+                       match=r"eleven gigabytes needs about 11.0 GB of memory, but this machine "
+                             r"has 10.0 GB available"):
+        resources.check_memory(11 * 2**30, "eleven gigabytes")
+    monkeypatch.setattr(resources, "available_memory", lambda: None)
+    resources.check_memory(2**60, "unknown machine")  # nothing to compare with: no refusal
