@@ -39,9 +39,12 @@ Out directory layout::
                                         (best checkpoint) in shared principal components
 
 Checkpoints are HDF5 files of plain arrays (parameters, Adam moments) and one JSON string
-(configs, counters, scheduler state, random-generator state, log history); nothing is
-pickled. Each is written to a temporary file and renamed into place, so a killed run leaves
-either the old or the new checkpoint, never a torn one.
+(configs, counters, scheduler state, random-generator state, log history), each with a
+SHA-256 verified on load; nothing is pickled. Each is written to a temporary file and renamed
+into place, so a killed run leaves either the old or the new checkpoint, never a torn one;
+last.h5 is the one commit point of an epoch (Trainer._commit), so best.h5, last.h5 and the
+logs agree after a kill and resume. fit() holds the output directory's run lock
+(lfads_fast.rundir) while it runs. docs/reliability.md lists these guarantees.
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ __all__ = [
     "Checkpoint",
     "load_checkpoint",
     "load_model",
+    "save_model",
     "config_for_data",
     "check_sizes",
     "check_training_memory",
@@ -81,11 +85,10 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "lfads_fast.checkpoint"
-# Version 2 adds the per-array checksums; version 1 files (none) are still read.
+# Version 2 adds a SHA-256 per array ("checksums"); version 1 files, without them, are still
+# read (unverified).
 CHECKPOINT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
-# The arrays of a checkpoint file; each has a SHA-256 in the "checksums" entry.
-_CHECKPOINT_ARRAYS = ("flat", "adam_m", "adam_v", "step", "state_json")
 # A state JSON larger than this is not one the trainer wrote (its history grows ~1 KB/epoch).
 _MAX_STATE_BYTES = 256 * 2**20
 # Validation metrics computed per session; with several sessions the logged value is their mean.
@@ -393,8 +396,7 @@ def _read_checkpoint(path: str, f: h5py.File) -> Checkpoint:
         raise ValueError(f"{path}: not an lfads_fast checkpoint (missing {', '.join(missing)})")
     if f["state_json"].size * max(f["state_json"].dtype.itemsize, 1) > _MAX_STATE_BYTES:
         raise ValueError(f"{path}: damaged checkpoint (state_json declares an implausible size)")
-    raw = f["state_json"][()]
-    state_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+    state_bytes = _as_bytes(f["state_json"][()])
     sums = None
     if "checksums" in f:
         sums = json.loads(_as_bytes(f["checksums"][()]).decode())
@@ -419,8 +421,9 @@ def _read_checkpoint(path: str, f: h5py.File) -> Checkpoint:
     for key in ("flat", "adam_m", "adam_v"):
         d = f[key]
         if d.shape != (n,) or d.dtype not in (np.float32, np.float64):
-            raise ValueError(f"{path}: {key} has shape {d.shape} dtype {d.dtype}, but the "
-                             f"checkpoint's model needs ({n},) float32 or float64")
+            raise ValueError(f"{path}: {key} has shape {d.shape} dtype {d.dtype}: "
+                             f"{d.size} parameters stored, but its config needs {n} "
+                             "(float32 or float64)")
     resources.check_memory(resources.model_bytes(n, f["flat"].dtype.itemsize, 4),
                            f"{path} (a model of {n:,} parameters)")
     arrays = {key: f[key][()] for key in ("flat", "adam_m", "adam_v")}
@@ -464,6 +467,27 @@ def load_model(path: str | os.PathLike) -> LFADS:
                          f"needs {model.flat.size}")
     model.flat[...] = ckpt.flat
     return model
+
+
+def save_model(path: str | os.PathLike, model: LFADS,
+               train_config: TrainConfig | None = None) -> str:
+    """Writes a checkpoint of a model that Trainer did not train (epoch 0, zero Adam moments),
+    readable by load_model and the command line; returns the path."""
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+             "model_config": model.config.to_dict(),
+             "train_config": (train_config or TrainConfig()).to_dict(),
+             "dtype": str(model.dtype), "epoch": 0}
+    zeros = np.zeros_like(model.flat)
+    _write_checkpoint(path, model.flat, zeros, zeros, 0, state)
+    return os.fspath(path)
+
+
+def _write_checkpoint(path, flat, adam_m, adam_v, step: int, state: dict) -> None:
+    """The checkpoint file: arrays, the JSON state and a SHA-256 of each, written atomically."""
+    arrays = {"flat": flat, "adam_m": adam_m, "adam_v": adam_v, "step": np.int64(step),
+              "state_json": json.dumps(state)}
+    sums = {k: _checksum(v if k == "state_json" else np.asarray(v)) for k, v in arrays.items()}
+    data_mod.write_h5_atomic(path, dict(arrays, checksums=json.dumps(sums)))
 
 
 def check_training_memory(cfg: LFADSConfig, batch_size: int, dtype=np.float32,
@@ -968,15 +992,8 @@ class Trainer:
         self.history = [{k: _none_to_nan(v) for k, v in row.items()} for row in s["history"]]
 
     def _save(self, path: Path) -> None:
-        arrays = {
-            "flat": self.model.flat,
-            "adam_m": self.adam_m,
-            "adam_v": self.adam_v,
-            "step": np.int64(self.step),
-            "state_json": json.dumps(self._state()),
-        }
-        sums = {k: _checksum(v if k == "state_json" else np.asarray(v)) for k, v in arrays.items()}
-        data_mod.write_h5_atomic(path, dict(arrays, checksums=json.dumps(sums)))
+        _write_checkpoint(path, self.model.flat, self.adam_m, self.adam_v, self.step,
+                          self._state())
 
     def _commit(self) -> None:
         """The commit point of an epoch: last.h5 is replaced (one rename); then the epoch's
