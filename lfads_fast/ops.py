@@ -139,6 +139,7 @@ def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = T
     if out is None:
         out = {k: xp.empty((T, B, n), dtype=dt) for k, n in sizes.items()}
     arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
+    _check_no_alias(out, arrays)
     arrays.update(out)
     _module(g0).decoder_forward(arrays, float(clip), bool(sample))
     return out
@@ -222,6 +223,9 @@ def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weig
         "d_W_ro": xp.empty((N, F), dtype=dt) if grads else None,
         "d_b_ro": xp.empty((N,), dtype=dt) if grads else None,
     }
+    _check_no_alias({k: v for k, v in out.items() if k != "nll_tn"},
+                    {"factors": factors, "W_ro": W_ro, "b_ro": b_ro, "counts": counts,
+                     "loss_weight": loss_weight, "grad_mask": grad_mask})
     _module(factors).poisson_elbo(factors, W_ro, b_ro, counts, loss_weight, grad_mask, float(scale),
                                   int(T), loss, out["log_rates"], out["nll_tn"], out["d_factors"],
                                   out["d_W_ro"], out["d_b_ro"])

@@ -771,3 +771,20 @@ def test_memory_check_compares_the_estimate_with_what_is_available(monkeypatch):
         resources.check_memory(11 * 2**30, "eleven gigabytes")
     monkeypatch.setattr(resources, "available_memory", lambda: None)
     resources.check_memory(2**60, "unknown machine")  # nothing to compare with: no refusal
+
+
+def test_decoder_and_readout_refuse_outputs_over_their_inputs(rng):
+    T, B, N, F = 4, 3, 5, 2
+    factors = rng.standard_normal((T * B, F))
+    W, b = rng.standard_normal((N, F)), rng.standard_normal(N)
+    counts = rng.poisson(1.0, (T * B, N)).astype(np.float64)
+    with pytest.raises(ValueError, match="d_factors overlaps factors"):
+        ops.poisson_elbo(factors, W, b, counts, T=T, scale=1.0, d_factors=factors)
+    G = 3
+    inp = {"xgen": rng.standard_normal((T, B, 3 * G)), "W_gen_hh": rng.standard_normal((3 * G, G)),
+           "g0": rng.standard_normal((B, G)), "f0": rng.standard_normal((B, F)),
+           "W_fac": rng.standard_normal((F, G)), "mask_g": None}
+    out = ops.decoder_forward(inp, T, sample=False)
+    out["gen_states"] = inp["xgen"][..., :G]
+    with pytest.raises(ValueError, match="gen_states overlaps xgen"):
+        ops.decoder_forward(inp, T, sample=False, out=out)
