@@ -107,23 +107,46 @@ def rewrite_checkpoint(path, edit_state=None, arrays=None):
 _HOLDER = textwrap.dedent("""
     import sys, time
     from lfads_fast import rundir
-    with rundir.run_lock(sys.argv[1]):
+    with rundir.run_lock(sys.argv[1], is_dir=sys.argv[2] == "dir"):
         print("locked", flush=True)
         time.sleep(120)
 """)
+
+
+def hold_lock(target, kind):
+    """A separate process holding the run lock of a directory or an output file."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target), kind], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
 
 
 @pytest.fixture
 def lock_holder(tmp_path):
     """A separate process holding the run lock of tmp_path/run."""
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out)], env=env,
-                             stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "locked"
+    child = hold_lock(out, "dir")
     yield out, child
     child.kill()
     child.wait()
+
+
+def test_infer_refuses_an_output_file_another_process_writes(trained, data_file, tmp_path,
+                                                             capsys):
+    out = tmp_path / "posterior.h5"
+    child = hold_lock(out, "file")
+    try:
+        code, _, err = run_cli(["infer", trained / "checkpoints" / "best.h5", data_file,
+                                "--out", out, "--samples", "1"], capsys)
+        one_line_error(code, err, f"process {child.pid}", str(out))
+    finally:
+        child.kill()
+        child.wait()
+    code, _, err = run_cli(["infer", trained / "checkpoints" / "best.h5", data_file,
+                            "--out", out, "--samples", "1"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["posterior.h5"]  # no lock file left
 
 
 def test_lock_refuses_a_second_trainer_and_names_the_holder(tiny, lock_holder):
