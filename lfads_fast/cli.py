@@ -31,10 +31,12 @@ import difflib
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
 
+from . import rundir
 from .config import LFADSConfig
 from .posterior import REFINE_LR, REFINE_STEPS
 from .train import NonFiniteLossError, TrainConfig
@@ -45,16 +47,22 @@ _SECTIONS = {"model": LFADSConfig, "train": TrainConfig}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (0: success)."""
+    """Runs the command line; returns the exit status (0: success).
+
+    The one error boundary of the command line: an expected failure (a bad file, option or
+    value, a damaged checkpoint, a locked or unwritable output, not enough memory, a run
+    stopped by non-finite losses) prints one line naming the thing and returns 2; anything
+    else prints its traceback, says that it is a bug, and returns 3.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        from . import ops
-
-        ops.set_num_threads(args.threads)
     try:
+        if args.threads is not None:
+            from . import ops
+
+            ops.set_num_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+    except NonFiniteLossError as e:
         print(f"lfads-fast {args.command}: error: {e}", file=sys.stderr)
         result = getattr(e, "result", None)
         if result is not None:
@@ -65,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lfads-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, OSError, rundir.RunLockedError, MemoryError) as e:
+        print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(f"lfads-fast {args.command}: internal error: this is a bug in lfads-fast; please "
+              "report it with the traceback above", file=sys.stderr)
+        return 3
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, dict]:
@@ -106,7 +122,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
             raise ValueError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
         section, field = _resolve(key.strip())
-        sections[section][field] = _coerce(section, field, yaml.safe_load(text), where="--set")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item}: the value is not valid YAML ({' '.join(str(e).split())})") from None
+        sections[section][field] = _coerce(section, field, value, where="--set")
     return sections["model"], sections["train"]
 
 
@@ -114,12 +134,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
 
 
 def _train(args) -> int:
+    _check_device(args.device)
+    out = rundir.check_writable_dir(args.out)
+    with rundir.run_lock(out, what="training"):
+        return _train_locked(args, out)
+
+
+def _train_locked(args, out: Path) -> int:
     from . import data, posterior, stitching
     from .model import LFADS
-    from .train import Trainer, config_for_data, load_model
+    from .train import Trainer, check_training_memory, config_for_data, load_model
 
-    _check_device(args.device)
-    out = Path(args.out)
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").exists():
         config_path = out / "config.yaml"
@@ -128,6 +153,11 @@ def _train(args) -> int:
         train_fields["time_budget"] = args.time_budget
     files = _data_files(args.data)
     if len(files) == 1:
+        given = [name for name in ("session_neurons", "session_recon_neurons")
+                 if model_fields.get(name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is for several sessions (one data file per session), "
+                             "but one data file was given")
         dataset = data.load_dataset(files[0])
         model_cfg = config_for_data(dataset, **model_fields)
     else:
@@ -138,6 +168,7 @@ def _train(args) -> int:
     if last.exists() and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out} already holds a training run; pass --resume to continue it, "
                               "--overwrite to start over, or choose another --out")
+    check_training_memory(model_cfg, train_cfg.batch_size)
     model = LFADS(model_cfg, seed=train_cfg.seed)
     if model_cfg.multisession and not (args.resume and last.exists()):
         layers = stitching.init_session_layers(model, dataset)
@@ -166,13 +197,26 @@ def _train(args) -> int:
 
 
 def _infer(args) -> int:
-    from . import data, posterior, stitching
-    from .train import check_sizes, load_model
+    from .train import load_model
 
     _check_device(args.device)
     model = load_model(_existing(args.checkpoint, "checkpoint")).to(args.device)
     files = _data_files(args.data)
     splits = None if args.splits is None else tuple(s.strip() for s in args.splits.split(","))
+    cfg = model.config
+    # Checked before any work: a directory of per-session files, or one file.
+    if cfg.multisession:
+        rundir.check_writable_dir(args.out)
+    else:
+        rundir.check_writable_file(args.out)
+    with rundir.run_lock(args.out, is_dir=cfg.multisession, what="inference"):
+        return _infer_locked(args, model, files, splits)
+
+
+def _infer_locked(args, model, files, splits) -> int:
+    from . import data, posterior, stitching
+    from .train import check_sizes
+
     cfg = model.config
     if len(files) != cfg.n_sessions:
         raise ValueError(f"the checkpoint's model has {cfg.n_sessions} session"
@@ -185,6 +229,7 @@ def _infer(args) -> int:
         what += f", initial conditions refined by {args.refine_ic} steps"
     if cfg.multisession:
         sessions = data.load_sessions(files)  # session_posteriors checks them per model
+        _check_infer_memory(model, sessions, len(args.ensemble) + 1)
         kwargs = dict(n_samples=args.samples, seed=args.seed, splits=splits, **refine)
         if args.ensemble:
             models = [model] + [_ensemble_member(path, cfg, args.device) for path in args.ensemble]
@@ -197,6 +242,7 @@ def _infer(args) -> int:
         return 0
     dataset = data.load_dataset(files[0])
     check_sizes(cfg, dataset, owner="the checkpoint's model", hint="")
+    _check_infer_memory(model, [dataset], len(args.ensemble) + 1)
     if args.ensemble:
         return _infer_ensemble(args, model, dataset, splits, refine, what)
     posterior.write_posterior(args.out, model, dataset, n_samples=args.samples, seed=args.seed,
@@ -238,11 +284,17 @@ def _infer_ensemble(args, model, dataset, splits, refine: dict, what: str) -> in
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
-
     model_fields, train_fields = load_config(None, args.set)
     if "time_budget" in train_fields:
         raise ValueError("--set time_budget: the demo's budget is --minutes")
+    out = rundir.check_writable_dir(args.out)
+    with rundir.run_lock(out, what="demo"):
+        return _demo_locked(args, model_fields, train_fields)
+
+
+def _demo_locked(args, model_fields: dict, train_fields: dict) -> int:
+    from .demo import run_demo
+
     r = run_demo(args.out, args.minutes, n_samples=args.samples, quick=args.quick,
                  seed=args.seed, progress=not args.quiet, model_overrides=model_fields,
                  train_overrides=train_fields, burn_in_bins=args.burn_in,
@@ -321,6 +373,31 @@ _SESSION_SIZE_FIELDS = ("encod_seq_len", "recon_seq_len", "ext_input_dim", "reco
                         "session_neurons", "session_recon_neurons")
 
 
+def _one_line(e: BaseException) -> str:
+    """An expected error as one line naming the thing: OSErrors by their file and reason."""
+    if isinstance(e, MemoryError):
+        return (f"out of memory ({e})" if str(e) else "out of memory") + \
+            "; try a smaller batch size, model or data file"
+    if isinstance(e, OSError) and e.strerror:
+        names = " -> ".join(str(n) for n in (e.filename, e.filename2) if n is not None)
+        return f"{names}: {e.strerror}" if names else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _check_infer_memory(model, datasets, n_models: int) -> None:
+    """Refuses, before sampling, posteriors whose outputs (every field, every split, float32)
+    and model chunks clearly need more memory than the machine has."""
+    from . import posterior, resources
+
+    c = model.config
+    per_bin = (max(c.recon_data_dim, max(c.session_recon_neurons or [0])) + c.fac_dim + c.gen_dim
+               + c.con_dim + 3 * c.co_dim + c.ext_input_dim)
+    trials = sum(s.n_trials for ds in datasets for s in ds.splits.values())
+    needed = (4 * trials * (c.recon_seq_len * per_bin + 3 * c.ic_dim + c.gen_dim)
+              + posterior._CHUNK_BYTES + n_models * model.flat.nbytes)
+    resources.check_memory(needed, f"posterior outputs of {trials:,} trials")
+
+
 def _data_files(entries: list[str]) -> list[str]:
     """Data file arguments with glob patterns expanded (sorted matches), each checked to exist."""
     from . import data
@@ -364,7 +441,7 @@ def _check_device(device: str) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lfads-fast", description="LFADS with a compiled core.")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=_thread_count, default=None,
                         help="CPU threads of the compiled kernels (default: all)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -516,11 +593,17 @@ def _coerce(section: str, key: str, value, *, where: str):
             raise bad from None
         if not isinstance(number, (int, float)):
             raise bad
-        if base == "float":
-            return float(number)
-        if not math.isfinite(number) or float(number) != int(number):
-            raise bad
-        return int(number)
+        try:
+            if base == "float":
+                number = float(number)
+                if not math.isfinite(number):
+                    raise bad
+                return number
+            if not math.isfinite(number) or float(number) != int(number):
+                raise bad
+            return int(number)
+        except OverflowError:  # an integer too large for a float
+            raise bad from None
     return value
 
 
@@ -539,12 +622,19 @@ def _positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
+def _thread_count(text: str) -> int:
+    from .ops import MAX_THREADS
+
+    return _number(text, int, lambda v: 1 <= v <= MAX_THREADS,
+                   f"an integer from 1 to {MAX_THREADS} (this machine has {os.cpu_count()} CPUs)")
+
+
 def _non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _positive_float(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a positive number")
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a finite positive number")
 
 
 def _non_negative_float(text: str) -> float:

@@ -7,6 +7,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class LFADSConfig:
@@ -84,18 +86,19 @@ class LFADSConfig:
                              f">= 1 and ci_enc_dim >= 1, got con_dim = {self.con_dim}, ci_enc_dim = "
                              f"{self.ci_enc_dim}")
         for name in ("dropout_rate", "cd_rate"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+            v = _real(self, name)
+            if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
         for name in ("cell_clip", "ic_prior_var", "co_prior_tau", "co_prior_nvar", "loss_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v > 0 and not math.isnan(v)):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            if not _real(self, name) > 0:
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         for name in ("ic_post_var_min", "l2_ic_enc_scale", "l2_ci_enc_scale", "l2_gen_scale",
                      "l2_con_scale", "kl_ic_scale", "kl_co_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            if not _real(self, name) >= 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        _real(self, "ic_prior_mean")
+        for name in ("recon_reduce_mean", "train_readin"):
+            _boolean(self, name)
 
     def _check_sessions(self) -> None:
         self.session_neurons = _int_list(self.session_neurons, "session_neurons")
@@ -112,8 +115,6 @@ class LFADSConfig:
         if self.recon_data_dim not in (None, self.encod_data_dim):
             raise ValueError(f"recon_data_dim = {self.recon_data_dim} has no meaning with session_neurons: "
                              "each session reconstructs its session_recon_neurons; leave it unset")
-        if not isinstance(self.train_readin, bool):
-            raise ValueError(f"train_readin must be true or false, got {self.train_readin!r}")
 
     @property
     def n_sessions(self) -> int:
@@ -159,6 +160,71 @@ def _int_list(values, name: str) -> list[int]:
 
 
 def _int_at_least(cfg, name: str, low: int) -> None:
+    """Checks an integer field (numpy integers too) and stores it as a Python int."""
     v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    setattr(cfg, name, int(v))
+
+
+def _real(cfg, name: str) -> float:
+    """Checks a finite real field (numpy numbers too), stores it as a Python float and
+    returns it."""
+    v = getattr(cfg, name)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    setattr(cfg, name, float(v))
+    return float(v)
+
+
+def _boolean(cfg, name: str) -> None:
+    v = getattr(cfg, name)
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    setattr(cfg, name, bool(v))
+
+
+def check_batch(cfg: LFADSConfig, batch, dtype=None) -> None:
+    """Checks that a Batch (model.make_batch / make_session_batch) was built for a model of
+    this config (and parameter dtype), before its arrays reach the kernels.
+
+    Raises:
+        ValueError: the batch's sessions, bins, neurons, external inputs or dtype differ from
+            the config's; the message names the array, its shape and the expected one.
+    """
+    segments = getattr(batch, "segments", None)
+    if cfg.multisession != (segments is not None):
+        built = "several sessions" if segments is not None else "one session"
+        raise ValueError(f"the batch was built for a model with {built}, this model has "
+                         f"{cfg.n_sessions} session{'s' if cfg.n_sessions > 1 else ''}; build it "
+                         "with this model's make_batch")
+    Te, Tr = cfg.encod_seq_len, cfg.recon_seq_len
+    if segments is None:
+        B = batch.encod.shape[1] if getattr(batch.encod, "ndim", 0) == 3 else -1
+        parts = [("batch.encod", batch.encod, (Te, B, cfg.encod_data_dim)),
+                 ("batch.recon", batch.recon, (Tr, B, cfg.recon_data_dim)),
+                 ("batch.recon_weight", batch.recon_weight, (Tr, B, cfg.recon_data_dim))]
+    else:
+        parts, B = [], segments[-1].stop if segments else 0
+        for i, seg in enumerate(segments):
+            if not 0 <= seg.session < cfg.n_sessions:
+                raise ValueError(f"batch segment {i} is of session {seg.session}, this model has "
+                                 f"sessions 0..{cfg.n_sessions - 1}")
+            n, nr = cfg.session_neurons[seg.session], cfg.session_recon_neurons[seg.session]
+            name = f"batch segment {i} (session {seg.session})"
+            parts += [(f"{name} encod", seg.encod, (Te, seg.size, n)),
+                      (f"{name} recon", seg.recon, (Tr, seg.size, nr)),
+                      (f"{name} recon_weight", seg.recon_weight, (Tr, seg.size, nr))]
+    if cfg.ext_input_dim > 0 or batch.ext is not None:
+        parts.append(("batch.ext", batch.ext, (Tr, B, cfg.ext_input_dim)))
+    for name, a, shape in parts:
+        if a is None and name.endswith("recon_weight"):
+            continue
+        got = getattr(a, "shape", None)
+        if got != shape:
+            raise ValueError(f"{name} has shape {None if got is None else list(got)} but this "
+                             f"model expects {list(shape)} [time, trials, channels]; the batch "
+                             "was built for another model")
+        if dtype is not None and a.dtype != dtype:
+            raise ValueError(f"{name} is {a.dtype} but this model's parameters are "
+                             f"{dtype}; build the batch with this model's make_batch")

@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from .resources import check_memory
+from .rundir import umask_mode
+
 SPLITS = ("train", "valid", "test")
 
 POSTERIOR_FIELDS = (
@@ -60,6 +63,8 @@ POSTERIOR_FIELDS = (
 )
 
 _SPLIT_FIELDS = ("encod_data", "recon_data", "ext_input", "truth", "inds")
+# Splits that training reads: each needs observed counts.
+_TRAINED_SPLITS = ("train", "valid")
 
 
 @dataclass
@@ -435,6 +440,8 @@ def write_h5_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> s
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".h5", dir=directory)
     os.close(fd)
+    # mkstemp creates the file 0600; a lab's group should read outputs as the umask allows.
+    os.chmod(tmp, umask_mode(0o666))
     try:
         with h5py.File(tmp, "w") as f:
             for key, value in arrays.items():
@@ -558,7 +565,7 @@ def _split_from_keys(source, arrays, split, names, factor) -> Split:
 
 def _finish(source, layout, arrays, splits, names) -> Dataset:
     for split, s in splits.items():
-        _check_split(source, s, names[split])
+        _check_split(source, split, s, names[split])
     _check_across_splits(source, splits, names)
     prefixes = ("train_", "valid_", "test_", "eval_")
     other = {k: v for k, v in arrays.items() if not k.startswith(prefixes)}
@@ -574,7 +581,11 @@ def _extras(arrays, prefix, consumed) -> dict[str, np.ndarray]:
 def _conversion_factor(source, arrays) -> float:
     if "conversion_factor" not in arrays:
         return 1.0
-    factor = np.asarray(arrays["conversion_factor"], dtype=np.float64)
+    factor = np.asarray(arrays["conversion_factor"])
+    if not (np.issubdtype(factor.dtype, np.integer) or np.issubdtype(factor.dtype, np.floating)):
+        raise ValueError(f"{source}: conversion_factor must be one positive number, "
+                         f"got dtype {factor.dtype}")
+    factor = factor.astype(np.float64)
     if factor.size != 1 or not np.isfinite(factor).all() or float(factor.ravel()[0]) <= 0:
         raise ValueError(f"{source}: conversion_factor must be one positive number, "
                          f"got {arrays['conversion_factor']!r}")
@@ -626,6 +637,8 @@ def _as_3d_float(source, key, value) -> np.ndarray:
                          f"{x.shape}")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise ValueError(f"{source}: {key} must be numeric, got dtype {x.dtype}")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{source}: {key} must be real, got complex dtype {x.dtype}")
     return x.astype(np.float64, copy=False) if x.dtype != np.float32 else x
 
 
@@ -647,11 +660,14 @@ def _same_shape(source, key, x, expected):
                              f"{want[1]} has {want[0]}")
 
 
-def _check_split(source, s: Split, names: dict[str, str]):
+def _check_split(source, split: str, s: Split, names: dict[str, str]):
     encod, recon = s.encod_data, s.recon_data
     n_e, n_r = names["encod_data"], names["recon_data"]
     if s.n_trials == 0:
         raise ValueError(f"{source}: {n_e} has no trials")
+    if split in _TRAINED_SPLITS and np.isnan(recon).all():
+        raise ValueError(f"{source}: {n_r} has no observed bins (all NaN); the {split} "
+                         "split needs counts to fit or validate on")
     _same_shape(source, n_r, recon, ((s.n_trials, n_e), None, None))
     if recon.shape[1] < encod.shape[1]:
         raise ValueError(f"{source}: {n_r} has {recon.shape[1]} bins, fewer than the "
@@ -721,4 +737,16 @@ def _read_h5(source: str, group: str | None) -> dict[str, np.ndarray]:
             elif not has_arrays and groups:
                 raise ValueError(f"{source}: arrays are in several groups {groups}; "
                                  "pass group=")
-        return {k: v[()] for k, v in node.items() if isinstance(v, h5py.Dataset)}
+        datasets = {k: v for k, v in node.items() if isinstance(v, h5py.Dataset)}
+        _check_declared_size(source, datasets)
+        try:
+            return {k: v[()] for k, v in datasets.items()}
+        except (OSError, KeyError, TypeError) as e:  # damaged chunks, unreadable filters
+            raise ValueError(f"{source}: cannot read its arrays ({e})") from e
+
+
+def _check_declared_size(source: str, datasets: dict) -> None:
+    """Refuses a file whose arrays, as declared (compressed files may be small on disk),
+    would not fit in memory once read and converted to float (up to 3 copies)."""
+    declared = sum(int(d.size or 0) * max(d.dtype.itemsize, 1) for d in datasets.values())
+    check_memory(3 * declared, f"{source} (its arrays declare {declared:,} bytes)")

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import graph, noise as noise_mod, ops
 from .batch import Batch, BatchMaker, Segment, as_array, given_ic, session_index
-from .config import LFADSConfig
+from .config import LFADSConfig, check_batch
 from .params import Params, init_params, param_layout
 
 __all__ = ["LFADS", "Batch", "Segment", "param_layout"]
@@ -181,6 +181,7 @@ class LFADS:
             read waits for the device); grad is a flat vector of the parameters' layout on
             their device (None when grads is False).
         """
+        check_batch(self.config, batch, self.dtype)
         cache = graph.forward(self._params, self._workspace, batch, noise or {}, grads=grads,
                               kl_ramp=kl_ramp, l2_ramp=l2_ramp, outputs=False)
         grad = graph.backward(self._params, self._workspace, cache) if grads else None

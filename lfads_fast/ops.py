@@ -16,11 +16,17 @@ branches on numpy or cupy.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 
 import numpy as np
 
 from . import _backend
 from ._backend import cpu
+
+# The most CPU threads set_num_threads accepts: a few per logical CPU (more only oversubscribe
+# the cores; thousands exhaust the process's resources inside the OpenMP runtime).
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 __all__ = [
     "set_num_threads",
@@ -48,8 +54,7 @@ __all__ = [
 
 def set_num_threads(n: int) -> None:
     """Sets the number of OpenMP threads of the CPU kernels."""
-    if int(n) < 1:
-        raise ValueError(f"n must be a positive number of threads, got {n}")
+    _check_threads(n)
     cpu.set_num_threads(int(n))
 
 
@@ -81,6 +86,8 @@ def gru_forward(xproj, x_offset: int, W_hh, h0, *, reverse: bool = False, clip: 
     if out is None:
         out = (xp.empty((T, B, H), dtype=xproj.dtype), xp.empty((T, B, 3 * H), dtype=xproj.dtype))
     hs, gates = out
+    _check_no_alias({"out[0] (hs)": hs, "out[1] (gates)": gates},
+                    {"xproj": xproj, "W_hh": W_hh, "h0": h0})
     _module(xproj).gru_forward(xproj, int(x_offset), W_hh, h0, hs, gates, bool(reverse), float(clip))
     return hs, gates
 
@@ -107,6 +114,8 @@ def gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, x_offset: int, *, rev
     d_h0 = xp.empty((B, H), dtype=hs.dtype)
     if work is None:
         work = xp.empty((T, B, H), dtype=hs.dtype)
+    _check_no_alias({"d_xproj": d_xproj, "work": work},
+                    {"W_hh": W_hh, "h0": h0, "hs": hs, "gates": gates, "d_hs": d_hs, "d_hT": d_hT})
     _module(hs).gru_backward(W_hh, h0, hs, gates, d_hs, d_hT, d_xproj, int(x_offset), d_W_hh, d_h0,
                              work, bool(reverse), float(clip))
     return d_W_hh, d_h0
@@ -149,6 +158,7 @@ def decoder_forward(inputs: dict, T: int, *, clip: float = 5.0, sample: bool = T
     if out is None:
         out = {k: xp.empty((T, B, n), dtype=dt) for k, n in sizes.items()}
     arrays = {k: inputs.get(k) for k in DECODER_INPUTS}
+    _check_no_alias(out, arrays)
     arrays.update(out)
     _module(g0).decoder_forward(arrays, float(clip), bool(sample))
     return out
@@ -232,6 +242,9 @@ def poisson_elbo(factors, W_ro, b_ro, counts, *, T: int, scale: float, loss_weig
         "d_W_ro": xp.empty((N, F), dtype=dt) if grads else None,
         "d_b_ro": xp.empty((N,), dtype=dt) if grads else None,
     }
+    _check_no_alias({k: v for k, v in out.items() if k != "nll_tn"},
+                    {"factors": factors, "W_ro": W_ro, "b_ro": b_ro, "counts": counts,
+                     "loss_weight": loss_weight, "grad_mask": grad_mask})
     _module(factors).poisson_elbo(factors, W_ro, b_ro, counts, loss_weight, grad_mask, float(scale),
                                   int(T), loss, out["log_rates"], out["nll_tn"], out["d_factors"],
                                   out["d_W_ro"], out["d_b_ro"])
@@ -303,6 +316,8 @@ def adam_step(params, grads, m, v, *, lr: float, beta1: float = 0.9, beta2: floa
         The gradient norm before clipping; when it is not finite nothing was changed.
     """
     xp = _xp(params)
+    _check_adam_args(lr, beta1, beta2, eps, weight_decay, max_grad_norm, step)
+    _check_no_alias({"params": params, "m": m, "v": v}, {"grads": grads, "mask": mask})
     norm = xp.zeros(1, dtype=params.dtype)
     _module(params).adam_step(params, grads, m, v, mask, float(lr), float(beta1), float(beta2),
                               float(eps), float(weight_decay), float(max_grad_norm), int(step), norm)
@@ -333,6 +348,7 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
         _shape(a, "a", 2)
         _shape(b, "b", 2)
         out = _xp(a).empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    _check_no_alias({"out": out}, {"a": a, "b": b})
     mod.matmul(a, b, out, float(beta))
     return out
 
@@ -486,6 +502,49 @@ def _xp(a):
 
 def _module(a):
     return cpu if _xp(a) is np else _cuda_ops()
+
+
+def _check_threads(n) -> None:
+    """Threads must be an integer in [1, MAX_THREADS]: thousands of OpenMP threads exhaust
+    the process's resources and kill it."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"threads must be an integer from 1 to {MAX_THREADS} (this machine "
+                         f"has {os.cpu_count()} CPUs), got {n!r}")
+
+
+def _check_no_alias(outputs: dict, inputs: dict) -> None:
+    """Refuses an output array that overlaps an input or another output: the kernels write
+    outputs while reading inputs, so an overlap gives silently wrong results. None entries
+    and non-arrays are left to the kernels' own checks."""
+    outs = [(k, a) for k, a in outputs.items() if isinstance(a, np.ndarray)]
+    ins = [(k, a) for k, a in inputs.items() if isinstance(a, np.ndarray)]
+    for i, (name, a) in enumerate(outs):
+        for other, b in outs[i + 1:] + ins:
+            if np.may_share_memory(a, b) and np.shares_memory(a, b):
+                raise ValueError(f"{name} overlaps {other} in memory; the kernel writes {name} "
+                                 f"while reading {other}: pass separate arrays")
+
+
+def _check_adam_args(lr, beta1, beta2, eps, weight_decay, max_grad_norm, step) -> None:
+    """Refuses Adam hyperparameters that would write NaN or infinite parameters."""
+    def real(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(v):
+            raise ValueError(f"adam_step: {name} must be a finite number, got {v!r}")
+        return float(v)
+
+    if real("lr", lr) < 0:
+        raise ValueError(f"adam_step: lr must be >= 0, got {lr!r}")
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= real(name, v) < 1.0:
+            raise ValueError(f"adam_step: {name} must be in [0, 1), got {v!r}")
+    if real("eps", eps) <= 0:
+        raise ValueError(f"adam_step: eps must be > 0, got {eps!r}")
+    if real("weight_decay", weight_decay) < 0:
+        raise ValueError(f"adam_step: weight_decay must be >= 0, got {weight_decay!r}")
+    real("max_grad_norm", max_grad_norm)
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"adam_step: step must be an integer >= 1, got {step!r}")
 
 
 def _shape(a, name: str, ndim: int):

@@ -39,15 +39,20 @@ Out directory layout::
                                         (best checkpoint) in shared principal components
 
 Checkpoints are HDF5 files of plain arrays (parameters, Adam moments) and one JSON string
-(configs, counters, scheduler state, random-generator state, log history); nothing is
-pickled. Each is written to a temporary file and renamed into place, so a killed run leaves
-either the old or the new checkpoint, never a torn one.
+(configs, counters, scheduler state, random-generator state, log history), each with a
+SHA-256 verified on load; nothing is pickled. Each is written to a temporary file and renamed
+into place, so a killed run leaves either the old or the new checkpoint, never a torn one;
+last.h5 is the one commit point of an epoch (Trainer._commit), so best.h5, last.h5 and the
+logs agree after a kill and resume. fit() holds the output directory's run lock
+(lfads_fast.rundir) while it runs. docs/reliability.md lists these guarantees.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import numbers
 import os
 import time
 import warnings
@@ -60,9 +65,9 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import metrics, ops, stitching
+from . import metrics, ops, resources, rundir, stitching
 from .config import LFADSConfig
-from .model import LFADS
+from .model import LFADS, param_layout
 
 __all__ = [
     "TrainConfig",
@@ -72,13 +77,20 @@ __all__ = [
     "Checkpoint",
     "load_checkpoint",
     "load_model",
+    "save_model",
     "config_for_data",
     "check_sizes",
+    "check_training_memory",
     "ramp",
 ]
 
 CHECKPOINT_FORMAT = "lfads_fast.checkpoint"
-CHECKPOINT_VERSION = 1
+# Version 2 adds a SHA-256 per array ("checksums"); version 1 files, without them, are still
+# read (unverified).
+CHECKPOINT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+# A state JSON larger than this is not one the trainer wrote (its history grows ~1 KB/epoch).
+_MAX_STATE_BYTES = 256 * 2**20
 # Validation metrics computed per session; with several sessions the logged value is their mean.
 _SESSION_METRICS = ("recon_sv", "r2", "bps", "co_bps", "fp_bps")
 # Training-config fields that may change when a run is resumed: they decide when the run
@@ -216,8 +228,9 @@ class TrainConfig:
             _check_float(self, "time_budget", low=0.0, low_open=True)
         _check_float(self, "time_budget_lr_factor", low=0.0, high=1.0, low_open=True)
         for name in ("lr_scheduler", "early_stopping"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            setattr(self, name, bool(getattr(self, name)))
 
     @property
     def burn_in(self) -> int:
@@ -353,30 +366,96 @@ def config_for_data(dataset: data_mod.Dataset, **hparams) -> LFADSConfig:
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Reads a checkpoint written by Trainer.
+    """Reads a checkpoint written by Trainer and verifies every array against its checksum.
+
+    Sizes are checked before the arrays are read: a file whose config declares more
+    parameters than its arrays hold, or than fit in memory, is refused up front.
 
     Raises:
-        ValueError: the file is not a readable lfads_fast checkpoint.
+        ValueError: the file is not a readable lfads_fast checkpoint, or it is damaged (the
+            message names the array whose checksum does not match).
     """
     path = os.fspath(path)
     try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise ValueError(f"{path}: cannot open as a checkpoint (HDF5) file ({e})") from e
-    with f:
-        missing = [k for k in ("flat", "adam_m", "adam_v", "state_json") if k not in f]
-        if missing:
-            raise ValueError(f"{path}: not an lfads_fast checkpoint (missing {', '.join(missing)})")
-        flat, m, v = f["flat"][()], f["adam_m"][()], f["adam_v"][()]
-        raw = f["state_json"][()]
-    state = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an lfads_fast checkpoint (format {state.get('format')!r})")
-    if state.get("version") != CHECKPOINT_VERSION:
+    try:
+        with f:
+            return _read_checkpoint(path, f)
+    except (OSError, KeyError, TypeError, AttributeError, RuntimeError, UnicodeDecodeError,
+            json.JSONDecodeError) as e:
+        # Damaged HDF5 metadata or JSON surfaces as any of these from h5py and json.
+        raise ValueError(f"{path}: damaged checkpoint, cannot be read ({type(e).__name__}: "
+                         f"{e})") from e
+
+
+def _read_checkpoint(path: str, f: h5py.File) -> Checkpoint:
+    missing = [k for k in ("flat", "adam_m", "adam_v", "state_json") if k not in f]
+    if missing:
+        raise ValueError(f"{path}: not an lfads_fast checkpoint (missing {', '.join(missing)})")
+    if f["state_json"].size * max(f["state_json"].dtype.itemsize, 1) > _MAX_STATE_BYTES:
+        raise ValueError(f"{path}: damaged checkpoint (state_json declares an implausible size)")
+    state_bytes = _as_bytes(f["state_json"][()])
+    sums = None
+    if "checksums" in f:
+        sums = json.loads(_as_bytes(f["checksums"][()]).decode())
+        if not isinstance(sums, dict):
+            raise ValueError(f"{path}: damaged checkpoint (checksums entry is not a mapping)")
+        _verify(path, "state_json", state_bytes, sums)
+    state = json.loads(state_bytes.decode())
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path}: not an lfads_fast checkpoint (format {fmt!r})")
+    if state.get("version") not in _READABLE_VERSIONS:
         raise ValueError(f"{path}: checkpoint version {state.get('version')} is not supported "
-                         f"(this lfads_fast reads version {CHECKPOINT_VERSION})")
-    return Checkpoint(LFADSConfig.from_dict(state.pop("model_config")),
-                      TrainConfig.from_dict(state.pop("train_config")), flat, m, v, state)
+                         f"(this lfads_fast reads versions {', '.join(map(str, _READABLE_VERSIONS))})")
+    if state["version"] >= 2 and sums is None:
+        raise ValueError(f"{path}: damaged checkpoint (its checksums are missing)")
+    try:
+        model_config = LFADSConfig.from_dict(state.pop("model_config"))
+        train_config = TrainConfig.from_dict(state.pop("train_config"))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: the checkpoint's configuration is invalid ({e})") from e
+    n = sum(int(np.prod(shape)) for _, shape in param_layout(model_config))
+    for key in ("flat", "adam_m", "adam_v"):
+        d = f[key]
+        if d.shape != (n,) or d.dtype not in (np.float32, np.float64):
+            raise ValueError(f"{path}: {key} has shape {d.shape} dtype {d.dtype}: "
+                             f"{d.size} parameters stored, but its config needs {n} "
+                             "(float32 or float64)")
+    resources.check_memory(resources.model_bytes(n, f["flat"].dtype.itemsize, 4),
+                           f"{path} (a model of {n:,} parameters)")
+    arrays = {key: f[key][()] for key in ("flat", "adam_m", "adam_v")}
+    if sums is not None:
+        for key, a in arrays.items():
+            _verify(path, key, a, sums)
+        if "step" in f:
+            _verify(path, "step", np.asarray(f["step"][()]), sums)
+    return Checkpoint(model_config, train_config, arrays["flat"], arrays["adam_m"],
+                      arrays["adam_v"], state)
+
+
+def _as_bytes(raw) -> bytes:
+    return raw if isinstance(raw, bytes) else str(raw).encode()
+
+
+def _checksum(value) -> str:
+    """SHA-256 of an array's dtype, shape and bytes (or of a string's UTF-8 bytes)."""
+    h = hashlib.sha256()
+    if isinstance(value, (bytes, str)):
+        h.update(value.encode() if isinstance(value, str) else value)
+    else:
+        a = np.ascontiguousarray(value)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _verify(path: str, key: str, value, sums: dict) -> None:
+    if sums.get(key) != _checksum(value):
+        raise ValueError(f"{path}: damaged checkpoint: array '{key}' does not match its "
+                         "checksum")
 
 
 def load_model(path: str | os.PathLike) -> LFADS:
@@ -388,6 +467,40 @@ def load_model(path: str | os.PathLike) -> LFADS:
                          f"needs {model.flat.size}")
     model.flat[...] = ckpt.flat
     return model
+
+
+def save_model(path: str | os.PathLike, model: LFADS,
+               train_config: TrainConfig | None = None) -> str:
+    """Writes a checkpoint of a model that Trainer did not train (epoch 0, zero Adam moments),
+    readable by load_model and the command line; returns the path."""
+    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+             "model_config": model.config.to_dict(),
+             "train_config": (train_config or TrainConfig()).to_dict(),
+             "dtype": str(model.dtype), "epoch": 0}
+    flat = ops.to_host(model.flat)
+    zeros = np.zeros_like(flat)
+    _write_checkpoint(path, flat, zeros, zeros, 0, state)
+    return os.fspath(path)
+
+
+def _write_checkpoint(path, flat, adam_m, adam_v, step: int, state: dict) -> None:
+    """The checkpoint file: arrays, the JSON state and a SHA-256 of each, written atomically."""
+    arrays = {"flat": flat, "adam_m": adam_m, "adam_v": adam_v, "step": np.int64(step),
+              "state_json": json.dumps(state)}
+    sums = {k: _checksum(v if k == "state_json" else np.asarray(v)) for k, v in arrays.items()}
+    data_mod.write_h5_atomic(path, dict(arrays, checksums=json.dumps(sums)))
+
+
+def check_training_memory(cfg: LFADSConfig, batch_size: int, dtype=np.float32,
+                          what: str = "training this model") -> None:
+    """Refuses (InsufficientMemoryError, a ValueError) a model and batch size whose training
+    clearly needs more memory than the machine has: parameters, gradient and Adam's moments,
+    one training step's activations and one validation chunk's."""
+    n = sum(int(np.prod(shape)) for _, shape in param_layout(cfg))
+    itemsize = np.dtype(dtype).itemsize
+    needed = (resources.model_bytes(n, itemsize, 5) + resources.step_bytes(cfg, batch_size, itemsize)
+              + resources.step_bytes(cfg, VALID_CHUNK, itemsize) // 2)
+    resources.check_memory(needed, f"{what} ({n:,} parameters, batch {batch_size})")
 
 
 class Trainer:
@@ -433,6 +546,7 @@ class Trainer:
             check_sizes(model.config, self.data)
             self.sessions = [self.data]
             self._fingerprint = _data_fingerprint(self.data)
+        check_training_memory(model.config, self.config.batch_size, model.dtype)
         mask = model.trainable_mask()
         self._adam_mask = None if mask.all() else mask
         # The training counts are kept time-major, so a batch is one gather along the trial
@@ -454,6 +568,11 @@ class Trainer:
     def last_checkpoint(self) -> Path:
         return self.out_dir / "checkpoints" / "last.h5"
 
+    @property
+    def _pending_best(self) -> Path:
+        """The best checkpoint of an epoch not yet committed (see _commit)."""
+        return self.out_dir / "checkpoints" / "best.next.h5"
+
     def fit(self, resume: bool = False) -> FitResult:
         """Trains until max_epochs, early stopping or the time budget.
 
@@ -466,16 +585,29 @@ class Trainer:
             What happened (see FitResult).
 
         Raises:
-            NonFiniteLossError: max_nonfinite_steps consecutive steps were non-finite.
-            ValueError: resume found a checkpoint of another model, data or configuration.
+            NonFiniteLossError: max_nonfinite_steps consecutive steps were non-finite, or
+                every step of this call was skipped as non-finite.
+            ValueError: resume found a checkpoint of another model, data or configuration,
+                or both checkpoints are damaged; out_dir cannot be written.
+            rundir.RunLockedError: another process is training in out_dir.
         """
+        rundir.check_writable_dir(self.out_dir, "out_dir")
+        with rundir.run_lock(self.out_dir, what="training"):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> FitResult:
         cfg = self.config
         t_start = _now()
         (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if resume and self.last_checkpoint.exists():
-            self._restore(load_checkpoint(self.last_checkpoint))
+        self._recover_directory(resume)
+        if resume and (self.last_checkpoint.exists() or self.best_checkpoint.exists()):
+            ckpt, best_lost = self._resume_checkpoint()
+            self._restore(ckpt)
+            if best_lost:
+                self._restart_best()
         else:
             self._reset_state()
+        steps_at_start, skipped_at_start = self.step, self.skipped_steps
         self._write_config_yaml()
         # With a time budget the bar measures the budget; otherwise epochs out of max_epochs.
         by_time = cfg.time_budget is not None
@@ -517,9 +649,10 @@ class Trainer:
                 epochs_this_call += 1
                 stop_reason = self._stop_reason()
                 if self.epoch % cfg.checkpoint_every == 0:
-                    self._save(self.last_checkpoint)
+                    self._commit()
                     saved_epoch = self.epoch
-                self._write_logs()
+                else:
+                    self._write_logs()
                 bar.set_postfix_str(f"epoch {self.epoch}, {_postfix(row)}", refresh=False)
                 if by_time:
                     bar.update(min(_now() - t_start, cfg.time_budget) - bar.n)
@@ -530,9 +663,18 @@ class Trainer:
         if failure is None:
             if saved_epoch != self.epoch and (epochs_this_call > 0
                                               or not self.last_checkpoint.exists()):
-                self._save(self.last_checkpoint)
+                self._commit()
             if not self.best_checkpoint.exists():
                 self._save(self.best_checkpoint)
+            if self.step == steps_at_start and self.skipped_steps > skipped_at_start:
+                failure = NonFiniteLossError(
+                    f"LFADS training applied no step: all {self.skipped_steps - skipped_at_start} "
+                    "steps of this run had a non-finite loss or gradient and were skipped, so the "
+                    "parameters are those it started from. Check the data for extreme counts, or "
+                    "lower lr_init or max_grad_norm.")
+        else:
+            # An uncommitted best (checkpoint_every > 1) belongs to an epoch last.h5 lacks.
+            self._pending_best.unlink(missing_ok=True)
         self._write_logs()
         self._plot_curves()
         self._plot_session_factors()
@@ -617,7 +759,8 @@ class Trainer:
         row["time_s"] = self.train_seconds
         self.history.append(row)
         if row["epoch"] == self.best_epoch:
-            self._save(self.best_checkpoint)
+            # Made the best checkpoint by _commit, together with last.h5 and the logs.
+            self._save(self._pending_best)
         return row
 
     @property
@@ -630,7 +773,8 @@ class Trainer:
         rate."""
         cfg = self.config
         self.lr = max(self.lr * cfg.divergence_lr_factor, cfg.lr_stop)
-        best = load_checkpoint(self.best_checkpoint)
+        pending = self._pending_best
+        best = load_checkpoint(pending if pending.exists() else self.best_checkpoint)
         self.model.flat = best.flat
         self.adam_m[...], self.adam_v[...] = (ops.to_device(a, self.model.device)
                                               for a in (best.adam_m, best.adam_v))
@@ -774,8 +918,12 @@ class Trainer:
         """The sessions of a step whose trials alone give a non-finite loss or gradient."""
         failing = []
         for s, idx in step:
-            terms, grad = self.model.loss_and_grads(self._batch([(s, idx)]), None,
-                                                    kl_ramp=kl_ramp, l2_ramp=l2_ramp)
+            batch = self._batch([(s, idx)])
+            # Posterior means and no dropout; the inferred-input KL still needs its own sample,
+            # drawn from a generator of its own so that training's stream is left as it was.
+            noise = self.model.draw_noise(batch, np.random.default_rng(self.config.seed),
+                                          train=False, sample=False)
+            terms, grad = self.model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
             if not (all(math.isfinite(terms[k]) for k in _LOSS_TERMS) and np.isfinite(grad).all()):
                 failing.append(s)
         return failing
@@ -854,13 +1002,81 @@ class Trainer:
         self.history = [{k: _none_to_nan(v) for k, v in row.items()} for row in s["history"]]
 
     def _save(self, path: Path) -> None:
-        data_mod.write_h5_atomic(path, {
-            "flat": ops.to_host(self.model.flat),
-            "adam_m": ops.to_host(self.adam_m),
-            "adam_v": ops.to_host(self.adam_v),
-            "step": np.int64(self.step),
-            "state_json": json.dumps(self._state()),
-        })
+        _write_checkpoint(path, ops.to_host(self.model.flat), ops.to_host(self.adam_m),
+                          ops.to_host(self.adam_v), self.step, self._state())
+
+    def _commit(self) -> None:
+        """The commit point of an epoch: last.h5 is replaced (one rename); then the epoch's
+        pending best checkpoint becomes best.h5 and the logs are rewritten. A run killed
+        before the rename leaves the previous epoch's files; one killed after it is completed
+        by _recover_directory on resume, so best.h5, last.h5 and the logs always agree."""
+        self._save(self.last_checkpoint)
+        if self._pending_best.exists():
+            os.replace(self._pending_best, self.best_checkpoint)
+        self._write_logs()
+
+    def _restart_best(self) -> None:
+        """best.h5 was lost: the restored state becomes the best so far."""
+        self.best_value, self.best_epoch, self.es_wait = _nan_to_none(self.recon_smth), self.epoch - 1, 0
+        self._save(self.best_checkpoint)
+
+    def _recover_directory(self, resume: bool) -> None:
+        """Run under the lock at the start of fit: removes temporary files a killed run left;
+        on resume completes or drops a pending best checkpoint; a fresh start removes the
+        previous run's checkpoints and logs (so a killed fresh run never leaves them beside
+        its own config)."""
+        ckpts = self.out_dir / "checkpoints"
+        for directory in (self.out_dir, ckpts):
+            rundir.remove_stale_temp_files(directory)
+        if not resume:
+            for p in (self.last_checkpoint, self.best_checkpoint, self._pending_best,
+                      self.out_dir / "log.csv", self.out_dir / "log.json"):
+                p.unlink(missing_ok=True)
+            return
+        pending = self._pending_best
+        if not pending.exists():
+            return
+        try:
+            p_epoch = load_checkpoint(pending).epoch
+            last = load_checkpoint(self.last_checkpoint).state if self.last_checkpoint.exists() else None
+        except ValueError:
+            last = None
+        if last is not None and p_epoch <= int(last["epoch"]) \
+                and p_epoch == int(last["early_stopping"]["best_epoch"]) + 1:
+            os.replace(pending, self.best_checkpoint)  # killed between last.h5 and best.h5
+        else:
+            pending.unlink()  # its epoch was never committed: the resumed run redoes it
+
+    def _resume_checkpoint(self) -> tuple[Checkpoint, bool]:
+        """(last.h5, or best.h5 when last.h5 is damaged or missing (a warning says so); True
+        when best.h5 was damaged). A damaged file is renamed to NAME.damaged so that nothing
+        reads it again."""
+        last, best = self.last_checkpoint, self.best_checkpoint
+        problems = {}
+        for path in (last, best):
+            if not path.exists():
+                continue
+            try:
+                ckpt = load_checkpoint(path)
+            except ValueError as e:
+                problems[path] = str(e)
+                os.replace(path, path.with_name(path.name + ".damaged"))
+                continue
+            if path == best and last in problems:
+                warnings.warn(f"{last} is damaged ({problems[last]}; kept as {last.name}.damaged); "
+                              f"resuming from {best} (epoch {ckpt.epoch}) instead", RuntimeWarning,
+                              stacklevel=4)
+            elif path == last and best.exists():
+                try:
+                    load_checkpoint(best)
+                except ValueError as e:
+                    os.replace(best, best.with_name(best.name + ".damaged"))
+                    warnings.warn(f"{best} is damaged ({e}; kept as {best.name}.damaged); "
+                                  f"resuming from {last}; the best checkpoint restarts from this "
+                                  "epoch", RuntimeWarning, stacklevel=4)
+                    return ckpt, True
+            return ckpt, False
+        raise ValueError("cannot resume: " + "; ".join(problems.values()))
 
     # ------------------------------------------------------------------ helpers
 
@@ -1100,14 +1316,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def _check_int(cfg, name: str, low: int) -> None:
     v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {v!r}")
+    setattr(cfg, name, int(v))  # numpy integers too, stored as Python ints (JSON, YAML)
 
 
 def _check_float(cfg, name: str, *, low=None, high=None, low_open=False, high_open=False) -> None:
     v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ValueError(f"{name} must be a finite number, got {v!r}")
+    v = float(v)
+    setattr(cfg, name, v)
     if low is not None and (v < low or (low_open and v == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v!r}")
     if high is not None and (v > high or (high_open and v == high)):

@@ -2,9 +2,11 @@
 torch.nn.utils.clip_grad_norm_, over several steps."""
 import numpy as np
 import pytest
-import torch
+from optional import OptionalModule
 
 from lfads_fast._backend import cpu  # lfads_fast._cpu, imported after its BLAS is loaded
+
+torch = OptionalModule("torch")  # tests that use it skip without torch
 
 # float64 against torch's float64 AdamW: the same operations up to their order (torch divides
 # sqrt(v) by sqrt(bias correction), the kernel multiplies by its inverse), so only rounding.

@@ -4,7 +4,6 @@ The reference is a numpy float64 clipped-GRU step built from the model's generat
 itself checked against the generator states model.forward returns, so a found point is
 checked against the map the model actually runs.
 """
-import json
 
 import h5py
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 
 from lfads_fast import LFADS, LFADSConfig, cli, data, fixed_points, synth
 from lfads_fast.fixed_points import FixedPoints
-from lfads_fast.train import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, TrainConfig, load_model
+from lfads_fast.train import load_model, save_model
 
 # The numpy step against the model's float32 forward: float32 rounding over a few steps.
 FORWARD_TOL = 1e-5
@@ -319,13 +318,7 @@ def test_cli_writes_points_and_plot(trained, tmp_path, capsys):
 
 def write_checkpoint(path, model):
     """A checkpoint file as Trainer writes it (for a model Trainer does not train)."""
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-             "model_config": model.config.to_dict(), "train_config": TrainConfig().to_dict(),
-             "epoch": 0}
-    data.write_h5_atomic(path, {"flat": model.flat, "adam_m": np.zeros_like(model.flat),
-                                "adam_v": np.zeros_like(model.flat),
-                                "state_json": json.dumps(state)})
-    return str(path)
+    return save_model(path, model)
 
 
 def test_cli_multisession_checkpoint(tmp_path, capsys):

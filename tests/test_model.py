@@ -2,10 +2,11 @@
 implementation of docs/math.md (tests/torch_reference.py), and float64 finite differences."""
 import numpy as np
 import pytest
+from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig
 
-torch_reference = pytest.importorskip("torch_reference")
+torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
 
 # float64 model vs float64 torch: same math, different summation order -> ~1e-12 relative.
 F64_RTOL = 1e-8

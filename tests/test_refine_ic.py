@@ -3,10 +3,11 @@ and its gradient against an independent PyTorch implementation (tests/torch_refe
 float64 finite differences; what the optimiser achieves; argument errors; posterior outputs."""
 import numpy as np
 import pytest
+from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig, metrics, posterior, refine
 
-torch_reference = pytest.importorskip("torch_reference")
+torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
 
 # float64 model vs float64 torch: same math, different summation order.
 F64_RTOL = 1e-8

@@ -4,10 +4,11 @@ import os
 
 import numpy as np
 import pytest
+from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig, data, ops, stitching, synth
 
-torch_reference = pytest.importorskip("torch_reference")
+torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
 
 # float64 model vs float64 torch: same math, different summation order.
 F64_RTOL = 1e-8
