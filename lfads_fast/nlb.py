@@ -40,7 +40,7 @@ __all__ = [
     "ridge_cv", "velocity_r2", "psth_r2", "condition_psths", "kfold_indices",
     "smoothing_rates", "poisson_glm", "gaussian_window_smooth",
     "read_nlb_tensors", "score", "score_posterior", "write_submission", "fold_dataset",
-    "cross_validate",
+    "cross_validate", "evaluate_files",
 ]
 
 # nlb_tools.evaluation.fit_and_eval_decoder's grid of ridge penalties and its inner folds.
@@ -420,8 +420,14 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
         rates = {name: sample_and_average(model, tensors.heldin[idx], n_samples=n_samples,
                                           seed=seed + i)["output_params"]
                  for name, idx in (("test", test), ("fit", fit_idx))}
-        s, _ = score(rates["test"], test_data, train_rates=rates["fit"], train_data=fit_data,
-                     psth=psth)
+        s, fit = score(rates["test"], test_data, train_rates=rates["fit"], train_data=fit_data,
+                       psth=psth)
+        if fit is not None and not results:
+            from . import plots
+
+            plots.plot_decoded_velocity(
+                os.path.join(out_dir, "velocity.png"), *_decoded_trials(test_data.behavior, fit),
+                title=f"fold {i}: LFADS velocity R^2 {s.vel_r2:.3f} (test trials)")
         fold.scores["lfads"] = {**s.to_dict(), "epochs": res.epochs,
                                 "best_epoch": res.best_epoch, "stop_reason": res.stop_reason,
                                 "divergences": res.divergences,
@@ -446,8 +452,12 @@ def _summarise(results: list[FoldResult]) -> dict:
     for m in methods:
         rows = [r.scores[m] for r in results if m in r.scores]
         keys = [k for k, v in rows[0].items() if isinstance(v, (int, float)) and k != "stop_reason"]
-        mean[m] = {k: float(np.nanmean([row[k] for row in rows])) for k in keys}
-        std[m] = {k: float(np.nanstd([row[k] for row in rows])) for k in keys}
+        mean[m], std[m] = {}, {}
+        for k in keys:
+            values = np.array([row[k] for row in rows], np.float64)
+            values = values[np.isfinite(values)]  # fp-bps of the baseline: none
+            mean[m][k] = float(values.mean()) if values.size else float("nan")
+            std[m][k] = float(values.std()) if values.size else float("nan")
     return {"folds": [asdict(r) for r in results], "mean": mean, "std": std}
 
 
@@ -633,6 +643,60 @@ def score_posterior(posterior: dict, tensors: dict[str, NLBTensors], *, eval_spl
     s, fit = score(rates, data, train_rates=train_rates, train_data=train_data, psth=psth,
                    lag_bins=lag_bins)
     return s, fit, psth
+
+
+def evaluate_files(posterior_path: str | os.PathLike, data_path: str | os.PathLike,
+                   out_dir: str | os.PathLike | None = None, *, eval_split: str = "valid",
+                   fit_split: str = "train", conditions_key: str | None = None,
+                   psth_sigma_bins: float = 10.0, lag_bins: int = 0,
+                   dt: float | None = None) -> dict:
+    """nlb-eval on files: NLB's metrics of a posterior file against an NLB tensor file, with
+    out_dir/nlb_eval.json and the figures velocity.png (decoded against true velocity) and,
+    with condition ids, psth.png (condition-averaged rates against PSTHs).
+
+    Returns:
+        The metrics (Scores.to_dict()) plus the files written.
+    """
+    from . import data as data_mod
+    from . import plots
+
+    posterior = data_mod.read_posterior_h5(posterior_path)
+    tensors = read_nlb_tensors(data_path, conditions_key)
+    s, fit, psth = score_posterior(posterior, tensors, eval_split=eval_split,
+                                   fit_split=fit_split,
+                                   psth_sigma_bins=psth_sigma_bins if conditions_key else None,
+                                   lag_bins=lag_bins)
+    result = {**s.to_dict(), "eval_split": eval_split, "fit_split": fit_split, "files": []}
+    if out_dir is None:
+        return result
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    data = tensors["eval" if eval_split != "train" else "train"]
+    rates = np.asarray(posterior[f"{eval_split}_output_params"])
+    if fit is not None:
+        result["files"].append(plots.plot_decoded_velocity(
+            os.path.join(out_dir, "velocity.png"), *_decoded_trials(data.behavior, fit, lag_bins),
+            dt=dt, title=f"velocity R^2 {s.vel_r2:.3f} ({eval_split} trials)"))
+    if psth is not None:
+        result["files"].append(plots.plot_condition_rates(
+            os.path.join(out_dir, "psth.png"), psth[0], rates[:, :data.heldin.shape[1]], psth[1],
+            dt=dt, title=f"PSTH R^2 {s.psth_r2:.3f}: condition-averaged rates (solid), PSTHs "
+            "(dashed)"))
+    path = os.path.join(out_dir, "nlb_eval.json")
+    result["files"].append(path)
+    write_json(path, result)
+    return result
+
+
+def _decoded_trials(behavior: np.ndarray, fit: RidgeFit, lag_bins: int = 0):
+    """(true, decoded) behaviour [B, T', D] from a velocity fit, NaN where it was not scored."""
+    b = np.asarray(behavior, np.float64)
+    if lag_bins:
+        b = b[:, lag_bins:]
+    decoded = np.full(b.shape, np.nan)
+    flat = decoded.reshape(-1, b.shape[2])
+    flat[~np.isnan(b.reshape(-1, b.shape[2])[:, 0])] = fit.pred
+    return b, flat.reshape(b.shape)
 
 
 def write_submission(path: str | os.PathLike, posterior: dict, n_heldin: int, dataset_name: str,
