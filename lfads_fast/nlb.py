@@ -40,7 +40,7 @@ __all__ = [
     "ridge_cv", "velocity_r2", "psth_r2", "condition_psths", "kfold_indices",
     "smoothing_rates", "poisson_glm", "gaussian_window_smooth",
     "read_nlb_tensors", "score", "score_posterior", "write_submission", "fold_dataset",
-    "cross_validate", "evaluate_files",
+    "cross_validate", "evaluate_files", "epoch_metrics", "check_epoch_eval",
 ]
 
 # nlb_tools.evaluation.fit_and_eval_decoder's grid of ridge penalties and its inner folds.
@@ -459,6 +459,47 @@ def _summarise(results: list[FoldResult]) -> dict:
             mean[m][k] = float(values.mean()) if values.size else float("nan")
             std[m][k] = float(values.std()) if values.size else float("nan")
     return {"folds": [asdict(r) for r in results], "mean": mean, "std": std}
+
+
+def check_epoch_eval(dataset, key: str = "behavior") -> None:
+    """Checks that a dataset supports epoch_metrics (Trainer with vel_r2_every > 0).
+
+    Raises:
+        ValueError: a split lacks extra[key] (the file's {train,valid}_behavior, NLB's
+            {train,eval}_behavior), or its shape is not [trials, encoder bins, dims].
+    """
+    for name in ("train", "valid"):
+        split = dataset.splits[name]
+        b = split.extra.get(key)
+        prefix = "eval" if getattr(dataset, "layout", "") == "nlb" and name == "valid" else name
+        if b is None:
+            raise ValueError(f"vel_r2_every needs behaviour in both splits: {prefix}_{key} is "
+                             f"missing from {dataset.source}")
+        want = split.encod_data.shape[:2]
+        if np.ndim(b) != 3 or np.shape(b)[:2] != want:
+            raise ValueError(f"{prefix}_{key} has shape {np.shape(b)}, expected ({want[0]}, "
+                             f"{want[1]}, dims) (trials and encoder bins of the spikes)")
+
+
+def epoch_metrics(model, dataset, key: str = "behavior", chunk: int = 512) -> dict:
+    """The velocity R^2 of the validation split that Trainer logs every vel_r2_every epochs:
+    NLB's ridge decoder fitted on the training trials' rates and scored on the validation
+    trials' (posterior means, encoder bins, held-in and held-out neurons).
+
+    Returns:
+        {"valid_vel_r2": R^2, "vel_alpha": the penalty chosen}.
+    """
+    T = model.config.encod_seq_len
+    rates = []
+    for split in (dataset.train, dataset.valid):
+        parts = []
+        for start in range(0, split.n_trials, chunk):
+            sl = slice(start, start + chunk)
+            ext = None if split.ext_input is None else split.ext_input[sl]
+            parts.append(model.forward(split.encod_data[sl], ext)["output_params"][:, :T])
+        rates.append(np.concatenate(parts))
+    fit = velocity_r2(rates[0], dataset.train.extra[key], rates[1], dataset.valid.extra[key])
+    return {"valid_vel_r2": fit.r2, "vel_alpha": fit.alpha}
 
 
 # ---------------------------------------------------------------------- smoothing baseline

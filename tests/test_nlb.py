@@ -216,3 +216,51 @@ def test_fold_dataset_keeps_test_trials_out_of_training():
     np.testing.assert_array_equal(ds.test.encod_data, tensors.heldin[test])
     np.testing.assert_array_equal(ds.test.extra["behavior"], tensors.behavior[test])
     assert ds.recon_data_dim == tensors.heldin.shape[2] + tensors.heldout.shape[2]
+
+
+def _behavior_dataset(rng, B=30, n_valid=10):
+    tensors, _ = _fake(rng, B=B, T=20, n_in=8, n_out=4, T_f=0)
+    recon = np.concatenate([tensors.heldin, tensors.heldout], 2)
+    tr, va = np.arange(B - n_valid), np.arange(B - n_valid, B)
+    return data.from_arrays(tensors.heldin[tr], tensors.heldin[va], train_recon_data=recon[tr],
+                            valid_recon_data=recon[va],
+                            extra={"train_behavior": tensors.behavior[tr],
+                                   "valid_behavior": tensors.behavior[va]})
+
+
+def test_trainer_logs_velocity_r2_every_n_epochs(tmp_path):
+    from lfads_fast.model import LFADS
+    from lfads_fast.train import Trainer, TrainConfig, config_for_data
+
+    ds = _behavior_dataset(np.random.default_rng(10))
+    cfg = config_for_data(ds, ic_enc_dim=8, ci_enc_dim=4, con_dim=4, co_dim=1, ic_dim=4,
+                          gen_dim=8, fac_dim=4)
+    trainer = Trainer(LFADS(cfg, seed=0), ds, TrainConfig(max_epochs=4, vel_r2_every=2),
+                      tmp_path, progress=False)
+    result = trainer.fit()
+    logged = [row.get("valid_vel_r2", np.nan) for row in result.history]
+    assert np.isnan(logged[0]) and np.isnan(logged[2])
+    assert np.isfinite(logged[1]) and np.isfinite(logged[3])
+    # The last row is the decoder of the final parameters.
+    assert logged[3] == pytest.approx(nlb.epoch_metrics(trainer.model, ds)["valid_vel_r2"],
+                                      abs=1e-12)
+    header = (tmp_path / "log.csv").read_text().splitlines()[0].split(",")
+    assert "valid_vel_r2" in header
+    assert (tmp_path / "training_curves.png").exists()
+
+
+def test_trainer_velocity_r2_needs_behaviour(tmp_path):
+    from lfads_fast.model import LFADS
+    from lfads_fast.train import Trainer, TrainConfig, config_for_data
+
+    ds = _behavior_dataset(np.random.default_rng(11))
+    del ds.valid.extra["behavior"]
+    cfg = config_for_data(ds, ic_enc_dim=8, ci_enc_dim=4, con_dim=4, co_dim=1, ic_dim=4,
+                          gen_dim=8, fac_dim=4)
+    with pytest.raises(ValueError, match="valid_behavior is missing"):
+        Trainer(LFADS(cfg), ds, TrainConfig(vel_r2_every=5), tmp_path, progress=False)
+    ds.valid.extra["behavior"] = np.zeros((10, 7, 2), np.float32)
+    with pytest.raises(ValueError, match=r"valid_behavior has shape \(10, 7, 2\)"):
+        Trainer(LFADS(cfg), ds, TrainConfig(vel_r2_every=5), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="vel_r2_every"):
+        TrainConfig(vel_r2_every=-1)
