@@ -9,6 +9,8 @@
     lfads-fast nlb-eval POSTERIOR.h5 DATA.h5 [--out DIR] [--conditions KEY]
     lfads-fast nlb-eval --kfold K DATA.h5 --out DIR [--config cfg.yaml] [--set key=value ...]
     lfads-fast nlb-submission POSTERIOR.h5 DATA.h5 --dataset NAME [--bin-size 5] --out SUB.h5
+    lfads-fast import-lfads-torch MODEL.yaml [--datamodule DM.yaml] [--trainer T.yaml]
+                     [--checkpoint CKPT] --out DIR
 
 A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
 (TrainConfig fields); DIR/config.yaml, written by every training run, is one. ``--set``
@@ -359,6 +361,36 @@ def _nlb_submission(args) -> int:
     return 0
 
 
+def _import_lfads_torch(args) -> int:
+    from . import lfads_torch
+
+    model_fields, train_fields, notes = lfads_torch.read_config(
+        _existing(args.model, "model config"),
+        None if args.datamodule is None else _existing(args.datamodule, "datamodule config"),
+        None if args.trainer is None else _existing(args.trainer, "trainer config"),
+        strict=not args.lenient)
+    set_model, set_train = load_config(None, args.set)
+    model_fields.update(set_model)
+    train_fields.update(set_train)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is not None:
+        cfg = LFADSConfig.from_dict(model_fields)
+        try:
+            model = lfads_torch.import_checkpoint(_existing(args.checkpoint, "checkpoint"), cfg)
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+        model_fields = model.config.to_dict()
+        path = lfads_torch.write_checkpoint(out / "model.h5", model, train_fields,
+                                            source=os.path.abspath(args.checkpoint))
+        print(f"wrote {path} ({model.num_params} parameters from {args.checkpoint})")
+    path = lfads_torch.write_config_yaml(out / "config.yaml", model_fields, train_fields, notes)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {path}")
+    return 0
+
+
 # NLB metrics printed by nlb-eval: (key, name).
 _NLB_METRICS = (("co_bps", "co-bps"), ("vel_r2", "vel R2"), ("psth_r2", "psth R2"),
                 ("fp_bps", "fp-bps"), ("bps", "held-in bps"))
@@ -417,6 +449,24 @@ def _add_nlb_commands(sub) -> None:
     p.add_argument("--out", required=True, metavar="SUBMISSION.h5",
                    help="submission file (an existing one gains or replaces this group)")
     p.set_defaults(func=_nlb_submission)
+
+    p = sub.add_parser("import-lfads-torch", help="convert lfads-torch configs and checkpoints",
+                       description="Read lfads-torch's Hydra model YAML (and its datamodule and "
+                       "trainer YAMLs) into OUT/config.yaml for `train --config`; with "
+                       "--checkpoint, also convert its Lightning checkpoint's weights into "
+                       "OUT/model.h5 for `infer` (needs torch). Keys without counterpart are "
+                       "errors naming them (--lenient: notes in config.yaml).")
+    p.add_argument("model", metavar="MODEL.yaml", help="lfads-torch configs/model/*.yaml, or a "
+                   "composed config with a model section")
+    p.add_argument("--datamodule", metavar="DM.yaml", help="lfads-torch configs/datamodule/*.yaml")
+    p.add_argument("--trainer", metavar="TRAINER.yaml", help="lfads-torch configs/trainer/*.yaml")
+    p.add_argument("--checkpoint", metavar="CKPT", help="a Lightning checkpoint of that model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a converted field, e.g. model.encod_data_dim=107 (repeatable)")
+    p.add_argument("--lenient", action="store_true",
+                   help="keys without counterpart become notes instead of errors")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_import_lfads_torch)
 
 
 # ---------------------------------------------------------------------- helpers

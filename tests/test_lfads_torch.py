@@ -302,3 +302,41 @@ def test_test_split_without_recon_data(tmp_path):
     out = posterior.posterior_outputs(model, ds, n_samples=2)
     assert out["test"]["output_params"].shape == (2, 10, 5)
     assert np.isfinite(out["test"]["output_params"]).all()
+
+
+def test_cli_import_then_infer(tmp_path, capsys):
+    from lfads_fast.cli import main, load_config
+
+    _, cfg, _, sd, encod, _ = _setup(4)
+    model_yaml = yaml.safe_load(MODEL_YAML)
+    model_yaml.update({k: getattr(cfg, k) for k in (
+        "encod_data_dim", "encod_seq_len", "recon_seq_len", "ic_enc_dim", "ci_enc_dim",
+        "con_dim", "co_dim", "ic_dim", "gen_dim", "fac_dim")})
+    model_yaml["readout"]["modules"][0]["out_features"] = cfg.recon_data_dim
+    myaml = tmp_path / "m.yaml"
+    myaml.write_text(yaml.safe_dump(model_yaml))
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {k: v.float() for k, v in sd.items()}}, ckpt)
+    out = tmp_path / "imported"
+    assert main(["import-lfads-torch", str(myaml), "--datamodule",
+                 str(_write(tmp_path, "d.yaml", DATAMODULE_YAML)), "--checkpoint", str(ckpt),
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: datamodule.num_workers" in printed
+    m, t = load_config(out / "config.yaml")
+    assert m["cd_rate"] == 0.25 and t["batch_size"] == 64
+    assert m["ic_prior_var"] == pytest.approx(0.07)  # from the checkpoint
+    # The converted checkpoint runs in infer.
+    h5 = tmp_path / "d.h5"
+    rng = np.random.default_rng(5)
+    with h5py.File(h5, "w") as f:
+        for split, b in (("train", 4), ("valid", 2)):
+            f[f"{split}_encod_data"] = rng.poisson(1, (b, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float32)
+            f[f"{split}_recon_data"] = rng.poisson(1, (b, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float32)
+    assert main(["infer", str(out / "model.h5"), str(h5), "--out", str(tmp_path / "p.h5"),
+                 "--samples", "0"]) == 0
+    # Bad YAML key from the command line: exit 2, the key named.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(MODEL_YAML.replace("gen_dim:", "generator_dim:"))
+    assert main(["import-lfads-torch", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "model.generator_dim" in capsys.readouterr().err
