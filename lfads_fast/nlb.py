@@ -40,7 +40,7 @@ __all__ = [
     "ridge_cv", "velocity_r2", "psth_r2", "condition_psths", "kfold_indices",
     "smoothing_rates", "poisson_glm", "gaussian_window_smooth",
     "read_nlb_tensors", "score", "score_posterior", "write_submission", "fold_dataset",
-    "cross_validate", "evaluate_files", "epoch_metrics", "check_epoch_eval",
+    "cross_validate", "smoothing_scores", "evaluate_files", "epoch_metrics", "check_epoch_eval",
 ]
 
 # nlb_tools.evaluation.fit_and_eval_decoder's grid of ridge penalties and its inner folds.
@@ -433,10 +433,7 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
                                 "divergences": res.divergences,
                                 "train_seconds": res.train_seconds}
         if smoothing:
-            fit_rates, test_rates = smoothing_rates(fit_data, test_data)
-            s, _ = score(test_rates, test_data, train_rates=fit_rates, train_data=fit_data,
-                         psth=psth)
-            fold.scores["smoothing"] = s.to_dict()
+            fold.scores["smoothing"] = smoothing_scores(fit_data, test_data, psth).to_dict()
         results.append(fold)
         log(f"fold {i}: " + "; ".join(
             f"{m} co-bps {v['co_bps']:.4f} vel R2 {v['vel_r2']:.4f} fp-bps {v['fp_bps']:.4f}"
@@ -444,6 +441,13 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
     summary = _summarise(results)
     write_json(os.path.join(out_dir, "cv.json"), summary)
     return summary
+
+
+def smoothing_scores(fit_data: NLBTensors, test_data: NLBTensors, psth=None, **kwargs) -> Scores:
+    """NLB's metrics of the smoothing baseline (smoothing_rates, fitted on fit_data's trials)
+    on test_data's trials; kwargs go to smoothing_rates."""
+    fit_rates, test_rates = smoothing_rates(fit_data, test_data, **kwargs)
+    return score(test_rates, test_data, train_rates=fit_rates, train_data=fit_data, psth=psth)[0]
 
 
 def _summarise(results: list[FoldResult]) -> dict:

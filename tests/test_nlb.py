@@ -264,3 +264,20 @@ def test_trainer_velocity_r2_needs_behaviour(tmp_path):
         Trainer(LFADS(cfg), ds, TrainConfig(vel_r2_every=5), tmp_path, progress=False)
     with pytest.raises(ValueError, match="vel_r2_every"):
         TrainConfig(vel_r2_every=-1)
+
+
+REAL = __import__("pathlib").Path(__file__).parent / "data" / "mc_maze_small_train.h5"
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="tests/data/mc_maze_small_train.h5 not present")
+def test_smoothing_baseline_on_real_data():
+    """NLB's smoothing recipe on one fold of the 5-fold CV over MC_Maze_Small's 75 training
+    trials (deterministic: no training involved; docs/real_data.md has all five folds)."""
+    tensors = nlb.read_nlb_tensors(REAL)["train"]
+    assert tensors.heldin.shape == (75, 140, 107) and tensors.behavior.shape == (75, 140, 2)
+    test = nlb.kfold_indices(75, 5, seed=0)[0]
+    fit = np.setdiff1d(np.arange(75), test)
+    s = nlb.smoothing_scores(tensors.take(fit), tensors.take(test))
+    # Smoothing explains the held-out neurons a little and the velocity moderately.
+    assert 0.05 < s.co_bps < 0.25
+    assert 0.2 < s.vel_r2 < 0.8
