@@ -54,6 +54,14 @@ _IGNORED_TRAINER = ("_target_", "accelerator", "devices", "gpus", "log_every_n_s
                     "enable_progress_bar", "enable_model_summary", "enable_checkpointing",
                     "default_root_dir", "logger", "callbacks", "num_sanity_val_steps",
                     "check_val_every_n_epoch", "precision", "deterministic")
+# Datamodule and trainer sections: (key -> TrainConfig field, ignored keys, why others fail).
+_SECTIONS = {
+    "datamodule": ({"batch_size": "batch_size"}, _IGNORED_DATAMODULE,
+                   "lfads_fast reads the data file given to train; this datamodule option has "
+                   "no counterpart"),
+    "trainer": ({"max_epochs": "max_epochs", "gradient_clip_val": "max_grad_norm"},
+                _IGNORED_TRAINER, "no counterpart in TrainConfig"),
+}
 
 
 def read_config(model_yaml, datamodule_yaml=None, trainer_yaml=None, *, strict: bool = True
@@ -99,29 +107,18 @@ def read_config(model_yaml, datamodule_yaml=None, trainer_yaml=None, *, strict: 
             _NESTED[key](r, where, value)
         else:
             r.unknown(where, key, _MODEL_SAME + _TRAIN_SAME + tuple(_FIXED) + tuple(_NESTED))
-    if datamodule is not None:
-        datamodule = _resolve(datamodule, model, "datamodule")
-        for key, value in datamodule.items():
-            where = f"datamodule.{key}"
-            if key == "batch_size":
-                r.train["batch_size"] = value
-            elif key in _IGNORED_DATAMODULE:
+    for name, section in (("datamodule", datamodule), ("trainer", trainer)):
+        if section is None:
+            continue
+        mapped, ignored, why = _SECTIONS[name]
+        for key, value in _resolve(section, model, name).items():
+            where = f"{name}.{key}"
+            if key in mapped:
+                r.train[mapped[key]] = value
+            elif key in ignored:
                 r.notes.append(f"{where}: ignored (no effect on the model)")
             else:
-                r.missing(where, "lfads_fast reads the data file given to train; this datamodule "
-                          "option has no counterpart")
-    if trainer is not None:
-        trainer = _resolve(trainer, model, "trainer")
-        for key, value in trainer.items():
-            where = f"trainer.{key}"
-            if key == "max_epochs":
-                r.train["max_epochs"] = value
-            elif key == "gradient_clip_val":
-                r.train["max_grad_norm"] = value
-            elif key in _IGNORED_TRAINER:
-                r.notes.append(f"{where}: ignored (no effect on the model)")
-            else:
-                r.missing(where, "no counterpart in TrainConfig")
+                r.missing(where, why)
     from .train import TrainConfig
 
     _check_types(r.model, LFADSConfig, "model")
