@@ -665,8 +665,11 @@ def score_posterior(posterior: dict, tensors: dict[str, NLBTensors], *, eval_spl
             raise ValueError(f"the data have no {which}_spikes_heldin for the posterior's "
                              f"{split} split")
         rates, data = np.asarray(posterior[key]), tensors[which]
-        n_out = 0 if data.heldout is None else data.heldout.shape[2]
-        n_fwd = 0 if data.heldin_forward is None else data.heldin_forward.shape[1]
+        # NLB's eval inputs of the test phase lack the held-out and forward pieces: their
+        # sizes are the train split's.
+        sized = data if data.heldout is not None else tensors.get("train", data)
+        n_out = 0 if sized.heldout is None else sized.heldout.shape[2]
+        n_fwd = 0 if sized.heldin_forward is None else sized.heldin_forward.shape[1]
         want = (data.n_trials, data.heldin.shape[1], data.heldin.shape[2] + n_out)
         if rates.shape[0] != want[0] or rates.shape[2] != want[2] \
                 or rates.shape[1] not in (want[1], want[1] + n_fwd):

@@ -281,3 +281,18 @@ def test_smoothing_baseline_on_real_data():
     # Smoothing explains the held-out neurons a little and the velocity moderately.
     assert 0.05 < s.co_bps < 0.25
     assert 0.2 < s.vel_r2 < 0.8
+
+
+def test_score_posterior_test_phase_eval_inputs():
+    """NLB's eval inputs of the test phase hold only held-in spikes: the posterior's rates
+    (with held-out neurons and forward bins) are accepted, and only what can be scored is."""
+    rng = np.random.default_rng(12)
+    tensors, rates = _fake(rng)
+    hidden = nlb.NLBTensors(tensors.heldin[:8])
+    post = {"train_output_params": rates, "valid_output_params": rates[:8]}
+    s, fit, _ = nlb.score_posterior(post, {"train": tensors, "eval": hidden})
+    assert np.isfinite(s.bps) and fit is None
+    assert np.isnan(s.co_bps) and np.isnan(s.fp_bps) and np.isnan(s.vel_r2)
+    with pytest.raises(ValueError, match="valid_output_params has shape"):
+        nlb.score_posterior({**post, "valid_output_params": rates[:8, :-1]},
+                            {"train": tensors, "eval": hidden})
