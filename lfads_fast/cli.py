@@ -6,6 +6,11 @@
     lfads-fast demo [--minutes 5] [--out demo_out] [--burn-in BINS] [--set key=value ...]
     lfads-fast fixed-points CHECKPOINT DATA.h5 --out DIR [--n-init 1000] [--noise 0.01]
                      [--method newton|adam] [--inputs zero|mean] [--split valid] [--session S]
+    lfads-fast nlb-eval POSTERIOR.h5 DATA.h5 [--out DIR] [--conditions KEY]
+    lfads-fast nlb-eval --kfold K DATA.h5 --out DIR [--config cfg.yaml] [--set key=value ...]
+    lfads-fast nlb-submission POSTERIOR.h5 DATA.h5 --dataset NAME [--bin-size 5] --out SUB.h5
+    lfads-fast import-lfads-torch MODEL.yaml [--datamodule DM.yaml] [--trainer T.yaml]
+                     [--checkpoint CKPT] --out DIR
 
 A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
 (TrainConfig fields); DIR/config.yaml, written by every training run, is one. ``--set``
@@ -361,6 +366,164 @@ def _fixed_points(args) -> int:
     return 0
 
 
+def _nlb_eval(args) -> int:
+    from . import nlb
+
+    if args.kfold is not None:
+        if len(args.files) != 1:
+            raise ValueError("nlb-eval --kfold K takes one file, DATA.h5 (a model is trained per "
+                             f"fold), got {len(args.files)}")
+        if args.out is None:
+            raise ValueError("nlb-eval --kfold K needs --out DIR (the folds' training runs)")
+        model_fields, train_fields = load_config(args.config, args.set)
+        tensors = nlb.read_nlb_tensors(_existing(args.files[0], "data file"), args.conditions)
+        folds = None if args.folds is None else [int(f) for f in args.folds.split(",")]
+        summary = nlb.cross_validate(
+            tensors["train"], args.kfold, args.out, model_fields=model_fields,
+            train_fields=train_fields, seed=args.seed, n_samples=args.samples,
+            smoothing=not args.no_smoothing, folds=folds, progress=not args.quiet,
+            psth_sigma_bins=args.psth_sigma if args.conditions else None)
+        for method, m in summary["mean"].items():
+            sd = summary["std"][method]
+            print(f"{method}: " + ", ".join(
+                f"{name} {m[key]:.4f} +- {sd[key]:.4f}" for key, name in _NLB_METRICS
+                if key in m and math.isfinite(m[key])))
+        print(f"wrote {os.path.join(args.out, 'cv.json')}")
+        return 0
+    if len(args.files) != 2:
+        raise ValueError(f"nlb-eval takes POSTERIOR.h5 DATA.h5 (or --kfold K DATA.h5), got "
+                         f"{len(args.files)} file(s)")
+    posterior, data_file = (_existing(f, what) for f, what in zip(args.files, ("posterior", "data file")))
+    r = nlb.evaluate_files(posterior, data_file, args.out, eval_split=args.split,
+                           fit_split=args.fit_split, conditions_key=args.conditions,
+                           psth_sigma_bins=args.psth_sigma, lag_bins=args.lag_bins, dt=args.dt)
+    print(", ".join(f"{name} {r[key]:.4f}" for key, name in _NLB_METRICS if math.isfinite(r[key])))
+    if r["files"]:
+        print(f"wrote {', '.join(r['files'])}")
+    return 0
+
+
+def _nlb_submission(args) -> int:
+    from . import data, nlb
+
+    posterior = data.read_posterior_h5(_existing(args.posterior, "posterior"))
+    tensors = nlb.read_nlb_tensors(_existing(args.data, "data file"))["train"]
+    path = nlb.write_submission(args.out, posterior, tensors.heldin.shape[2], args.dataset,
+                                args.bin_size, n_encod_bins=tensors.heldin.shape[1],
+                                eval_split=args.split)
+    group = args.dataset + ("" if args.bin_size == 5 else f"_{args.bin_size}")
+    print(f"wrote {group} into {path}")
+    return 0
+
+
+def _import_lfads_torch(args) -> int:
+    from . import lfads_torch
+
+    model_fields, train_fields, notes = lfads_torch.read_config(
+        _existing(args.model, "model config"),
+        None if args.datamodule is None else _existing(args.datamodule, "datamodule config"),
+        None if args.trainer is None else _existing(args.trainer, "trainer config"),
+        strict=not args.lenient)
+    set_model, set_train = load_config(None, args.set)
+    model_fields.update(set_model)
+    train_fields.update(set_train)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.checkpoint is not None:
+        cfg = LFADSConfig.from_dict(model_fields)
+        try:
+            model = lfads_torch.import_checkpoint(_existing(args.checkpoint, "checkpoint"), cfg)
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+        model_fields = model.config.to_dict()
+        path = lfads_torch.write_checkpoint(out / "model.h5", model, train_fields,
+                                            source=os.path.abspath(args.checkpoint))
+        print(f"wrote {path} ({model.num_params} parameters from {args.checkpoint})")
+    path = lfads_torch.write_config_yaml(out / "config.yaml", model_fields, train_fields, notes)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {path}")
+    return 0
+
+
+# NLB metrics printed by nlb-eval: (key, name).
+_NLB_METRICS = (("co_bps", "co-bps"), ("vel_r2", "vel R2"), ("psth_r2", "psth R2"),
+                ("fp_bps", "fp-bps"), ("bps", "held-in bps"))
+
+
+def _add_nlb_commands(sub) -> None:
+    p = sub.add_parser("nlb-eval", help="Neural Latents Benchmark metrics of a posterior, or "
+                       "K-fold cross-validation", description="co-bps, fp-bps, velocity R^2 "
+                       "(nlb_tools' ridge decoder) and PSTH R^2 of POSTERIOR.h5's rates against "
+                       "the NLB tensors of DATA.h5; with --kfold K, train one model per fold on "
+                       "DATA.h5's training trials and score each on its test trials, beside NLB's "
+                       "smoothing baseline (docs/real_data.md).")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="POSTERIOR.h5 DATA.h5, or with --kfold only DATA.h5")
+    p.add_argument("--out", metavar="DIR", help="write nlb_eval.json (cv.json with --kfold) and "
+                   "the figures velocity.png, psth.png here")
+    p.add_argument("--split", default="valid", help="posterior split scored (default valid: "
+                   "NLB's eval trials)")
+    p.add_argument("--fit-split", default="train", help="posterior split the velocity decoder "
+                   "is fitted on (default train)")
+    p.add_argument("--conditions", metavar="KEY", help="per-trial condition ids in DATA.h5 "
+                   "({train,eval}_KEY): adds PSTH R^2")
+    p.add_argument("--psth-sigma", type=_positive_float, default=10.0, metavar="BINS",
+                   help="Gaussian smoothing of the PSTHs, in bins (default 10)")
+    p.add_argument("--lag-bins", type=_non_negative_int, default=0, metavar="BINS",
+                   help="pair rates at bin t with behaviour at t + BINS (default 0: the "
+                   "behaviour is already lagged, as in NLB's tensors)")
+    p.add_argument("--dt", type=_positive_float, metavar="S", help="seconds per bin, for the "
+                   "figures' axes")
+    p.add_argument("--kfold", type=_positive_int, metavar="K",
+                   help="cross-validate over DATA.h5's training trials with K folds")
+    p.add_argument("--config", metavar="CFG.yaml", help="--kfold: model/train config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="--kfold: override one config field (repeatable)")
+    p.add_argument("--samples", type=_non_negative_int, default=50,
+                   help="--kfold: posterior samples per trial (default 50)")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="--kfold: seed of the folds, models and samples (default 0)")
+    p.add_argument("--folds", metavar="I,J", help="--kfold: run only these folds")
+    p.add_argument("--no-smoothing", action="store_true",
+                   help="--kfold: skip the smoothing baseline")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_nlb_eval)
+
+    p = sub.add_parser("nlb-submission", help="write an EvalAI submission file",
+                       description="Write the rates of POSTERIOR.h5 (train and eval trials) in "
+                       "the Neural Latents Benchmark's submission layout: group DATASET (with "
+                       "_20 for 20 ms bins), {train,eval}_rates_held{in,out}[_forward].")
+    p.add_argument("posterior", metavar="POSTERIOR.h5")
+    p.add_argument("data", metavar="DATA.h5", help="the NLB tensors the posterior was made from "
+                   "(sizes held-in neurons and encoder bins)")
+    p.add_argument("--dataset", required=True, help="NLB dataset name, e.g. mc_maze_small")
+    p.add_argument("--bin-size", type=int, choices=(5, 20), default=5, help="bin size in ms")
+    p.add_argument("--split", default="valid", help="posterior split of the eval trials "
+                   "(default valid)")
+    p.add_argument("--out", required=True, metavar="SUBMISSION.h5",
+                   help="submission file (an existing one gains or replaces this group)")
+    p.set_defaults(func=_nlb_submission)
+
+    p = sub.add_parser("import-lfads-torch", help="convert lfads-torch configs and checkpoints",
+                       description="Read lfads-torch's Hydra model YAML (and its datamodule and "
+                       "trainer YAMLs) into OUT/config.yaml for `train --config`; with "
+                       "--checkpoint, also convert its Lightning checkpoint's weights into "
+                       "OUT/model.h5 for `infer` (needs torch). Keys without counterpart are "
+                       "errors naming them (--lenient: notes in config.yaml).")
+    p.add_argument("model", metavar="MODEL.yaml", help="lfads-torch configs/model/*.yaml, or a "
+                   "composed config with a model section")
+    p.add_argument("--datamodule", metavar="DM.yaml", help="lfads-torch configs/datamodule/*.yaml")
+    p.add_argument("--trainer", metavar="TRAINER.yaml", help="lfads-torch configs/trainer/*.yaml")
+    p.add_argument("--checkpoint", metavar="CKPT", help="a Lightning checkpoint of that model")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a converted field, e.g. model.encod_data_dim=107 (repeatable)")
+    p.add_argument("--lenient", action="store_true",
+                   help="keys without counterpart become notes instead of errors")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_import_lfads_torch)
+
+
 # ---------------------------------------------------------------------- helpers
 
 # What init_session_layers built the read-ins from (PCRResult.method), in words.
@@ -546,6 +709,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed of the initial states (default 0)")
     _add_device_option(p)
     p.set_defaults(func=_fixed_points)
+    _add_nlb_commands(sub)
     return parser
 
 

@@ -464,10 +464,21 @@ def _from_lfads_torch(source: str, arrays: dict, layout: str) -> Dataset:
     for split in SPLITS:
         if f"{split}_encod_data" not in arrays:
             continue
+        if split == "test" and "test_recon_data" not in arrays:
+            arrays = _missing_test_recon(arrays)
         _require(source, arrays, (f"{split}_recon_data",))
         names[split] = {f: f"{split}_{f}" for f in _SPLIT_FIELDS}
         splits[split] = _split_from_keys(source, arrays, split, names[split], factor)
     return _finish(source, layout, arrays, splits, names)
+
+
+def _missing_test_recon(arrays: dict) -> dict:
+    """A test split given without recon_data (lfads-torch's files for hidden test trials):
+    its target is all NaN (missing), train_recon_data's bins and neurons, so outputs can be
+    inferred and nothing is scored."""
+    n_trials = np.shape(arrays["test_encod_data"])[0]
+    shape = (n_trials,) + tuple(np.shape(arrays["train_recon_data"])[1:])
+    return {**arrays, "test_recon_data": np.full(shape, np.nan, np.float32)}
 
 
 def _from_tf1(source: str, arrays: dict) -> Dataset:

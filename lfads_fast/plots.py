@@ -331,7 +331,10 @@ def plot_training_curves(
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, (panel, series) in zip(axes, panels.items()):
         for label, values in series:
-            ax.plot(epochs, values, label=label, lw=1.2)
+            # Metrics evaluated every few epochs leave NaN between: draw the points they have.
+            ok = np.isfinite(values)
+            ax.plot(epochs[ok], values[ok], label=label, lw=1.2,
+                    marker=None if ok.all() else ".")
         finite = np.concatenate([v[np.isfinite(v)] for _, v in series])
         if finite.size and finite.min() > 0 and finite.max() > 100 * finite.min():
             ax.set_yscale("log")
@@ -341,6 +344,92 @@ def plot_training_curves(
             ax.legend(fontsize="small")
     for ax in axes[len(panels):]:
         ax.set_visible(False)
+    return _save(fig, path)
+
+
+def plot_decoded_velocity(
+    path: str | os.PathLike,
+    true: np.ndarray,
+    decoded: np.ndarray,
+    trials: Sequence[int] = (0, 1, 2, 3),
+    dt: float | None = None,
+    title: str = "",
+) -> str:
+    """Decoded against true hand velocity: one row of panels per behaviour dimension (x, y),
+    a few trials side by side, and a scatter of all bins.
+
+    Args:
+        path: the PNG file to write.
+        true, decoded: behaviour [B, T, D] (NaN bins are not drawn).
+        trials: trials drawn over time.
+        dt: seconds per bin (None: time in bins).
+    """
+    true, decoded = np.asarray(true, float), np.asarray(decoded, float)
+    if true.shape != decoded.shape or true.ndim != 3:
+        raise ValueError(f"true and decoded must both be [trials, bins, dims], got {true.shape} "
+                         f"and {decoded.shape}")
+    trials = [t for t in trials if t < true.shape[0]]
+    n_dims = true.shape[2]
+    fig = Figure(figsize=(3.0 * (len(trials) + 1), 2.4 * n_dims), layout="constrained")
+    axes = fig.subplots(n_dims, len(trials) + 1, squeeze=False)
+    x = np.arange(true.shape[1]) * (dt or 1.0)
+    names = "xyz" if n_dims <= 3 else [str(i) for i in range(n_dims)]
+    for d in range(n_dims):
+        for j, t in enumerate(trials):
+            ax = axes[d, j]
+            ax.plot(x, true[t, :, d], color=_TRUE_COLOR, lw=1.2, label="true")
+            ax.plot(x, decoded[t, :, d], color=_INFERRED_COLOR, lw=1.2, label="decoded")
+            ax.set_title(f"trial {t}, velocity {names[d]}", fontsize="small")
+            ax.set_xlabel("time (s)" if dt else "bin")
+        ax = axes[d, -1]
+        ok = np.isfinite(true[..., d]) & np.isfinite(decoded[..., d])
+        ax.scatter(true[..., d][ok], decoded[..., d][ok], s=2, alpha=0.3, color=_INFERRED_COLOR)
+        lim = [np.nanmin(true[..., d]), np.nanmax(true[..., d])]
+        ax.plot(lim, lim, color=_TRUE_COLOR, lw=0.8)
+        ax.set_xlabel(f"true {names[d]}")
+        ax.set_ylabel(f"decoded {names[d]}")
+    axes[0, 0].legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_condition_rates(
+    path: str | os.PathLike,
+    psth: np.ndarray,
+    rates: np.ndarray,
+    cond_idx: Sequence[np.ndarray],
+    neurons: Sequence[int] = (0, 1, 2, 3),
+    conditions: Sequence[int] = (0, 1, 2, 3),
+    dt: float | None = None,
+    title: str = "",
+) -> str:
+    """Condition-averaged rates against PSTHs: one panel per neuron, one colour per condition
+    (PSTH dashed, averaged rates solid).
+
+    Args:
+        path: the PNG file to write.
+        psth: PSTHs [C, T, N]; rates: [B, T, N]; cond_idx: the trials of each condition.
+        neurons, conditions: which to draw.
+    """
+    psth, rates = np.asarray(psth, float), np.asarray(rates, float)
+    neurons = [n for n in neurons if n < psth.shape[2]]
+    conditions = [c for c in conditions if c < psth.shape[0] and len(cond_idx[c])]
+    fig = Figure(figsize=(3.2 * len(neurons), 2.6), layout="constrained")
+    axes = fig.subplots(1, len(neurons), squeeze=False)[0]
+    colors = _colors(len(conditions))
+    x = np.arange(psth.shape[1]) * (dt or 1.0)
+    scale = 1.0 / dt if dt else 1.0
+    for ax, n in zip(axes, neurons):
+        for color, c in zip(colors, conditions):
+            ax.plot(x, psth[c, :, n] * scale, color=color, ls="--", lw=1.0)
+            ax.plot(x, rates[cond_idx[c]].mean(axis=0)[:, n] * scale, color=color, lw=1.2,
+                    label=f"condition {c}")
+        ax.set_title(f"neuron {n}", fontsize="small")
+        ax.set_xlabel("time (s)" if dt else "bin")
+        ax.set_ylabel("rate (Hz)" if dt else "count / bin")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(title or "condition-averaged rates (solid) and PSTHs (dashed)")
     return _save(fig, path)
 
 

@@ -65,7 +65,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from . import metrics, ops, resources, rundir, stitching
+from . import metrics, nlb, ops, resources, rundir, stitching
 from .config import LFADSConfig
 from .model import LFADS, param_layout
 
@@ -96,7 +96,7 @@ _SESSION_METRICS = ("recon_sv", "r2", "bps", "co_bps", "fp_bps")
 # Training-config fields that may change when a run is resumed: they decide when the run
 # stops or how often it saves, not what a step computes.
 RESUMABLE_FIELDS = ("max_epochs", "time_budget", "time_budget_lr_factor", "checkpoint_every",
-                    "early_stopping_patience")
+                    "early_stopping_patience", "vel_r2_every")
 # The final phase of a time budget (see TrainConfig.time_budget_lr_factor), as a fraction.
 BUDGET_FINAL_FRACTION = 0.05
 # After this many consecutive non-finite steps the learning rate is multiplied by
@@ -112,7 +112,7 @@ _TRAIN_STREAM, _VALID_STREAM, _SV_STREAM = 0, 1, 2
 _TIME_BAR = "{desc} {percentage:3.0f}%|{bar}| {elapsed} of {total:.0f} s{postfix}"
 # Columns of the log drawn in training_curves.png (train_/valid_ prefixes share a panel).
 _CURVES = ("loss", "recon", "recon_smth", "recon_sv", "kl_ic", "kl_co", "r2", "bps", "co_bps",
-           "fp_bps")
+           "fp_bps", "vel_r2")
 
 
 @dataclass
@@ -166,6 +166,9 @@ class TrainConfig:
         divergence_lr_factor: see divergence_factor.
         max_divergences: after this many divergences training stops (stop_reason
             "diverged") with the best checkpoint's parameters.
+        vel_r2_every: every this many epochs, log valid_vel_r2: NLB's velocity decoder
+            (nlb.epoch_metrics) fitted on the training trials' rates, scored on the validation
+            trials'; needs behaviour in both splits (0: off).
     """
 
     batch_size: int = 128
@@ -198,11 +201,13 @@ class TrainConfig:
     divergence_factor: float | None = 3.0
     divergence_lr_factor: float = 0.5
     max_divergences: int = 5
+    vel_r2_every: int = 0
 
     def __post_init__(self):
         for name in ("batch_size", "max_epochs", "checkpoint_every", "max_nonfinite_steps"):
             _check_int(self, name, 1)
         _check_int(self, "max_divergences", 0)
+        _check_int(self, "vel_r2_every", 0)
         if self.divergence_factor is not None:
             _check_float(self, "divergence_factor", low=1.0, low_open=True)
         _check_float(self, "divergence_lr_factor", low=0.0, high=1.0, low_open=True)
@@ -470,10 +475,11 @@ def load_model(path: str | os.PathLike) -> LFADS:
 
 
 def save_model(path: str | os.PathLike, model: LFADS,
-               train_config: TrainConfig | None = None) -> str:
+               train_config: TrainConfig | None = None, **info) -> str:
     """Writes a checkpoint of a model that Trainer did not train (epoch 0, zero Adam moments),
-    readable by load_model and the command line; returns the path."""
-    state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+    readable by load_model and the command line; returns the path. ``info`` (JSON values,
+    e.g. imported_from=...) is stored in the checkpoint's state."""
+    state = {**info, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
              "model_config": model.config.to_dict(),
              "train_config": (train_config or TrainConfig()).to_dict(),
              "dtype": str(model.dtype), "epoch": 0}
@@ -556,6 +562,10 @@ class Trainer:
              None if t.recon_data is t.encod_data else np.ascontiguousarray(t.recon_data.transpose(1, 0, 2)))
             for t in (ds.train for ds in self.sessions)]
         self._sv_masks = self._make_sv_masks()
+        if self.config.vel_r2_every:
+            if model.config.multisession:
+                raise ValueError("vel_r2_every is for one session")
+            nlb.check_epoch_eval(self.data)
         self._reset_state()
 
     # ------------------------------------------------------------------ public API
@@ -750,6 +760,8 @@ class Trainer:
         for k in _LOSS_TERMS:
             row[f"train_{k}"] = float(sums[k]) / n_used if n_used else float("nan")
         row.update(valid)
+        if cfg.vel_r2_every and (epoch + 1) % cfg.vel_r2_every == 0:
+            row.update(nlb.epoch_metrics(model, self.data))
         row["grad_norm"] = float(np.mean(norms)) if norms else float("nan")
         row["skipped_steps"] = skipped
         row["divergences"] = diverged
