@@ -389,7 +389,7 @@ def plot_search(
         ax.plot(epochs, [g["best"] for g in generations], "k-o", ms=3, lw=1.5, label="best")
         ax.plot(epochs, [g["median"] for g in generations], "k--", lw=1.0, label="median")
         ax.legend(fontsize="small")
-    ax.set_title(f"{metric} (members; per generation)" if generations else metric)
+    ax.set_title(metric)
     ax.set_xlabel("epoch")
     finite = np.concatenate([m["metric"][np.isfinite(m["metric"])] for m in members] or [np.zeros(0)])
     if finite.size:
