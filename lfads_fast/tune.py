@@ -422,7 +422,9 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
         run_config=tune.RunConfig(
             name="search", storage_path=storage, stop=stop if stopper else None, verbose=verbose,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
-            failure_config=tune.FailureConfig(max_failures=0)))
+            # A member whose worker died (a lost node, the memory monitor) restarts from its
+            # last checkpoint.
+            failure_config=tune.FailureConfig(max_failures=3)))
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
     trials = _collect(grid, space)
@@ -742,12 +744,14 @@ def _collect(grid, space: dict) -> list[dict]:
     for r in grid:
         df = r.metrics_dataframe
         rows = [] if df is None else df.to_dict("records")
-        trial = (r.metrics or {}).get("trial_id") or (rows[-1]["trial_id"] if rows else "?")
+        trial = (r.metrics or {}).get("trial_id") or (rows[-1].get("trial_id") if rows else None) \
+            or os.path.basename(str(r.path))
         meta = None
         if r.checkpoint is not None:
             with r.checkpoint.as_directory() as d:
                 meta = json.loads((Path(d) / _MEMBER_FILE).read_text())
-        values = meta["values"] if meta else dict(r.config["member"]["values"])
+        values = meta["values"] if meta else dict(((r.config or {}).get("member") or {})
+                                                  .get("values") or {})
         last = rows[-1] if rows else {}
         trials.append({
             "trial": trial, "status": "error" if r.error else "done",

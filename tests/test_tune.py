@@ -32,6 +32,11 @@ TINY = {"model": dict(ic_enc_dim=12, ic_dim=6, gen_dim=16, fac_dim=6, co_dim=0, 
         "tune": dict(perturbation_interval=2, burn_in=0)}
 
 
+# The test machine may be shared: Ray's memory monitor would kill members when other
+# processes fill the memory, which says nothing about the search.
+RAY_ENV = {"RAY_memory_monitor_refresh_ms": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
 def _ray_or_skip():
     """Ray Tune is in the test extra; installed from PyPI here when missing, skipped only
     when that is impossible (no network), with the reason."""
@@ -273,8 +278,10 @@ def check_search(out: Path, population: int) -> dict:
     return summary
 
 
-def test_pbt_search_on_local_ray(data_file, config_file, tmp_path):
+def test_pbt_search_on_local_ray(data_file, config_file, tmp_path, monkeypatch):
     ray, _ = _ray_or_skip()
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
     out = tmp_path / "search"
     t0 = time.perf_counter()
     try:
@@ -306,8 +313,7 @@ def ray_cluster(tmp_path):
     if ray_bin is None:
         pytest.skip("the ray command is not on PATH next to this Python")
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
-               RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **RAY_ENV)
     start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port),
                             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
                             "--disable-usage-stats"],
