@@ -22,7 +22,11 @@ from lfads_fast.tune import (DEFAULT_SPACE, METRIC, HyperParam, ImprovementRatio
                              run_search)
 from lfads_fast import tune as tune_module
 
-ROOT = Path(__file__).resolve().parent.parent
+import lfads_fast
+
+# Where the lfads_fast under test lives (the checkout, or site-packages in CI): the Ray
+# cluster's workers and the driver process import it from there.
+PACKAGE_PARENT = Path(lfads_fast.__file__).resolve().parent.parent
 # The search of the issue's acceptance test: a population of 4, 3 generations of 2 epochs on
 # tiny data, within 3 minutes on 2 CPUs (Ray's start included).
 SEARCH_SECONDS = 180
@@ -298,6 +302,31 @@ def test_pbt_search_on_local_ray(data_file, config_file, tmp_path, monkeypatch):
     assert main(["tune", str(data_file), "--out", str(out), "--config", str(config_file)]) == 2
 
 
+def test_random_search(data_file, config_file, tmp_path, monkeypatch):
+    ray, _ = _ray_or_skip()
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "random"
+    try:
+        code = main(["tune", str(data_file), "--out", str(out), "--config", str(config_file),
+                     "--mode", "random", "--population", "3", "--set", "train.max_epochs=3",
+                     "--samples", "0", "--quiet"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    summary = json.loads((out / "search.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 3 and all(t["status"] == "done" and t["epochs"] == 3 for t in trials)
+    assert summary["exploits"] == [] and summary["generations"] == []
+    space = summary["settings"]["space"]
+    drawn = {t["values"]["kl_ic_scale"] for t in trials}
+    assert len(drawn) == 3
+    assert all(space["kl_ic_scale"]["low"] <= v <= space["kl_ic_scale"]["high"] for v in drawn)
+    best = load_checkpoint(out / "checkpoints" / "best.h5")
+    assert best.train_config.lr_scheduler is True  # random search keeps the trainer's schedules
+    assert not (out / "posterior.h5").exists()  # --samples 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -307,13 +336,13 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_cluster(tmp_path):
     """A Ray head node on loopback with 2 CPUs, started with `ray start` (its workers import
-    this checkout), stopped with `ray stop` afterwards."""
+    the lfads_fast under test), stopped with `ray stop` afterwards."""
     _ray_or_skip()
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     if ray_bin is None:
         pytest.skip("the ray command is not on PATH next to this Python")
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **RAY_ENV)
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
     start = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port),
                             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
                             "--disable-usage-stats"],
