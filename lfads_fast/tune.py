@@ -381,6 +381,7 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     else:
         check_sizes(model_config, sessions[0])
     space = _check_space(settings.space, model_config)
+    _device_kwargs(settings.gpus_per_trial)  # refuses GPUs a CPU-only trainer cannot use
     train_config = _member_train_config(train_config, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -907,7 +908,11 @@ def _bounds(name: str, hp: HyperParam, lr_floor: float) -> tuple[float, float]:
 
 def _device(plan: _Plan) -> dict:
     """Trainer arguments that put a member on its GPU, when the trainer has a GPU backend."""
-    if plan.gpus <= 0:
+    return _device_kwargs(plan.gpus)
+
+
+def _device_kwargs(gpus: float) -> dict:
+    if gpus <= 0:
         return {}
     import inspect
 

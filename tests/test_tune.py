@@ -195,6 +195,21 @@ def test_controller_terms_need_a_controller(data_file, tmp_path):
     assert "kl_co_scale" not in tune_module._check_space(SearchSettings().space, cfg)
 
 
+def test_gpus_per_trial_needs_the_gpu_backend(tmp_path):
+    import inspect
+
+    from lfads_fast.train import Trainer
+
+    if "device" in inspect.signature(Trainer).parameters:
+        pytest.skip("this trainer has a GPU backend (device argument)")
+    _ray_or_skip()
+    ds = synth.chaotic_rnn(n_conditions=4, trials_per_condition=5, train_per_condition=4,
+                           n_bins=10, n_neurons=5).to_dataset()
+    with pytest.raises(ValueError, match="gpus_per_trial > 0, but this lfads_fast trains on the CPU"):
+        run_search(ds, config_for_data(ds, co_dim=0, ci_enc_dim=0, con_dim=0), TrainConfig(),
+                   tmp_path, SearchSettings(gpus_per_trial=0.5))
+
+
 class FakeRay:
     def __init__(self, cpus, memory):
         self.resources = {"CPU": cpus, "memory": memory}
