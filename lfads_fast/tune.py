@@ -397,8 +397,7 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
         tune.with_parameters(_member, sessions=sessions, model_config=model_config,
                              train_config=train_config, plan=plan),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    stopper = None
-    scheduler = None
+    scheduler = stopper = None
     if settings.mode == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
@@ -411,8 +410,7 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
         stopper = ImprovementRatioStopper(settings.population, plan.first,
                                           settings.perturbation_interval, settings.patience,
                                           settings.min_improvement_ratio, settings.max_generations)
-    if stopper is not None:
-        stop = _as_tune_stopper(tune, stopper)
+    stop = None if stopper is None else _as_tune_stopper(tune, stopper)
     storage = settings.storage or str((out / "ray").resolve())
     tuner = tune.Tuner(
         trainable,
@@ -421,7 +419,7 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                                     num_samples=1, time_budget_s=settings.time_budget,
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name="search", storage_path=storage, stop=stop if stopper else None, verbose=verbose,
+            name="search", storage_path=storage, stop=stop, verbose=verbose,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
             # A member whose worker died (a lost node, the memory monitor) restarts from its
             # last checkpoint.
@@ -561,9 +559,10 @@ class _Plan:
 
 
 def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) -> None:
-    """One member of the population, run by Ray Tune: trains, one tune.report per epoch, a
-    tune.Checkpoint at every generation boundary; restarted from a checkpoint (its own, or
-    after an exploit another member's with new values) it goes on from there."""
+    """One member of the population, run by Ray Tune: trains a generation at a time (one
+    Trainer.fit call up to the generation's last epoch), then sends one tune.report per epoch
+    of it, the last with a tune.Checkpoint of its run; restarted from a checkpoint (its own,
+    or after an exploit another member's with new values) it goes on from there."""
     from ray import tune
 
     ops.set_num_threads(plan.threads)
@@ -586,10 +585,7 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
         if run.exists():
             shutil.rmtree(run)
         with checkpoint.as_directory() as d:
-            for name in _RUN_FILES:
-                if (Path(d) / name).exists():
-                    (run / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(Path(d) / name, run / name)
+            _copy_run_files(Path(d), run)
             meta = json.loads((Path(d) / _MEMBER_FILE).read_text())
         saved = load_checkpoint(run / "checkpoints" / "last.h5")
         trainer = Trainer(LFADS(saved.model_config, seed=0, dtype=saved.flat.dtype), data,
@@ -616,10 +612,7 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
         spent += result.train_seconds
         rows = result.history[len(result.history) - result.epochs_this_call:]
         with tempfile.TemporaryDirectory() as d:
-            for name in _RUN_FILES:
-                if (run / name).exists():
-                    (Path(d) / name).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(run / name, Path(d) / name)
+            _copy_run_files(run, Path(d))
             (Path(d) / _MEMBER_FILE).write_text(json.dumps(_plain({
                 "trial": trial, "values": values, "epoch": result.epochs,
                 "best_metric": result.best_valid_recon_smth, "best_epoch": result.best_epoch,
@@ -630,6 +623,14 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
                             checkpoint=tune.Checkpoint.from_directory(d) if last else None)
         if result.stop_reason != "max_epochs" or result.epochs_this_call == 0:
             break
+
+
+def _copy_run_files(src: Path, dst: Path) -> None:
+    """The files of a member's run (checkpoints, logs) that exist in src, copied into dst."""
+    for name in _RUN_FILES:
+        if (src / name).exists():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, dst / name)
 
 
 def _metrics(row: dict, values: dict, plan: _Plan, lineage: list) -> dict:
