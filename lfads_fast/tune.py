@@ -392,7 +392,8 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     _check_population(ray, settings, model_config, train_config, sessions)
     plan = _Plan.of(settings, train_config)
     rng = random.Random(settings.seed)
-    members = [{"index": k, "values": _initial_values(space, rng)} for k in range(settings.population)]
+    members = [{"index": k, "values": _initial_values(space, rng)}
+               for k in range(settings.population)]
     trainable = tune.with_resources(
         tune.with_parameters(_member, sessions=sessions, model_config=model_config,
                              train_config=train_config, plan=plan),
@@ -427,7 +428,8 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     grid = tuner.fit()
     seconds = time.perf_counter() - t0
     trials = _collect(grid, space)
-    finished = [t for t in trials if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
+    finished = [t for t in trials
+                if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
     if not finished:
         errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"]) or "none"
         raise RuntimeError(f"no member of the search finished an epoch (errors: {errors})")
@@ -596,9 +598,9 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
             # An exploit: this member copies another's state and goes on with new values
             # and its own noise.
             trainer.perturb(changes, reseed=_trial_number(trial) * 1_000_003 + saved.epoch)
+            changed = {k: [meta["values"][k], v] for k, v in changes.items()}
             lineage = lineage + [{"trial": trial, "epoch": saved.epoch, "source": meta["trial"],
-                                  "values": values,
-                                  "changes": {k: [meta["values"][k], v] for k, v in changes.items()}}]
+                                  "values": values, "changes": changed}]
         resume, epoch = True, saved.epoch
     spent = 0.0
     while True:
