@@ -11,9 +11,14 @@
     lfads-fast nlb-submission POSTERIOR.h5 DATA.h5 --dataset NAME [--bin-size 5] --out SUB.h5
     lfads-fast import-lfads-torch MODEL.yaml [--datamodule DM.yaml] [--trainer T.yaml]
                      [--checkpoint CKPT] --out DIR
+    lfads-fast tune DATA.h5 [DATA.h5 ...] --out DIR [--config cfg.yaml] [--population 20]
+                     [--mode pbt|random] [--address auto] [--cpus-per-trial N]
+                     [--gpus-per-trial F] [--time-budget S] [--generations G]
 
 A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
-(TrainConfig fields); DIR/config.yaml, written by every training run, is one. ``--set``
+(TrainConfig fields); DIR/config.yaml, written by every training run, is one. A third,
+``tune``, holds the settings and search space of ``lfads-fast tune`` (lfads_fast.tune,
+docs/tune.md); the other commands ignore it. ``--set``
 overrides one field: ``--set model.gen_dim=64``, ``--set train.lr_init=1e-3``, or without
 the section when the name is unambiguous (``--set gen_dim=64``). Data sizes come from the
 data file.
@@ -115,6 +120,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping with sections 'model' and 'train'")
         for name, values in raw.items():
+            if name == "tune":  # read by lfads_fast.tune.load_search_settings
+                continue
             if name not in _SECTIONS:
                 raise ValueError(f"{path}: unknown section {name!r}; expected 'model' and/or "
                                  "'train'")
@@ -146,9 +153,9 @@ def _train(args) -> int:
 
 
 def _train_locked(args, out: Path) -> int:
-    from . import data, posterior, stitching
+    from . import posterior, stitching
     from .model import LFADS
-    from .train import Trainer, check_training_memory, config_for_data, load_model
+    from .train import Trainer, check_training_memory, load_model
 
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").exists():
@@ -157,17 +164,7 @@ def _train_locked(args, out: Path) -> int:
     if args.time_budget is not None:
         train_fields["time_budget"] = args.time_budget
     files = _data_files(args.data)
-    if len(files) == 1:
-        given = [name for name in ("session_neurons", "session_recon_neurons")
-                 if model_fields.get(name) is not None]
-        if given:
-            raise ValueError(f"{given[0]} is for several sessions (one data file per session), "
-                             "but one data file was given")
-        dataset = data.load_dataset(files[0])
-        model_cfg = config_for_data(dataset, **model_fields)
-    else:
-        dataset = data.load_sessions(files)
-        model_cfg = _session_config(dataset, model_fields)
+    dataset, model_cfg = _data_and_model_config(files, model_fields)
     train_cfg = TrainConfig.from_dict(train_fields)
     last = out / "checkpoints" / "last.h5"
     if last.exists() and not (args.resume or args.overwrite):
@@ -312,6 +309,43 @@ def _demo_locked(args, model_fields: dict, train_fields: dict) -> int:
             ens += f" ({r.r2_ensemble_refined:.3f} refined)"
     print(f"valid R^2: LFADS {r.r2_lfads:.3f}{refined}{ens}, smoothing {r.r2_smoothing:.3f}, "
           f"smoothing + PCA {r.r2_pca:.3f} ({r.total_seconds / 60:.1f} min in all)")
+    return 0
+
+
+def _tune(args) -> int:
+    try:
+        from . import tune
+
+        tune.require_ray()
+    except ImportError as e:
+        print(f"lfads-fast tune: error: {e}", file=sys.stderr)
+        return 2
+    out = rundir.check_writable_dir(args.out)
+    with rundir.run_lock(out, what="search"):
+        return _tune_locked(args, out, tune)
+
+
+def _tune_locked(args, out: Path, tune) -> int:
+    if (out / "search.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already holds a search; pass --overwrite to start over, or "
+                              "choose another --out")
+    if args.config is not None:
+        _existing(args.config, "config file")
+    model_fields, train_fields = load_config(args.config, args.set)
+    settings = tune.load_search_settings(
+        args.config, mode=args.mode, population=args.population, address=args.address,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        time_budget=args.time_budget, max_generations=args.generations,
+        perturbation_interval=args.interval, storage=args.storage, seed=args.seed)
+    dataset, model_cfg = _data_and_model_config(_data_files(args.data), model_fields)
+    train_cfg = TrainConfig.from_dict(train_fields)
+    r = tune.run_search(dataset, model_cfg, train_cfg, out, settings, n_samples=args.samples,
+                        verbose=0 if args.quiet else 1)
+    print(f"{settings.mode}: {len(r.trials)} members, {len(r.exploits)} exploits, "
+          f"{len(r.generations)} generations, {r.seconds:.0f} s (stopped: {r.stop_reason}); "
+          f"best member {r.best_trial}, valid_recon_smth {r.best_metric:.5f}")
+    print("best values: " + ", ".join(f"{k} {v:.3g}" for k, v in r.best_values.items()))
+    print(f"wrote {out / 'checkpoints'}, {out / 'search_trials.md'}, {out / 'search.png'}")
     return 0
 
 
@@ -568,6 +602,23 @@ def _data_files(entries: list[str]) -> list[str]:
     return [_existing(path, "data file") for path in data.expand_paths(entries, "data file")]
 
 
+def _data_and_model_config(files: list[str], model_fields: dict):
+    """(dataset, config) of one data file; (list of datasets, multi-session config) of several."""
+    from . import data
+    from .train import config_for_data
+
+    if len(files) == 1:
+        given = [name for name in ("session_neurons", "session_recon_neurons")
+                 if model_fields.get(name) is not None]
+        if given:
+            raise ValueError(f"{given[0]} is for several sessions (one data file per session), "
+                             "but one data file was given")
+        dataset = data.load_dataset(files[0])
+        return dataset, config_for_data(dataset, **model_fields)
+    sessions = data.load_sessions(files)
+    return sessions, _session_config(sessions, model_fields)
+
+
 def _session_config(sessions, model_fields: dict) -> LFADSConfig:
     """The multi-session config of the sessions; data sizes given (a resumed run's
     config.yaml has them all) must agree with the files."""
@@ -709,6 +760,48 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed of the initial states (default 0)")
     _add_device_option(p)
     p.set_defaults(func=_fixed_points)
+
+    p = sub.add_parser("tune", help="hyperparameter search: AutoLFADS population-based training",
+                       description="Search the learning rate and regularisation with Ray Tune: "
+                       "population-based training (AutoLFADS) or random search; writes the best "
+                       "model as train does, a table and a figure of the search (docs/tune.md). "
+                       "Needs the tune extra: pip install 'lfads_fast[tune]'.")
+    p.add_argument("data", metavar="DATA.h5", nargs="+",
+                   help="input file; several files (or a quoted glob pattern) are the sessions "
+                   "of one stitched model")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--config", metavar="CFG.yaml",
+                   help="YAML with sections model, train and tune (settings and search space)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one model or train field (repeatable)")
+    p.add_argument("--mode", choices=("pbt", "random"), default=None,
+                   help="population-based training (default) or random search")
+    p.add_argument("--population", type=_positive_int, default=None, metavar="N",
+                   help="members of the population (default 20)")
+    p.add_argument("--generations", type=_positive_int, default=None, metavar="G",
+                   help="stop PBT after G generations (default: no limit)")
+    p.add_argument("--interval", type=_positive_int, default=None, metavar="EPOCHS",
+                   help="epochs per generation (default 25)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="join a running Ray cluster ('auto' or host:port; default: start Ray "
+                   "on this machine)")
+    p.add_argument("--cpus-per-trial", type=_positive_int, default=None, metavar="N",
+                   help="CPUs (kernel threads) of one member (default 1)")
+    p.add_argument("--gpus-per-trial", type=_non_negative_float, default=None, metavar="F",
+                   help="GPUs of one member, fractions share a GPU (default 0)")
+    p.add_argument("--time-budget", type=_positive_float, default=None, metavar="S",
+                   help="stop the search after S seconds")
+    p.add_argument("--storage", default=None, metavar="PATH",
+                   help="Ray's results and checkpoints (default DIR/ray; on a cluster a path "
+                   "every node sees, or a URI such as s3://...)")
+    p.add_argument("--seed", type=_non_negative_int, default=None,
+                   help="seed of the initial values and the explore steps (default 0)")
+    p.add_argument("--samples", type=_non_negative_int, default=50,
+                   help="posterior samples for the best model's posterior (0: skip; default 50)")
+    p.add_argument("--overwrite", action="store_true", help="start over in a used DIR")
+    p.add_argument("--quiet", action="store_true", help="no status table")
+    p.set_defaults(func=_tune)
+
     _add_nlb_commands(sub)
     return parser
 

@@ -433,6 +433,62 @@ def plot_condition_rates(
     return _save(fig, path)
 
 
+def plot_search(
+    path: str | os.PathLike,
+    members: Sequence[dict],
+    log_scale: dict,
+    generations: Sequence[dict] = (),
+    metric: str = "valid_recon_smth",
+) -> str:
+    """A hyperparameter search: each searched value's trajectory per member over the epochs
+    (a jump is an exploit: the member copied another and perturbed its values), and the
+    metric per generation.
+
+    Args:
+        path: the PNG file to write.
+        members: per member: name, epoch [E] (epochs completed at each report), values
+            ({hyperparameter: [E]}), metric [E].
+        log_scale: {hyperparameter: True for a log axis}; its keys are the panels drawn.
+        generations: per generation: epoch (its end) and best, median, worst metric of the
+            population; empty for a search without generations.
+        metric: the metric's name, for the labels.
+
+    Returns:
+        The path written, as a string.
+    """
+    names = list(log_scale)
+    n_panels = len(names) + 1
+    n_cols = min(3, n_panels)
+    n_rows = -(-n_panels // n_cols)
+    fig = Figure(figsize=(4.4 * n_cols, 3.0 * n_rows), layout="constrained")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    colors = _colors(len(members))
+    for ax, name in zip(axes, names):
+        for m, color in zip(members, colors):
+            ax.step(m["epoch"], m["values"][name], where="pre", color=color, lw=1.0, alpha=0.8)
+        if log_scale[name]:
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+    ax = axes[len(names)]
+    for m, color in zip(members, colors):
+        ax.plot(m["epoch"], m["metric"], color=color, lw=0.6, alpha=0.35)
+    if generations:
+        epochs = [g["epoch"] for g in generations]
+        ax.plot(epochs, [g["best"] for g in generations], "k-o", ms=3, lw=1.5, label="best")
+        ax.plot(epochs, [g["median"] for g in generations], "k--", lw=1.0, label="median")
+        ax.legend(fontsize="small")
+    ax.set_title(metric)
+    ax.set_xlabel("epoch")
+    finite = np.concatenate([m["metric"][np.isfinite(m["metric"])] for m in members] or [np.zeros(0)])
+    if finite.size:
+        low, high = np.percentile(finite, [0, 90])
+        ax.set_ylim(low - 0.05 * (high - low + 1e-12), high + 0.05 * (high - low + 1e-12))
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
 # Helpers ----------------------------------------------------------------------------------
 
 

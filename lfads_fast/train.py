@@ -75,6 +75,7 @@ __all__ = [
     "FitResult",
     "NonFiniteLossError",
     "Checkpoint",
+    "PERTURBABLE_FIELDS",
     "load_checkpoint",
     "load_model",
     "save_model",
@@ -97,6 +98,13 @@ _SESSION_METRICS = ("recon_sv", "r2", "bps", "co_bps", "fp_bps")
 # stops or how often it saves, not what a step computes.
 RESUMABLE_FIELDS = ("max_epochs", "time_budget", "time_budget_lr_factor", "checkpoint_every",
                     "early_stopping_patience", "vel_r2_every")
+# Hyperparameters that Trainer.perturb changes in a run's state, and the config each belongs
+# to: regularisation and the learning rate (AutoLFADS's search space), which change what the
+# next steps do but neither the parameters' layout nor the data.
+PERTURBABLE_FIELDS = {"lr_init": "train", "weight_decay": "train", "dropout_rate": "model",
+                      "cd_rate": "model", "kl_ic_scale": "model", "kl_co_scale": "model",
+                      "l2_gen_scale": "model", "l2_con_scale": "model",
+                      "l2_ic_enc_scale": "model", "l2_ci_enc_scale": "model"}
 # The final phase of a time budget (see TrainConfig.time_budget_lr_factor), as a fraction.
 BUDGET_FINAL_FRACTION = 0.05
 # After this many consecutive non-finite steps the learning rate is multiplied by
@@ -699,6 +707,64 @@ class Trainer:
             failure.result = result if self.best_epoch >= 0 else None
             raise failure
         return result
+
+    def perturb(self, changes: dict, *, reseed: int | None = None) -> dict:
+        """Changes hyperparameters of the run at its last checkpoint (population-based
+        training's explore step; tune.py drives it).
+
+        Loads out_dir/checkpoints/last.h5 with the checks of fit(resume=True) (this trainer's
+        model, data and configuration must be the checkpoint's), applies changes to the
+        model's configuration (dropout and coordinated-dropout rates, KL and L2 scales) and to
+        the training configuration (lr_init, weight_decay), and writes the result back as the
+        last and the best checkpoint. fit(resume=True) then goes on from the same parameters,
+        Adam moments, step count, ramps and smoothed metric with the new values. A new
+        lr_init becomes the current learning rate (a plateau schedule, if on, goes on from
+        it). The best-checkpoint record restarts at this state: earlier best states were
+        trained with other values.
+
+        Args:
+            changes: {field: new value} for fields of PERTURBABLE_FIELDS.
+            reseed: draw the training random stream (batch order, dropout masks, posterior
+                samples) afresh from (seed, reseed) instead of going on with the
+                checkpoint's, so that a copy of another member of a population does not
+                repeat its noise; None goes on with it.
+
+        Returns:
+            {field: (old value, new value)} for the fields whose value changed.
+
+        Raises:
+            ValueError: a field that is not perturbable, an invalid value, no checkpoint, or a
+                checkpoint of another model, data or configuration.
+        """
+        unknown = sorted(set(changes) - set(PERTURBABLE_FIELDS))
+        if unknown:
+            raise ValueError(f"perturb: {', '.join(unknown)} cannot change in a running "
+                             f"training; perturbable: {', '.join(PERTURBABLE_FIELDS)}")
+        if reseed is not None and (isinstance(reseed, bool) or not isinstance(reseed, int)
+                                   or reseed < 0):
+            raise ValueError(f"reseed must be None or an integer >= 0, got {reseed!r}")
+        if not self.last_checkpoint.exists():
+            raise ValueError(f"perturb: {self.last_checkpoint} does not exist (train, or put a "
+                             "checkpoint there, first)")
+        self._restore(load_checkpoint(self.last_checkpoint))
+        parts = {section: {k: v for k, v in changes.items() if PERTURBABLE_FIELDS[k] == section}
+                 for section in ("model", "train")}
+        model_cfg = dataclasses.replace(self.model.config, **parts["model"])
+        train_cfg = dataclasses.replace(self.config, **parts["train"])
+        old = {**self.model.config.to_dict(), **self.config.to_dict()}
+        new = {**model_cfg.to_dict(), **train_cfg.to_dict()}
+        self.model.config, self.config = model_cfg, train_cfg
+        if "lr_init" in changes:
+            self.lr = train_cfg.lr_init
+        self.sched_best, self.sched_bad = None, 0
+        self.best_value, self.best_epoch, self.es_wait = self.recon_smth, self.epoch - 1, 0
+        if reseed is not None:
+            self.rng = np.random.default_rng(
+                np.random.SeedSequence([train_cfg.seed, _TRAIN_STREAM, reseed]))
+        self._save(self.last_checkpoint)
+        self._save(self.best_checkpoint)
+        self._write_config_yaml()
+        return {k: (old[k], new[k]) for k in changes if old[k] != new[k]}
 
     # ------------------------------------------------------------------ one epoch
 
