@@ -32,17 +32,17 @@ def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
     C, U, G, F, E = cfg.con_dim, cfg.co_dim, cfg.gen_dim, cfg.fac_dim, cfg.ext_input_dim
     encs = [("ic_enc_fwd", Hi), ("ic_enc_bwd", Hi)]
     if cfg.use_con:
-        encs += [("ci_enc_fwd", Hc), ("ci_enc_bwd", Hc)]
+        encs += [("ci_enc_fwd", Hc)] + ([] if cfg.ci_enc_causal else [("ci_enc_bwd", Hc)])
     layout = [(f"{e}_W_ih", (3 * h, Ne)) for e, h in encs]
     layout += [(f"{e}_b_ih", (3 * h,)) for e, h in encs]
     layout += [(f"{e}_W_hh", (3 * h, h)) for e, h in encs]
     layout += [("ic_enc_h0", (2, Hi))]
     if cfg.use_con:
-        layout += [("ci_enc_h0", (2, Hc))]
+        layout += [("ci_enc_h0", (cfg.ci_enc_dirs, Hc))]
     layout += [("ic_linear_W", (2 * cfg.ic_dim, 2 * Hi)), ("ic_linear_b", (2 * cfg.ic_dim,))]
     if cfg.use_con:
         layout += [
-            ("con_W_ih", (3 * C, 2 * Hc + F)),
+            ("con_W_ih", (3 * C, cfg.ci_enc_dirs * Hc + F)),
             ("con_b_ih", (3 * C,)),
             ("con_W_hh", (3 * C, C)),
             ("con_h0", (C,)),
@@ -314,7 +314,7 @@ class LFADS:
             noise["drop_g0"] = drop(B, cfg.gen_dim)
             noise["drop_gen"] = drop(Tr, B, cfg.gen_dim)
             if cfg.use_con:
-                noise["drop_ci"] = drop(Tr, B, 2 * cfg.ci_enc_dim)
+                noise["drop_ci"] = drop(Tr, B, cfg.ci_enc_dirs * cfg.ci_enc_dim)
                 noise["drop_fac_in"] = drop(Tr, B, cfg.fac_dim)
             if cfg.ext_input_dim > 0:
                 noise["drop_ext"] = drop(Tr, B, cfg.ext_input_dim)
@@ -621,9 +621,9 @@ class LFADS:
         dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
                "mask_g": nz.get("drop_gen", (Tr, B, G))}
         if con:
-            Hc = cfg.ci_enc_dim
+            Hc = cfg.ci_enc_dirs * cfg.ci_enc_dim
             dec.update(xcon=c["xcon"],
-                       W_con_f=np.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
+                       W_con_f=np.ascontiguousarray(p["con_W_ih"][:, Hc:]),
                        W_con_hh=p["con_W_hh"],
                        c0=np.ascontiguousarray(np.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
                        W_co=p["co_linear_W"], b_co=p["co_linear_b"],
@@ -728,14 +728,16 @@ class LFADS:
         c["xproj"] = xproj
         c["enc"] = {}
         for name, H, off, rev, h0_name, h0_row in enc:
+            t0, t1 = self._encoder_bins(name)
             h0 = np.ascontiguousarray(np.broadcast_to(p[h0_name][h0_row], (B, H)))
-            out = (self._buf(f"{name}_hs", (Te, B, H)), self._buf(f"{name}_gates", (Te, B, 3 * H)))
-            hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
+            out = (self._buf(f"{name}_hs", (t1 - t0, B, H)), self._buf(f"{name}_gates", (t1 - t0, B, 3 * H)))
+            hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip,
+                                        out=out)
             c["enc"][name] = (hs, gates, h0)
 
         # Initial-condition posterior.
         hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
-        h_n = np.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
+        h_n = np.concatenate([hs_f[-1], hs_b[0]], axis=1)
         drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
         h_n_d = h_n * drop_ic if drop_ic is not None else h_n
         ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
@@ -747,19 +749,22 @@ class LFADS:
 
         # Controller input: the lagged CI, projected by one GEMM over all steps.
         if con:
-            ci = self._buf("ci", (Tr, B, 2 * Hc))
+            nci = cfg.ci_enc_dirs * Hc
+            ci = self._buf("ci", (Tr, B, nci))
             ci[...] = 0
             lag = cfg.ci_lag
-            cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
-            if lag < Te:
-                ci[lag:Te, :, :Hc] = cf[: Te - lag]
-                ci[: Te - lag, :, Hc:] = cb[lag:]
-            drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
+            t0, _ = self._encoder_bins("ci_enc_fwd")  # the CI encoder sees bins t0 .. Te-1
+            n = Te - t0
+            if lag < n:
+                ci[t0 + lag : Te, :, :Hc] = c["enc"]["ci_enc_fwd"][0][: n - lag]
+                if not cfg.ci_enc_causal:
+                    ci[t0 : Te - lag, :, Hc:] = c["enc"]["ci_enc_bwd"][0][lag:]
+            drop_ci = nz.get("drop_ci", (Tr, B, nci))
             if drop_ci is not None:
                 ci *= drop_ci
             ci_d = ci
             xcon = self._buf("xcon", (Tr, B, 3 * cfg.con_dim))
-            ops.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+            ops.matmul(ci_d.reshape(Tr * B, nci), p["con_W_ih"][:, :nci].T,
                        out=xcon.reshape(Tr * B, -1))
             xcon += p["con_b_ih"]
             c.update(ci_d=ci_d, drop_ci=drop_ci, xcon=xcon)
@@ -934,21 +939,26 @@ class LFADS:
             g["con_h0"][...] = d["d_c0"].sum(axis=0)
             d_xcon = d["d_xcon"].reshape(Tr * B, -1)
             g["con_b_ih"][...] = d_xcon.sum(axis=0)
-            g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
-            ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, 2 * Hc), out=g["con_W_ih"][:, : 2 * Hc])
-            d_ci = self._buf("d_ci", (Tr, B, 2 * Hc))
-            ops.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
+            nci = cfg.ci_enc_dirs * Hc
+            g["con_W_ih"][:, nci:] = d["d_W_con_f"]
+            ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, nci), out=g["con_W_ih"][:, :nci])
+            d_ci = self._buf("d_ci", (Tr, B, nci))
+            ops.matmul(d_xcon, p["con_W_ih"][:, :nci], out=d_ci.reshape(Tr * B, -1))
             if c["drop_ci"] is not None:
                 d_ci *= c["drop_ci"]
-            # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
+            # Undo the lag: ci[t0 + q] = [cf[q - lag], cb[q + lag]] for the CI encoder's bins
+            # t0 + q, q < n.
             lag = cfg.ci_lag
-            d_cf = self._buf("d_cf", (Te, B, Hc))
-            d_cb = self._buf("d_cb", (Te, B, Hc))
-            d_cf[Te - lag :] = 0
-            d_cb[: min(lag, Te)] = 0
-            if lag < Te:
-                d_cf[: Te - lag] = d_ci[lag:Te, :, :Hc]
-                d_cb[lag:] = d_ci[: Te - lag, :, Hc:]
+            t0, _ = self._encoder_bins("ci_enc_fwd")
+            n = Te - t0
+            d_cf = self._buf("d_cf", (n, B, Hc))
+            d_cb = self._buf("d_cb", (n, B, Hc))
+            d_cf[max(n - lag, 0) :] = 0
+            d_cb[: min(lag, n)] = 0
+            if lag < n:
+                d_cf[: n - lag] = d_ci[t0 + lag : Te, :, :Hc]
+                if not cfg.ci_enc_causal:
+                    d_cb[lag:] = d_ci[t0 : Te - lag, :, Hc:]
 
         # Factors of the initial state, and the row normalisation of fac_W.
         d_W_fac = d["d_W_fac"] + d["d_f0"].T @ c["g0_d"]
@@ -977,13 +987,16 @@ class LFADS:
         # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
         # Every column is written: each encoder's backward fills its own 3H columns.
         d_xproj = self._buf("d_xproj", c["xproj"].shape)
+        if cfg.ic_enc_seq_len > 0:  # then the encoders cover different bins: zero the rest
+            d_xproj[...] = 0
         d_final = {"ic_enc_fwd": np.ascontiguousarray(d_h_n[:, :Hi]),
                    "ic_enc_bwd": np.ascontiguousarray(d_h_n[:, Hi:])}
         d_seq = {"ci_enc_fwd": d_cf, "ci_enc_bwd": d_cb} if con else {}
         for name, H, off, rev, h0_name, h0_row in self._encoders():
             hs, gates, h0 = c["enc"][name]
+            t0, t1 = self._encoder_bins(name)
             d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                            d_final.get(name), d_xproj, off, reverse=rev, clip=clip,
+                                            d_final.get(name), d_xproj[t0:t1], off, reverse=rev, clip=clip,
                                             work=self._buf("gru_work", hs.shape))
             g[f"{name}_W_hh"][...] = d_W_hh
             g[h0_name][h0_row] = d_h0.sum(axis=0)
@@ -1109,9 +1122,18 @@ class LFADS:
         encs = [("ic_enc_fwd", Hi, 0, False, "ic_enc_h0", 0),
                 ("ic_enc_bwd", Hi, 3 * Hi, True, "ic_enc_h0", 1)]
         if cfg.use_con:
-            encs += [("ci_enc_fwd", Hc, 6 * Hi, False, "ci_enc_h0", 0),
-                     ("ci_enc_bwd", Hc, 6 * Hi + 3 * Hc, True, "ci_enc_h0", 1)]
+            encs += [("ci_enc_fwd", Hc, 6 * Hi, False, "ci_enc_h0", 0)]
+            if not cfg.ci_enc_causal:
+                encs += [("ci_enc_bwd", Hc, 6 * Hi + 3 * Hc, True, "ci_enc_h0", 1)]
         return encs
+
+    def _encoder_bins(self, name: str) -> tuple[int, int]:
+        """The encoder bins [t0, t1) an encoder GRU runs over: with ic_enc_seq_len = K > 0 the
+        IC encoders see bins 0 .. K-1 and the CI encoders K .. T_e-1 (lfads-torch); else all."""
+        Te, K = self.config.encod_seq_len, self.config.ic_enc_seq_len
+        if K == 0:
+            return 0, Te
+        return (0, K) if name.startswith("ic_") else (K, Te)
 
     def _enc_input_weights(self, flat: np.ndarray):
         """The encoders' stacked input weights [3 * sum(H), N_e] and biases: views of `flat`,
@@ -1125,8 +1147,8 @@ class LFADS:
         terms = [("ic_enc_fwd_W_hh", cfg.l2_ic_enc_scale), ("ic_enc_bwd_W_hh", cfg.l2_ic_enc_scale),
                  ("gen_W_hh", cfg.l2_gen_scale)]
         if cfg.use_con:
-            terms += [("ci_enc_fwd_W_hh", cfg.l2_ci_enc_scale), ("ci_enc_bwd_W_hh", cfg.l2_ci_enc_scale),
-                      ("con_W_hh", cfg.l2_con_scale)]
+            terms += [(f"{name}_W_hh", cfg.l2_ci_enc_scale) for name, *_ in self._encoders()[2:]]
+            terms += [("con_W_hh", cfg.l2_con_scale)]
         return terms
 
     def _init_params(self, rng: np.random.Generator) -> None:
