@@ -447,7 +447,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the initial states (default 0)")
     p.set_defaults(func=_fixed_points)
+
+    p = sub.add_parser("export", help="write a checkpoint's model for real-time inference",
+                       description="Write the model of a checkpoint as a safetensors file that the "
+                       "real-time C library (include/lfads_fast/realtime.h) and "
+                       "lfads_fast.realtime.Decoder load (docs/realtime.md).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
+    p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="output file")
+    p.set_defaults(func=_export)
     return parser
+
+
+def _export(args) -> int:
+    from .export import export_checkpoint
+    from .realtime import Decoder
+
+    export_checkpoint(_existing(args.checkpoint, "checkpoint"), args.out)
+    dec = Decoder(args.out)  # read back by the C library: the file is usable
+    modes = "window and streaming" if dec.can_stream else "window mode (streaming needs ic_enc_seq_len and ci_enc_causal)"
+    print(f"Wrote {args.out}: {dec.n_in} channels in, {dec.n_out} rates, {dec.n_factors} factors; "
+          f"runs in {modes}.")
+    return 0
 
 
 def _resolve(key: str) -> tuple[str, str]:

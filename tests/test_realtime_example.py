@@ -1,0 +1,92 @@
+"""End to end: `lfads-fast train` of a causal model, `lfads-fast export`, the Python binding,
+and the C example (examples/stream_counts.c) built with CMake against the installed library:
+the C program's outputs equal the binding's, and no heap allocation happens inside a step."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+from lfads_fast import cli, realtime, synth  # noqa: E402
+from lfads_fast.train import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+TINY_CAUSAL = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
+               "--set", "fac_dim=4", "--set", "co_dim=2", "--set", "ci_enc_dim=6",
+               "--set", "con_dim=6", "--set", "ic_enc_seq_len=5", "--set", "ci_enc_causal=true",
+               "--set", "train.batch_size=16", "--set", "max_epochs=2", "--set", "lr_init=1e-2"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    sd = synth.chaotic_rnn(n_conditions=8, trials_per_condition=4, train_per_condition=3,
+                           n_bins=20, n_neurons=16)
+    data = str(synth.save_h5(sd, root / "tiny.h5"))
+    assert cli.main(["train", data, "--out", str(root / "run"), "--samples", "0", "--quiet",
+                     *TINY_CAUSAL]) == 0
+    ckpt = root / "run" / "checkpoints" / "best.h5"
+    out = root / "model.safetensors"
+    assert cli.main(["export", str(ckpt), "--out", str(out)]) == 0
+    return ckpt, out, root
+
+
+def test_export_command_matches_the_checkpoint(exported, capsys):
+    ckpt, out, _ = exported
+    model = load_model(ckpt)
+    dec = realtime.Decoder(out, mode="streaming")
+    assert dec.n_in == 16 and dec.can_stream
+    X = np.random.default_rng(0).poisson(1.0, (20, 16)).astype(np.float32)
+    res = dec.run(X)
+    ref = model.forward(X[None])["output_params"][0, 4:]
+    assert np.max(np.abs(res["rates"] - ref) / ref) <= 1e-5
+
+
+def test_export_command_errors(tmp_path, capsys):
+    code = cli.main(["export", str(tmp_path / "none.h5"), "--out", str(tmp_path / "m.safetensors")])
+    assert code == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def _build_example(build_dir):
+    cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler to build examples/")
+    if not os.path.exists(cmake):
+        pytest.skip("no cmake to build examples/ (the test extra installs it)")
+    prefix = realtime.prefix()
+    subprocess.run([cmake, "-S", str(EXAMPLES), "-B", str(build_dir), f"-DCMAKE_PREFIX_PATH={prefix}",
+                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+    subprocess.run([cmake, "--build", str(build_dir)], check=True, capture_output=True)
+    return build_dir / "stream_counts"
+
+
+@pytest.mark.parametrize("mode", ["streaming", "window"])
+def test_c_example_equals_python_binding(exported, tmp_path, mode):
+    _, model_path, root = exported
+    exe = _build_example(root / f"build_{mode}")
+    X = np.random.default_rng(1).poisson(1.2, (45, 16)).astype("<f4")
+    counts = tmp_path / "counts.f32"
+    X.tofile(counts)
+    proc = subprocess.run([str(exe), str(model_path), str(counts), "--mode", mode, "--repeat", "3"],
+                          check=True, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    dec = realtime.Decoder(model_path, mode=mode)
+    res = dec.run(np.concatenate([X] * 3))
+    assert len(lines) == len(res["bin"])
+    for line, b, r, f in zip(lines, res["bin"], res["rates"], res["factors"]):
+        head, fac, _ = line.split("|")
+        fields = head.split()
+        assert int(fields[0]) == b
+        # The same library, the same float32 operations: identical up to printing (%.9g).
+        np.testing.assert_array_equal(np.array(fields[1:], np.float32), r)
+        np.testing.assert_array_equal(np.array(fac.split(), np.float32), f)
+    stats = dict(zip(proc.stderr.split()[::2], proc.stderr.split()[1::2]))
+    assert stats["allocs_in_step"] == "0", proc.stderr
+    assert int(stats["bins"]) == 135
