@@ -1,0 +1,248 @@
+"""Per-bin latency of real-time inference (liblfads_fast_realtime) on one pinned core, against
+the same math in PyTorch eager at batch 1, measured in the same run.
+
+For each size (the NLB 5 ms sizes and a 256-channel, gen 200 model) two models with random
+weights (latency does not depend on training): a bidirectional one for window mode (W bins
+re-run every bin) and a causal one (ic_enc_seq_len, ci_enc_causal) for streaming mode. The C
+timings come from examples/stream_counts (built here with CMake against the installed
+library), which times each lfrt_step with CLOCK_MONOTONIC and counts heap allocations inside
+it; PyTorch runs batch 1, float32, one thread, no autograd: a streaming step (CI encoder,
+controller, generator, read-out for one bin) and a window re-run (the whole forward over W
+bins). Counts are Poisson(--rate) per bin, like 5 ms bins of motor cortex (the library skips
+zero counts in the input projection).
+
+    python bench/bench_realtime.py [--bins 100000] [--core 1] [--out bench/results/realtime_cpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from lfads_fast import LFADSConfig, realtime  # noqa: E402
+from lfads_fast.export import export_model  # noqa: E402
+from lfads_fast.model import LFADS  # noqa: E402
+
+SIZES = {
+    "NLB 5 ms": dict(encod_data_dim=182, ic_enc_dim=100, ci_enc_dim=80, con_dim=80, co_dim=4,
+                     ic_dim=100, gen_dim=100, fac_dim=40),
+    "256 ch, gen 200": dict(encod_data_dim=256, ic_enc_dim=100, ci_enc_dim=80, con_dim=80, co_dim=4,
+                            ic_dim=100, gen_dim=200, fac_dim=40),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bins", type=int, default=100_000, help="bins per C measurement (default 100000)")
+    ap.add_argument("--window", type=int, default=50, help="window W (default 50)")
+    ap.add_argument("--ic-bins", type=int, default=10, help="ic_enc_seq_len of the streaming model")
+    ap.add_argument("--rate", type=float, default=0.1, help="mean count per bin and channel")
+    ap.add_argument("--torch-bins", type=int, default=3000, help="bins per PyTorch streaming measurement")
+    ap.add_argument("--torch-windows", type=int, default=300, help="bins per PyTorch window measurement")
+    ap.add_argument("--core", type=int, default=None, help="core to pin to (default: the last)")
+    ap.add_argument("--out", default=str(HERE / "results" / "realtime_cpu.md"))
+    args = ap.parse_args()
+
+    core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})  # this process and the C program it starts
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_rt_"))
+    exe = build_example(tmp / "build")
+    rows = []
+    for name, size in SIZES.items():
+        for mode in ("streaming", "window"):
+            causal = mode == "streaming"
+            cfg = LFADSConfig(encod_seq_len=args.window, **size,
+                              **(dict(ic_enc_seq_len=args.ic_bins, ci_enc_causal=True) if causal else {}))
+            model = LFADS(cfg, seed=1)
+            model.flat += (rng.standard_normal(model.flat.size) * 0.02).astype(np.float32)
+            path = tmp / f"{mode}_{cfg.encod_data_dim}.safetensors"
+            export_model(model, path)
+            X = rng.poisson(args.rate, (1000, cfg.encod_data_dim)).astype("<f4")
+            X.tofile(tmp / "counts.f32")
+            stats = run_c(exe, path, tmp / "counts.f32", mode, args.bins // 1000)
+            tstats = torch_latency(model, X, mode, args.torch_bins if causal else args.torch_windows)
+            rows.append((name, mode, stats, tstats))
+            print(name, mode, stats, tstats, flush=True)
+    write(args, core, rows)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_example(build: Path) -> Path:
+    cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
+    subprocess.run([cmake, "-S", str(HERE.parent / "examples"), "-B", str(build),
+                    f"-DCMAKE_PREFIX_PATH={realtime.prefix()}", "-DCMAKE_BUILD_TYPE=Release"],
+                   check=True, capture_output=True)
+    subprocess.run([cmake, "--build", str(build)], check=True, capture_output=True)
+    return build / "stream_counts"
+
+
+def run_c(exe, model, counts, mode, repeat) -> dict:
+    p = subprocess.run([str(exe), str(model), str(counts), "--mode", mode, "--repeat", str(repeat), "--quiet"],
+                       check=True, capture_output=True, text=True)
+    f = p.stderr.split()
+    return {k: float(v) for k, v in zip(f[::2], f[1::2])}
+
+
+# ---------------------------------------------------------------------------- PyTorch eager
+
+
+def _cell(x, h, W_ih, b_ih, W_hh, clip):
+    H = h.shape[-1]
+    xz, xr, xn = (x @ W_ih.T + b_ih).split(H, -1)
+    hz, hr = (h @ W_hh[: 2 * H].T).split(H, -1)
+    z, r = torch.sigmoid(xz + hz), torch.sigmoid(xr + hr)
+    n = torch.tanh(xn + (r * h) @ W_hh[2 * H :].T)
+    return torch.clamp(z * h + (1 - z) * n, -clip, clip)
+
+
+class TorchModel:
+    """The model's inference math (posterior means) in PyTorch eager, batch 1."""
+
+    def __init__(self, model: LFADS):
+        self.cfg = model.config
+        self.p = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in model.params.items()}
+        self.W_fac = self.p["fac_W"] / torch.linalg.vector_norm(self.p["fac_W"], dim=1, keepdim=True)
+
+    def gru(self, name, x, h):
+        p = self.p
+        return _cell(x, h, p[f"{name}_W_ih"], p[f"{name}_b_ih"], p[f"{name}_W_hh"], self.cfg.cell_clip)
+
+    def initial(self, x):  # x [K, N]
+        p, cfg = self.p, self.cfg
+        hf, hb = p["ic_enc_h0"][0:1], p["ic_enc_h0"][1:2]
+        for t in range(x.shape[0]):
+            hf = self.gru("ic_enc_fwd", x[t : t + 1], hf)
+        for t in reversed(range(x.shape[0])):
+            hb = self.gru("ic_enc_bwd", x[t : t + 1], hb)
+        ic = (torch.cat([hf, hb], 1) @ p["ic_linear_W"].T + p["ic_linear_b"])[:, : cfg.ic_dim]
+        g = ic @ p["ic_to_g0_W"].T + p["ic_to_g0_b"]
+        return g, g @ self.W_fac.T, p["con_h0"][None]
+
+    def decoder_step(self, ci, f, c, g):
+        p, U = self.p, self.cfg.co_dim
+        c = self.gru("con", torch.cat([ci, f], 1), c)
+        u = (c @ p["co_linear_W"].T + p["co_linear_b"])[:, :U]
+        g = self.gru("gen", u, g)
+        f = g @ self.W_fac.T
+        return f, c, g, torch.exp(f @ p["readout_W"].T + p["readout_b"])
+
+    def window(self, x):  # the whole forward over W bins, the last bin's rates
+        p, cfg = self.p, self.cfg
+        g, f, c = self.initial(x)
+        Hc, lag, W = cfg.ci_enc_dim, cfg.ci_lag, x.shape[0]
+        cf, cb = [], [None] * W
+        h = p["ci_enc_h0"][0:1]
+        for t in range(W):
+            h = self.gru("ci_enc_fwd", x[t : t + 1], h)
+            cf.append(h)
+        h = p["ci_enc_h0"][1:2]
+        for t in reversed(range(W)):
+            h = self.gru("ci_enc_bwd", x[t : t + 1], h)
+            cb[t] = h
+        zero = torch.zeros(1, Hc)
+        for t in range(W):
+            ci = torch.cat([cf[t - lag] if t >= lag else zero, cb[t + lag] if t + lag < W else zero], 1)
+            f, c, g, rates = self.decoder_step(ci, f, c, g)
+        return rates
+
+
+def torch_latency(model: LFADS, X, mode: str, n: int) -> dict:
+    tm = TorchModel(model)
+    X = torch.from_numpy(np.asarray(X, np.float32))
+    cfg = model.config
+    lat = []
+    with torch.no_grad():
+        if mode == "window":
+            W = cfg.encod_seq_len
+            for k in range(n + 5):
+                t = W + k % (X.shape[0] - W)
+                t0 = time.perf_counter()
+                tm.window(X[t - W : t])
+                lat.append(time.perf_counter() - t0)
+        else:
+            K, lag, Hc = cfg.ic_enc_seq_len, cfg.ci_lag, cfg.ci_enc_dim
+            g, f, c = tm.initial(X[:K])
+            h = tm.p["ci_enc_h0"][0:1]
+            ring = [torch.zeros(1, Hc)] * (lag + 1)
+            for k in range(n + 50):
+                x = X[K + k % (X.shape[0] - K)][None]
+                t0 = time.perf_counter()
+                h = tm.gru("ci_enc_fwd", x, h)
+                ring = ring[1:] + [h]
+                f, c, g, rates = tm.decoder_step(ring[0], f, c, g)
+                lat.append(time.perf_counter() - t0)
+    lat = np.array(lat[50 if mode != "window" else 5 :]) * 1e6
+    return {"bins": len(lat), "p50_us": float(np.median(lat)), "p99_us": float(np.percentile(lat, 99)),
+            "max_us": float(lat.max())}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def write(args, core, rows):
+    lines = [
+        "# Real-time inference latency (CPU, one pinned core)",
+        "",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores; pinned to core {core} "
+        "(os.sched_setaffinity); **shared with other engineers' builds and tests during the run, "
+        "so the tails (p99, max) include interference from other processes**",
+        f"- commit: {commit()}; Python {platform.python_version()}, torch {torch.__version__} "
+        "(1 thread, no autograd)",
+        f"- float32; batch 1; window W = {args.window}; streaming models: ic_enc_seq_len = {args.ic_bins}, "
+        f"ci_enc_causal; counts Poisson({args.rate}) per bin",
+        "- lfads_fast: examples/stream_counts timing each lfrt_step (CLOCK_MONOTONIC), "
+        f"{args.bins} bins per row; allocations: heap allocations counted inside lfrt_step by "
+        "malloc-family wrappers in that program",
+        f"- PyTorch eager: the same math, {args.torch_bins} bins (streaming) / {args.torch_windows} "
+        "windows per row",
+        "",
+        "| sizes | mode | lfads_fast p50 (us) | p99 | max | allocs in step | PyTorch p50 (us) | p99 | "
+        "speed-up p50 | speed-up p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, mode, c, t in rows:
+        lines.append(f"| {name} | {mode} | {c['p50_us']:.2f} | {c['p99_us']:.2f} | {c['max_us']:.0f} | "
+                     f"{int(c['allocs_in_step'])} | {t['p50_us']:.0f} | {t['p99_us']:.0f} | "
+                     f"{t['p50_us'] / c['p50_us']:.0f}x | {t['p99_us'] / c['p99_us']:.0f}x |")
+    lines += ["", "Sizes:", ""]
+    for name, size in SIZES.items():
+        lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in size.items()))
+    lines += ["", "Targets (issue 15): streaming p99 <= 20 us at NLB 5 ms sizes, window (W = 50) p99 <= 1 ms, "
+              ">= 20x PyTorch batch 1, zero allocations in the step.", ""]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()
