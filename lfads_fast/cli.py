@@ -455,7 +455,83 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
     p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="output file")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("fit-decoder", help="fit a linear read-out of behaviour into an export",
+                       description="Run the real-time decoder over the trials of a data file, fit "
+                       "a ridge regression from its rates or factors to the behaviour (lag and "
+                       "alpha by cross-validation over trials, NLB's procedure) and write a copy "
+                       "of the export that also holds it: the real-time step then returns the "
+                       "decoded output (docs/realtime.md).")
+    p.add_argument("model", metavar="MODEL.safetensors", help="a file of lfads-fast export")
+    p.add_argument("data", metavar="DATA.h5", help="trials with {split}_<behavior> arrays [B, T, D]")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="output file")
+    p.add_argument("--behavior", default="behavior", metavar="NAME",
+                   help="behaviour array of each split, without the split prefix (default behavior)")
+    p.add_argument("--splits", default="train", metavar="S1,S2", help="splits to fit on (default train)")
+    p.add_argument("--features", choices=("rates", "factors"), default="rates",
+                   help="what the read-out reads (default rates)")
+    p.add_argument("--mode", choices=("window", "streaming"), default=None,
+                   help="real-time mode that makes the features (default: streaming when the "
+                   "model can, else window)")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="W",
+                   help="window mode: bins per window (default: the model's encod_seq_len)")
+    p.add_argument("--lags", default="0", metavar="L1,L2",
+                   help="candidate lags in bins, chosen by cross-validation (default 0)")
+    p.add_argument("--alphas", default=None, metavar="A1,A2",
+                   help="candidate ridge penalties (default 1e-4 .. 1e4, 9 values)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds (default 5)")
+    p.set_defaults(func=_fit_decoder)
     return parser
+
+
+def _fit_decoder(args) -> int:
+    import numpy as np
+
+    from . import data, readout
+    from .export import export_model, read_export
+    from .realtime import Decoder
+
+    model, _ = read_export(_existing(args.model, "model"))
+    dataset = data.load_dataset(_existing(args.data, "data file"))
+    mode = args.mode or ("streaming" if Decoder(args.model).can_stream else "window")
+    dec = Decoder(args.model, mode=mode, window=args.window)
+    features, behaviour = [], []
+    for name in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        split = getattr(dataset, name, None)
+        if split is None:
+            raise ValueError(f"{args.data} has no {name} split")
+        if args.behavior not in split.extra:
+            raise ValueError(f"{args.data} has no {name}_{args.behavior} array "
+                             f"(per-split arrays: {', '.join(sorted(split.extra)) or 'none'})")
+        beh = np.asarray(split.extra[args.behavior], np.float64)
+        if beh.ndim == 2:
+            beh = beh[..., None]
+        if beh.ndim != 3 or beh.shape[0] != split.n_trials:
+            raise ValueError(f"{name}_{args.behavior} must be [trials, bins, outputs], got {beh.shape}")
+        for counts, b in zip(split.encod_data, beh):
+            dec.reset()
+            res = dec.run(np.nan_to_num(counts, nan=0.0))
+            f = np.full((counts.shape[0], dec.n_out if args.features == "rates" else dec.n_factors), np.nan)
+            f[res["bin"]] = res[args.features]
+            features.append(f)
+            behaviour.append(b)
+    lags = _int_list_arg(args.lags, "--lags")
+    alphas = readout.DEFAULT_ALPHAS if args.alphas is None else [float(a) for a in args.alphas.split(",")]
+    fit = readout.fit_ridge(features, behaviour, lags=lags, alphas=alphas, folds=args.folds)
+    export_model(model, args.out, decoder={"W": fit.W, "b": fit.b, "features": args.features,
+                                           "lag": fit.lag, "alpha": fit.alpha, "cv_r2": fit.cv_r2,
+                                           "mode": mode, "behavior": args.behavior})
+    print(f"Wrote {args.out}: ridge from {args.features} ({mode} mode) to {fit.W.shape[0]} outputs of "
+          f"{args.behavior}; lag {fit.lag} bins, alpha {fit.alpha:g}, cross-validated R^2 {fit.cv_r2:.4f} "
+          f"({args.folds} folds over {len(features)} trials).")
+    return 0
+
+
+def _int_list_arg(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _export(args) -> int:

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("safetensors")
 from lfads_fast import cli, realtime, synth  # noqa: E402
+from lfads_fast.export import read_export  # noqa: E402
 from lfads_fast.train import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +91,47 @@ def test_c_example_equals_python_binding(exported, tmp_path, mode):
     stats = dict(zip(proc.stderr.split()[::2], proc.stderr.split()[1::2]))
     assert stats["allocs_in_step"] == "0", proc.stderr
     assert int(stats["bins"]) == 135
+
+
+def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
+    """Behaviour made from the decoder's own rates 2 bins earlier (plus noise): fit-decoder
+    picks lag 2 by cross-validation, and the real-time step returns the fitted read-out."""
+    import h5py
+
+    _, model_path, _ = exported
+    rng = np.random.default_rng(3)
+    dec = realtime.Decoder(model_path, mode="streaming")
+    B, T, N = 24, 20, 16
+    enc = rng.poisson(1.0, (B, T, N)).astype(np.float32)
+    A = rng.standard_normal((2, N))
+    beh = np.zeros((B, T, 2))
+    for i in range(B):
+        dec.reset()
+        res = dec.run(enc[i])
+        rates = np.zeros((T, N))
+        rates[res["bin"]] = res["rates"]
+        beh[i, 2:] = rates[:-2] @ A.T + 0.01 * rng.standard_normal((T - 2, 2))
+        beh[i, :6] = np.nan  # no features before the IC bins: left out
+    path = tmp_path / "beh.h5"
+    with h5py.File(path, "w") as f:
+        for split, sl in (("train", slice(0, 20)), ("valid", slice(20, 24))):
+            f[f"{split}_encod_data"] = enc[sl]
+            f[f"{split}_recon_data"] = enc[sl]
+            f[f"{split}_behavior"] = beh[sl]
+    out = tmp_path / "with_decoder.safetensors"
+    code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--lags", "0,1,2,3",
+                     "--folds", "4"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "lag 2 bins" in stdout
+    r2 = float(stdout.split("R^2 ")[1].split()[0])
+    assert r2 > 0.95
+    d = realtime.Decoder(out, mode="streaming")
+    assert d.n_decoded == 2
+    res = d.run(enc[20])
+    _, meta = read_export(out)
+    np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ meta["W"].T + meta["b"], rtol=1e-5, atol=1e-5)
+    assert meta["lag"] == 2 and meta["mode"] == "streaming"
+    # Bad requests name what is wrong.
+    code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--behavior", "hand"])
+    assert code == 2 and "no train_hand array" in capsys.readouterr().err
