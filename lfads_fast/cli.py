@@ -481,7 +481,68 @@ def _parser() -> argparse.ArgumentParser:
                    help="candidate ridge penalties (default 1e-4 .. 1e4, 9 values)")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds (default 5)")
     p.set_defaults(func=_fit_decoder)
+
+    p = sub.add_parser("serve", help="real-time node: Redis stream of counts in, outputs out",
+                       description="Read spike counts from a Redis stream, run the real-time "
+                       "decoder bin by bin and write rates, factors and decoded outputs with "
+                       "timestamps to another stream (docs/realtime.md). Stops cleanly on SIGINT "
+                       "or SIGTERM.")
+    p.add_argument("model", metavar="MODEL.safetensors", help="a file of lfads-fast export")
+    p.add_argument("--config", metavar="SERVE.yaml",
+                   help="YAML with any of the options below (underscores for dashes); the "
+                   "command line overrides it")
+    p.add_argument("--host", help="Redis host (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, help="Redis port (default 6379)")
+    p.add_argument("--in-stream", help="input stream (default spikes)")
+    p.add_argument("--out-stream", help="output stream (default lfads)")
+    p.add_argument("--field", help="field of the counts in input entries (default counts)")
+    p.add_argument("--mode", choices=("window", "streaming"),
+                   help="default: streaming when the model can, else window")
+    p.add_argument("--window", type=_positive_int, help="window mode: bins per window")
+    p.add_argument("--lookahead", type=_non_negative_int, help="window mode: look-ahead bins")
+    p.add_argument("--max-count", type=_positive_float, help="largest accepted count (default 1000)")
+    p.add_argument("--start-id", help="read entries after this id ('$': new ones only, the "
+                   "default; '0': all)")
+    p.add_argument("--block-ms", type=_positive_int, help="longest wait per read in ms (default 100)")
+    p.add_argument("--maxlen", type=_non_negative_int,
+                   help="approximate cap of the output stream (default 100000; 0: none)")
+    p.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args) -> int:
+    import signal
+
+    from .realtime import SERVE_DEFAULTS, serve
+
+    options = dict(SERVE_DEFAULTS)
+    if args.config:
+        with open(_existing(args.config, "config")) as f:
+            given = yaml.safe_load(f) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{args.config} must hold a mapping of serve options")
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown serve options {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(options))})")
+        options.update(given)
+    for name in options:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve(_existing(args.model, "model"), stop=lambda: bool(stopping),
+              log=lambda m: print(m, flush=True), **options)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
 
 
 def _fit_decoder(args) -> int:

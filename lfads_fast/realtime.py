@@ -226,6 +226,118 @@ class Decoder:
             self._model = None
 
 
+# ---------------------------------------------------------------------------- Redis node
+
+SERVE_DEFAULTS = dict(host="127.0.0.1", port=6379, in_stream="spikes", out_stream="lfads",
+                      field="counts", mode=None, window=None, lookahead=0, max_count=1000.0,
+                      start_id="$", block_ms=100, maxlen=100000)
+
+
+def serve(model_path, *, host="127.0.0.1", port=6379, in_stream="spikes", out_stream="lfads",
+          field="counts", mode=None, window=None, lookahead=0, max_count=1000.0, start_id="$",
+          block_ms=100, maxlen=100000, stop=None, log=print) -> dict:
+    """A BRAND-style node: spike counts from one Redis stream in, outputs to another.
+
+    Input entries: `field` (default "counts") = the bin's counts as little-endian float32
+    bytes [n_in] (as numpy's tobytes()); an entry with a field "reset" instead starts a new
+    trial (the decoder forgets all bins). Output entries, one per input entry, in order:
+    in_id (the input entry's id), bin, rates / factors / decoded (float32 bytes), and the
+    times t_receive (entry read), t_before and t_after (around the step), in nanoseconds of
+    CLOCK_MONOTONIC (time.monotonic_ns(), the same clock in every process of the host); no
+    outputs yet (warm-up) gives bin -1 and empty arrays. A malformed entry (missing field,
+    wrong byte count, NaN / negative / huge counts) gives an entry with `error` (a code) and
+    `message` instead, and the node goes on with the state unchanged.
+
+    Args:
+        model_path: a file of lfads-fast export.
+        host, port: the Redis server.
+        in_stream, out_stream: stream keys; field: the counts field.
+        mode, window, lookahead, max_count: as Decoder (mode None: streaming when the model
+            can, else window).
+        start_id: read entries after this id ("$": only new ones; "0": from the start).
+        block_ms: longest wait per read, so that `stop` is checked that often.
+        maxlen: approximate cap of the output stream's length (0: none).
+        stop: a callable returning True to end the loop (serve's CLI sets it on SIGINT).
+        log: where status lines go.
+
+    Returns:
+        counts of entries: {"bins": ..., "outputs": ..., "errors": ..., "resets": ...}.
+    """
+    try:
+        import redis
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("serve needs the redis package: pip install 'lfads_fast[realtime]'") from e
+
+    if mode is None:
+        mode = "streaming" if Decoder(model_path).can_stream else "window"
+    dec = Decoder(model_path, mode=mode, window=window, lookahead=lookahead, max_count=max_count)
+    r = redis.Redis(host=host, port=port)
+    try:
+        return _serve_loop(r, dec, mode, host, port, in_stream, out_stream, field, start_id, block_ms,
+                           maxlen, stop, log)
+    except redis.ConnectionError as e:
+        raise ValueError(f"Redis at {host}:{port}: {e}") from e
+
+
+def _serve_loop(r, dec, mode, host, port, in_stream, out_stream, field, start_id, block_ms, maxlen,
+                stop, log) -> dict:
+    import time
+
+    r.ping()
+    key = field.encode()
+    last = start_id
+    if last == "$":  # resolve now, so that entries added after "ready" are not missed
+        info = r.xinfo_stream(in_stream) if r.exists(in_stream) else None
+        last = info["last-generated-id"].decode() if info else "0-0"
+    stats = {"bins": 0, "outputs": 0, "errors": 0, "resets": 0}
+    add = {"maxlen": maxlen, "approximate": True} if maxlen else {}
+    empty = b""
+    log(f"ready: {mode} mode, {dec.n_in} channels from {in_stream} -> {out_stream} on {host}:{port}")
+    stop = stop or (lambda: False)
+    while not stop():
+        got = r.xread({in_stream: last}, count=64, block=block_ms)
+        for _, entries in got or []:
+            for entry_id, fields in entries:
+                t_recv = time.monotonic_ns()
+                last = entry_id
+                out = {"in_id": entry_id}
+                if b"reset" in fields:
+                    dec.reset()
+                    stats["resets"] += 1
+                    out.update(reset=1, t_receive=t_recv)
+                    r.xadd(out_stream, out, **add)
+                    continue
+                raw = fields.get(key)
+                try:
+                    if raw is None:
+                        raise RealtimeError("format", f"entry has no '{field}' field (fields: "
+                                            f"{', '.join(k.decode(errors='replace') for k in fields)})")
+                    if len(raw) != 4 * dec.n_in:
+                        raise RealtimeError("channels", f"'{field}' has {len(raw)} bytes, expected "
+                                            f"{4 * dec.n_in} ({dec.n_in} float32 counts)")
+                    counts = np.frombuffer(raw, dtype="<f4")
+                    t0 = time.monotonic_ns()
+                    res = dec.step(counts)
+                    t1 = time.monotonic_ns()
+                except RealtimeError as e:
+                    stats["errors"] += 1
+                    out.update(error=e.code, message=str(e), t_receive=t_recv)
+                    r.xadd(out_stream, out, **add)
+                    continue
+                stats["bins"] += 1
+                if res is None:
+                    out.update(bin=-1, rates=empty, factors=empty, decoded=empty)
+                else:
+                    stats["outputs"] += 1
+                    out.update(bin=res.bin, rates=res.rates.tobytes(), factors=res.factors.tobytes(),
+                               decoded=res.decoded.tobytes())
+                out.update(t_receive=t_recv, t_before=t0, t_after=t1)
+                r.xadd(out_stream, out, **add)
+    log(f"stopped: {stats['bins']} bins, {stats['outputs']} outputs, {stats['errors']} refused entries, "
+        f"{stats['resets']} resets")
+    return stats
+
+
 def _check(lib, state, status: int) -> None:
     if status == 0:
         return
