@@ -51,10 +51,14 @@ def main():
     ap.add_argument("--torch-bins", type=int, default=3000, help="bins per PyTorch streaming measurement")
     ap.add_argument("--torch-windows", type=int, default=300, help="bins per PyTorch window measurement")
     ap.add_argument("--core", type=int, default=None, help="core to pin to (default: the last)")
+    ap.add_argument("--redis-bins", type=int, default=20000,
+                    help="bins sent through lfads-fast serve and Redis per mode (0: skip)")
+    ap.add_argument("--redis-period-ms", type=float, default=5.0, help="time between sent bins")
     ap.add_argument("--out", default=str(HERE / "results" / "realtime_cpu.md"))
     args = ap.parse_args()
 
-    core = args.core if args.core is not None else max(os.sched_getaffinity(0))
+    all_cores = os.sched_getaffinity(0)
+    core = args.core if args.core is not None else max(all_cores)
     os.sched_setaffinity(0, {core})  # this process and the C program it starts
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -76,8 +80,89 @@ def main():
             tstats = torch_latency(model, X, mode, args.torch_bins if causal else args.torch_windows)
             rows.append((name, mode, stats, tstats))
             print(name, mode, stats, tstats, flush=True)
-    write(args, core, rows)
+    redis_rows = []
+    if args.redis_bins > 0:
+        for mode in ("streaming", "window"):
+            path = tmp / f"{mode}_182.safetensors"
+            redis_rows.append((mode, redis_latency(path, mode, args.redis_bins, args.redis_period_ms, rng,
+                                                   core, all_cores)))
+            print("redis", mode, redis_rows[-1][1], flush=True)
+    write(args, core, rows, redis_rows)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def redis_latency(model_path, mode, n, period_ms, rng, core, all_cores) -> dict:
+    """End to end through Redis on loopback: a sender adds one bin every period_ms to the
+    input stream (with its send time), `lfads-fast serve` answers on the output stream, and a
+    reader here takes each answer; latency = read time - send time (CLOCK_MONOTONIC). The node
+    is pinned to `core`; redis-server and this process run on the other cores."""
+    import socket
+    import threading
+
+    import redis
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("redis-server not found (apt-get install redis-server), or pass --redis-bins 0")
+    others = (set(all_cores) - {core}) or {core}
+    os.sched_setaffinity(0, others)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = None
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        node = subprocess.Popen([sys.executable, "-c", "import sys; from lfads_fast.cli import main; "
+                                 "sys.exit(main(sys.argv[1:]))", "serve", str(model_path), "--port", str(port),
+                                 "--mode", mode, "--block-ms", "1000"],
+                                stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
+                                preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+        assert node.stdout.readline().startswith("ready")
+        sent, got = {}, {}
+        reader = redis.Redis(port=port)
+
+        def read():
+            last = "0"
+            while len(got) < n:
+                for _, entries in reader.xread({"lfads": last}, block=1000) or []:
+                    t = time.monotonic_ns()
+                    for eid, fields in entries:
+                        got[fields[b"in_id"]] = (t, int(fields[b"t_receive"]), int(fields[b"t_after"]))
+                        last = eid
+
+        th = threading.Thread(target=read, daemon=True)
+        th.start()
+        X = rng.poisson(0.1, (n, 182)).astype("<f4")
+        t_next = time.monotonic()
+        for x in X:
+            t_next += period_ms / 1000
+            time.sleep(max(0.0, t_next - time.monotonic()))
+            t = time.monotonic_ns()
+            sent[client.xadd("spikes", {"counts": x.tobytes()})] = t
+        th.join(timeout=60)
+        e2e = np.array([got[k][0] - t for k, t in sent.items() if k in got]) / 1e3
+        inter = np.array([got[k][1] - t for k, t in sent.items() if k in got]) / 1e3
+        node_t = np.array([got[k][2] - got[k][1] for k in sent if k in got]) / 1e3
+        res = {"bins": len(e2e)}
+        for name, a in (("e2e", e2e), ("to_node", inter), ("in_node", node_t)):
+            res.update({f"{name}_p50_us": float(np.median(a)), f"{name}_p99_us": float(np.percentile(a, 99)),
+                        f"{name}_max_us": float(a.max())})
+        return res
+    finally:
+        if node is not None:
+            node.send_signal(2)
+            node.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=10)
+        os.sched_setaffinity(0, {core})
 
 
 def build_example(build: Path) -> Path:
@@ -192,7 +277,7 @@ def torch_latency(model: LFADS, X, mode: str, n: int) -> dict:
 # ---------------------------------------------------------------------------- report
 
 
-def write(args, core, rows):
+def write(args, core, rows, redis_rows):
     lines = [
         "# Real-time inference latency (CPU, one pinned core)",
         "",
@@ -217,11 +302,21 @@ def write(args, core, rows):
         lines.append(f"| {name} | {mode} | {c['p50_us']:.2f} | {c['p99_us']:.2f} | {c['max_us']:.0f} | "
                      f"{int(c['allocs_in_step'])} | {t['p50_us']:.0f} | {t['p99_us']:.0f} | "
                      f"{t['p50_us'] / c['p50_us']:.0f}x | {t['p99_us'] / c['p99_us']:.0f}x |")
+    if redis_rows:
+        lines += ["", f"End to end through Redis on loopback (NLB 5 ms sizes; `lfads-fast serve` in its own "
+                  f"process on the same core; one bin every {args.redis_period_ms} ms; {args.redis_bins} bins; "
+                  "send = XADD by the sender, read = the output entry read back by the sender process):", "",
+                  "| mode | send -> read p50 (us) | p99 | max | send -> node receive p50 | p99 | "
+                  "node receive -> after step p50 | p99 |", "|---|---|---|---|---|---|---|---|"]
+        for mode, r in redis_rows:
+            lines.append(f"| {mode} | {r['e2e_p50_us']:.0f} | {r['e2e_p99_us']:.0f} | {r['e2e_max_us']:.0f} | "
+                         f"{r['to_node_p50_us']:.0f} | {r['to_node_p99_us']:.0f} | {r['in_node_p50_us']:.0f} | "
+                         f"{r['in_node_p99_us']:.0f} |")
     lines += ["", "Sizes:", ""]
     for name, size in SIZES.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in size.items()))
     lines += ["", "Targets (issue 15): streaming p99 <= 20 us at NLB 5 ms sizes, window (W = 50) p99 <= 1 ms, "
-              ">= 20x PyTorch batch 1, zero allocations in the step.", ""]
+              ">= 20x PyTorch batch 1, zero allocations in the step, Redis end to end p99 < 1 ms.", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
