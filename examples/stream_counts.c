@@ -2,11 +2,13 @@
  * the real-time C API of lfads_fast, and prints each bin's outputs and the step latencies.
  *
  *   stream_counts MODEL.safetensors COUNTS.f32 [--mode window|streaming] [--window W]
- *                 [--lookahead L] [--repeat R] [--quiet]
+ *                 [--lookahead L] [--repeat R] [--bad-every K] [--quiet]
  *
  * COUNTS.f32: raw little-endian float32 counts, bins one after the other, n_in per bin (the
  * model's channel count). --repeat R streams the file R times (no reset between passes:
- * one long stream), for latency statistics over many bins.
+ * one long stream), for latency statistics over many bins. --bad-every K sends, before
+ * every K-th bin, a copy of it with a NaN count: the library refuses it (reported on stderr)
+ * and the stream goes on, the outputs as without it.
  * stdout: one line per bin with outputs: "bin r_0 ... r_{n_out-1} | f_0 ... | d_0 ...".
  * stderr: latency p50 / p99 / max of lfrt_step in microseconds, and the number of heap
  * allocations made inside lfrt_step (counted by the malloc wrappers below, not assumed).
@@ -65,7 +67,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   lfrt_options opt = {LFRT_MODE_WINDOW, 0, 0, 0.f};
-  long repeat = 1;
+  long repeat = 1, bad_every = 0;
   int quiet = 0;
   for (int i = 3; i < argc; ++i) {
     if (!strcmp(argv[i], "--mode") && i + 1 < argc) {
@@ -77,6 +79,8 @@ int main(int argc, char** argv) {
       opt.lookahead = atoi(argv[++i]);
     } else if (!strcmp(argv[i], "--repeat") && i + 1 < argc) {
       repeat = atol(argv[++i]);
+    } else if (!strcmp(argv[i], "--bad-every") && i + 1 < argc) {
+      bad_every = atol(argv[++i]);
     } else if (!strcmp(argv[i], "--quiet")) {
       quiet = 1;
     } else {
@@ -142,10 +146,24 @@ int main(int argc, char** argv) {
   n_allocs = 0;
   const long total = T * repeat;
   double* lat = malloc(sizeof(double) * (size_t)total);
-  long n_ready = 0;
+  float* bad = malloc(sizeof(float) * info.n_in);
+  long n_ready = 0, n_refused = 0;
 
   for (long k = 0; k < total; ++k) {
     const float* bin = counts + (k % T) * info.n_in;
+    if (bad_every > 0 && k % bad_every == 0) {
+      memcpy(bad, bin, sizeof(float) * info.n_in);
+      bad[0] = 0.f / 0.f;
+      counting = 1;
+      st = lfrt_step(state, bad, info.n_in, &out);
+      counting = 0;
+      if (st == LFRT_OK) {
+        fprintf(stderr, "error: a NaN count was accepted\n");
+        return 1;
+      }
+      ++n_refused;
+      if (!quiet) fprintf(stderr, "refused: %s: %s\n", lfrt_status_string(st), lfrt_state_error(state));
+    }
     counting = 1;
     const double t0 = now_us();
     st = lfrt_step(state, bin, info.n_in, &out);
@@ -170,9 +188,10 @@ int main(int argc, char** argv) {
     }
   }
   qsort(lat, (size_t)total, sizeof(double), cmp_double);
-  fprintf(stderr, "bins %ld outputs %ld p50_us %.3f p99_us %.3f max_us %.3f allocs_in_step %ld state_bytes %zu\n",
-          total, n_ready, lat[total / 2], lat[(long)(total * 0.99)], lat[total - 1], n_allocs, size);
+  fprintf(stderr, "refused %ld bins %ld outputs %ld p50_us %.3f p99_us %.3f max_us %.3f allocs_in_step %ld state_bytes %zu\n",
+          n_refused, total, n_ready, lat[total / 2], lat[(long)(total * 0.99)], lat[total - 1], n_allocs, size);
   free(lat);
+  free(bad);
   free(rates);
   free(factors);
   free(decoded);

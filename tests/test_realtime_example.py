@@ -68,6 +68,11 @@ def _build_example(build_dir):
     return build_dir / "stream_counts"
 
 
+def _stats(stderr: str) -> dict:
+    last = stderr.strip().splitlines()[-1].split()
+    return dict(zip(last[::2], last[1::2]))
+
+
 @pytest.mark.parametrize("mode", ["streaming", "window"])
 def test_c_example_equals_python_binding(exported, tmp_path, mode):
     _, model_path, root = exported
@@ -75,8 +80,13 @@ def test_c_example_equals_python_binding(exported, tmp_path, mode):
     X = np.random.default_rng(1).poisson(1.2, (45, 16)).astype("<f4")
     counts = tmp_path / "counts.f32"
     X.tofile(counts)
-    proc = subprocess.run([str(exe), str(model_path), str(counts), "--mode", mode, "--repeat", "3"],
-                          check=True, capture_output=True, text=True)
+    proc = subprocess.run([str(exe), str(model_path), str(counts), "--mode", mode, "--repeat", "3",
+                           "--bad-every", "7", "--quiet"], check=True, capture_output=True, text=True)
+    stats = _stats(proc.stderr)
+    # NaN bins refused (20 of them) without a heap allocation, the outputs as without them.
+    assert stats["refused"] == "20" and stats["allocs_in_step"] == "0", proc.stderr
+    proc = subprocess.run([str(exe), str(model_path), str(counts), "--mode", mode, "--repeat", "3",
+                           "--bad-every", "7"], check=True, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     dec = realtime.Decoder(model_path, mode=mode)
     res = dec.run(np.concatenate([X] * 3))
@@ -88,7 +98,8 @@ def test_c_example_equals_python_binding(exported, tmp_path, mode):
         # The same library, the same float32 operations: identical up to printing (%.9g).
         np.testing.assert_array_equal(np.array(fields[1:], np.float32), r)
         np.testing.assert_array_equal(np.array(fac.split(), np.float32), f)
-    stats = dict(zip(proc.stderr.split()[::2], proc.stderr.split()[1::2]))
+    assert "refused: NaN or infinite count: counts[0] is NaN" in proc.stderr
+    stats = _stats(proc.stderr)
     assert stats["allocs_in_step"] == "0", proc.stderr
     assert int(stats["bins"]) == 135
 
