@@ -303,8 +303,8 @@ def write(args, core, rows, redis_rows):
                      f"{int(c['allocs_in_step'])} | {t['p50_us']:.0f} | {t['p99_us']:.0f} | "
                      f"{t['p50_us'] / c['p50_us']:.0f}x | {t['p99_us'] / c['p99_us']:.0f}x |")
     if redis_rows:
-        lines += ["", f"End to end through Redis on loopback (NLB 5 ms sizes; `lfads-fast serve` in its own "
-                  f"process on the same core; one bin every {args.redis_period_ms} ms; {args.redis_bins} bins; "
+        lines += ["", f"End to end through Redis on loopback (NLB 5 ms sizes; `lfads-fast serve` pinned to the "
+                  f"benchmark's core, redis-server and the sender/reader on the other core(s); one bin every {args.redis_period_ms} ms; {args.redis_bins} bins; "
                   "send = XADD by the sender, read = the output entry read back by the sender process):", "",
                   "| mode | send -> read p50 (us) | p99 | max | send -> node receive p50 | p99 | "
                   "node receive -> after step p50 | p99 |", "|---|---|---|---|---|---|---|---|"]
@@ -312,7 +312,8 @@ def write(args, core, rows, redis_rows):
             lines.append(f"| {mode} | {r['e2e_p50_us']:.0f} | {r['e2e_p99_us']:.0f} | {r['e2e_max_us']:.0f} | "
                          f"{r['to_node_p50_us']:.0f} | {r['to_node_p99_us']:.0f} | {r['in_node_p50_us']:.0f} | "
                          f"{r['in_node_p99_us']:.0f} |")
-    lines += ["", "Sizes:", ""]
+    lines += ["", f"Load average at the end of the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.",
+              "", "Sizes:", ""]
     for name, size in SIZES.items():
         lines.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in size.items()))
     lines += ["", "Targets (issue 15): streaming p99 <= 20 us at NLB 5 ms sizes, window (W = 50) p99 <= 1 ms, "
