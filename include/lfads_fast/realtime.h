@@ -7,7 +7,8 @@
  *     streams, from any threads: nothing in it changes after load.
  *   - The state of one stream lives in memory the CALLER owns: ask lfrt_state_size for its
  *     size, provide that many bytes aligned to LFRT_STATE_ALIGN, and lfrt_state_init lays the
- *     state out there. A state belongs to one thread at a time.
+ *     state out there. A state belongs to one thread at a time. The state holds pointers into
+ *     its own memory: do not copy or move that memory (init a new state instead).
  *   - Every function returns an lfrt_status; lfrt_status_string gives its message and
  *     lfrt_state_error / the err buffer of lfrt_model_load the details of the last error.
  *   - Nothing is allocated after load: lfrt_step does no allocation, locking, system call or
