@@ -146,3 +146,23 @@ def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
     # Bad requests name what is wrong.
     code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--behavior", "hand"])
     assert code == 2 and "no train_hand array" in capsys.readouterr().err
+
+
+def test_pkg_config_build(exported, tmp_path):
+    """The installed pkg-config file is enough to compile and link the example."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or shutil.which("pkg-config") is None:
+        pytest.skip("no C compiler or pkg-config")
+    _, model_path, _ = exported
+    env = dict(os.environ, PKG_CONFIG_PATH=str(realtime.prefix() / "lib" / "pkgconfig"))
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "lfads_fast_realtime"], env=env,
+                           check=True, capture_output=True, text=True).stdout.split()
+    exe = tmp_path / "stream_counts"
+    subprocess.run([cc, str(EXAMPLES / "stream_counts.c"), *flags, "-o", str(exe)], check=True,
+                   capture_output=True)
+    X = np.random.default_rng(4).poisson(1.0, (30, 16)).astype("<f4")
+    X.tofile(tmp_path / "c.f32")
+    out = subprocess.run([str(exe), str(model_path), str(tmp_path / "c.f32"), "--mode", "streaming"],
+                         check=True, capture_output=True, text=True).stdout.splitlines()
+    rates = np.array([line.split("|")[0].split()[1:] for line in out], np.float32)
+    np.testing.assert_array_equal(rates, realtime.Decoder(model_path, mode="streaming").run(X)["rates"])
