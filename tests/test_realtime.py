@@ -242,3 +242,16 @@ def test_bad_options(rng, tmp_path):
 def test_export_refuses_what_real_time_cannot_run(rng, tmp_path):
     with pytest.raises(ValueError, match="external inputs"):
         export(make_model(rng, ext_input_dim=2), tmp_path)
+
+
+def test_window_shorter_than_the_trial(rng, tmp_path):
+    """A window of W bins is the offline forward of the same parameters over W-bin trials."""
+    model = make_model(rng)
+    dec = Decoder(export(model, tmp_path), mode="window", window=8, lookahead=2)
+    X = counts(rng, 25, model.config.encod_data_dim)
+    res = dec.run(X)
+    short = LFADS(LFADSConfig(**{**model.config.to_dict(), "encod_seq_len": 8, "recon_seq_len": 8}))
+    short.flat[...] = model.flat
+    ref = short.forward(np.stack([X[t - 7 : t + 1] for t in range(7, 25)]))["output_params"][:, 5]
+    np.testing.assert_array_equal(res["bin"], np.arange(5, 23))
+    assert max_rel(res["rates"], ref) <= WINDOW_RTOL
