@@ -580,7 +580,9 @@ void write_outputs(lfrt_state* s, int64_t out_bin, lfrt_output* out) {
   const Model& m = *s->m;
   for (int n = 0; n < m.Nr; ++n) s->rates[n] = m.ro_b[n];
   matvec_acc(m.F, m.Nr, m.ro_Wt.data(), m.Nr, s->f, s->rates);
-  for (int n = 0; n < m.Nr; ++n) s->rates[n] = std::exp(s->rates[n]);
+  // The vectorisable exp of the training kernels (about 2 ulp), not glibc's scalar expf.
+#pragma omp simd
+  for (int n = 0; n < m.Nr; ++n) s->rates[n] = lfads::lf_exp(s->rates[n]);
   if (s->first_out < 0) s->first_out = out_bin;
   if (out->rates) std::memcpy(out->rates, s->rates, sizeof(float) * m.Nr);
   if (out->factors) std::memcpy(out->factors, s->f, sizeof(float) * m.F);
