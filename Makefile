@@ -42,6 +42,7 @@ inplace:
 	$(PY) -m cmake --build build/inplace -j$${JOBS:-2}
 	cp build/inplace/_cpu*.so lfads_fast/
 	if ls build/inplace/_cuda*.so >/dev/null 2>&1; then cp build/inplace/_cuda*.so lfads_fast/; fi
+	$(PY) -m cmake --install build/inplace --component realtime --prefix . >/dev/null
 
 clean:
-	rm -rf build lfads_fast/_cpu*.so lfads_fast/_cuda*.so
+	rm -rf build lfads_fast/_cpu*.so lfads_fast/_cuda*.so lfads_fast/lib lfads_fast/include

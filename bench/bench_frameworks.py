@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import commit, cpu_name  # noqa: E402
 FRAMEWORKS = ("lfads_fast", "torch", "torch_compile", "jax")
 WORKLOADS = ("step", "sweep", "posterior", "neighbour")
 CONFIGS = {
@@ -467,24 +469,6 @@ def _version(name):
         return version(name)
     except Exception:
         return "not installed"
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

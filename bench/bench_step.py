@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ HERE = Path(__file__).resolve().parent
 # torch, imported first, reads the value given here).
 ENV_AT_START = {k: os.environ.get(k, "(unset)") for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import commit, cpu_name  # noqa: E402
 
 CONFIGS = {
     # The NLB MC_Maze 5 ms configuration of the issue tracker.
@@ -178,24 +179,6 @@ def measure_sgemm_gflops() -> float:
         ops.matmul(a, a, out=c)
         times.append(time.perf_counter() - t0)
     return 2 * 2048**3 / min(times) / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

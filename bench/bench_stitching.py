@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from lfads_fast import LFADS, LFADSConfig, metrics, ops, stitching, synth  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import commit, cpu_name  # noqa: E402
 
 DATA = dict(n_sessions=5, neurons_per_session=[15, 20, 25, 20, 15], n_conditions=40,
             trials_per_condition=5, train_per_condition=4, n_units=100, n_bins=50, seed=0)
@@ -288,24 +289,6 @@ def speed(repeats: int) -> list[str]:
     out += ["", f"Mixed / one-session batch of the same size: {ratio:.2f}x (target <= 1.3x).", ""]
     print("\n".join(out), flush=True)
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

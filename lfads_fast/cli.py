@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, rundir.RunLockedError, MemoryError) as e:
         print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except Exception:
+    except Exception as e:
+        if isinstance(e, ImportError) and getattr(args.func, "optional_part", False):
+            # export, fit-decoder, serve and tune need an optional part (safetensors, redis,
+            # the real-time library, Ray): its absence is expected, and the message says how
+            # to get it.
+            print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"lfads-fast {args.command}: internal error: this is a bug in lfads-fast; please "
               "report it with the traceback above", file=sys.stderr)
@@ -112,11 +118,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML ({e})") from e
+        raw = _yaml_file(path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping with sections 'model' and 'train'")
         for name, values in raw.items():
@@ -143,6 +145,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
 
 
 # ---------------------------------------------------------------------- commands
+
+
+def _optional_part(command):
+    """Marks a command that needs an optional part: a missing one is an expected error (main)."""
+    command.optional_part = True
+    return command
 
 
 def _train(args) -> int:
@@ -312,14 +320,11 @@ def _demo_locked(args, model_fields: dict, train_fields: dict) -> int:
     return 0
 
 
+@_optional_part
 def _tune(args) -> int:
-    try:
-        from . import tune
+    from . import tune
 
-        tune.require_ray()
-    except ImportError as e:
-        print(f"lfads-fast tune: error: {e}", file=sys.stderr)
-        return 2
+    tune.require_ray()
     out = rundir.check_writable_dir(args.out)
     with rundir.run_lock(out, what="search"):
         return _tune_locked(args, out, tune)
@@ -802,8 +807,177 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no status table")
     p.set_defaults(func=_tune)
 
+
+    p = sub.add_parser("export", help="write a checkpoint's model for real-time inference",
+                       description="Write the model of a checkpoint as a safetensors file that the "
+                       "real-time C library (include/lfads_fast/realtime.h) and "
+                       "lfads_fast.realtime.Decoder load (docs/realtime.md).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .h5 checkpoint of lfads-fast train")
+    p.add_argument("--out", required=True, metavar="MODEL.safetensors", help="output file")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("fit-decoder", help="fit a linear read-out of behaviour into an export",
+                       description="Run the real-time decoder over the trials of a data file, fit "
+                       "a ridge regression from its rates or factors to the behaviour (lag and "
+                       "alpha by cross-validation over trials, NLB's procedure) and write a copy "
+                       "of the export that also holds it: the real-time step then returns the "
+                       "decoded output (docs/realtime.md).")
+    p.add_argument("model", metavar="MODEL.safetensors", help="a file of lfads-fast export")
+    p.add_argument("data", metavar="DATA.h5", help="trials with {split}_<behavior> arrays [B, T, D]")
+    p.add_argument("--out", required=True, metavar="OUT.safetensors", help="output file")
+    p.add_argument("--behavior", default="behavior", metavar="NAME",
+                   help="behaviour array of each split, without the split prefix (default behavior)")
+    p.add_argument("--splits", default="train", metavar="S1,S2", help="splits to fit on (default train)")
+    p.add_argument("--features", choices=("rates", "factors"), default="rates",
+                   help="what the read-out reads (default rates)")
+    p.add_argument("--mode", choices=("window", "streaming"), default=None,
+                   help="real-time mode that makes the features (default: streaming when the "
+                   "model can, else window)")
+    p.add_argument("--window", type=_positive_int, default=None, metavar="W",
+                   help="window mode: bins per window (default: the model's encod_seq_len)")
+    p.add_argument("--lags", default="0", metavar="L1,L2",
+                   help="candidate lags in bins, chosen by cross-validation (default 0)")
+    p.add_argument("--alphas", default=None, metavar="A1,A2",
+                   help="candidate ridge penalties (default 1e-4 .. 1e4, 9 values)")
+    p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds (default 5)")
+    p.set_defaults(func=_fit_decoder)
+
+    p = sub.add_parser("serve", help="real-time node: Redis stream of counts in, outputs out",
+                       description="Read spike counts from a Redis stream, run the real-time "
+                       "decoder bin by bin and write rates, factors and decoded outputs with "
+                       "timestamps to another stream (docs/realtime.md). Stops cleanly on SIGINT "
+                       "or SIGTERM.")
+    p.add_argument("model", metavar="MODEL.safetensors", help="a file of lfads-fast export")
+    p.add_argument("--config", metavar="SERVE.yaml",
+                   help="YAML with any of the options below (underscores for dashes); the "
+                   "command line overrides it")
+    p.add_argument("--host", help="Redis host (default 127.0.0.1)")
+    p.add_argument("--port", type=_positive_int, help="Redis port (default 6379)")
+    p.add_argument("--in-stream", help="input stream (default spikes)")
+    p.add_argument("--out-stream", help="output stream (default lfads)")
+    p.add_argument("--field", help="field of the counts in input entries (default counts)")
+    p.add_argument("--mode", choices=("window", "streaming"),
+                   help="default: streaming when the model can, else window")
+    p.add_argument("--window", type=_positive_int, help="window mode: bins per window")
+    p.add_argument("--lookahead", type=_non_negative_int, help="window mode: look-ahead bins")
+    p.add_argument("--max-count", type=_positive_float, help="largest accepted count (default 1000)")
+    p.add_argument("--start-id", help="read entries after this id ('$': new ones only, the "
+                   "default; '0': all)")
+    p.add_argument("--block-ms", type=_positive_int, help="longest wait per read in ms (default 100)")
+    p.add_argument("--maxlen", type=_non_negative_int,
+                   help="approximate cap of the output stream (default 100000; 0: none)")
+    p.set_defaults(func=_serve)
+
     _add_nlb_commands(sub)
     return parser
+
+
+@_optional_part
+def _serve(args) -> int:
+    import signal
+
+    from .realtime import SERVE_DEFAULTS, serve
+
+    options = dict(SERVE_DEFAULTS)
+    if args.config:
+        given = _yaml_file(_existing(args.config, "config"))
+        if not isinstance(given, dict):
+            raise ValueError(f"{args.config} must hold a mapping of serve options")
+        unknown = sorted(set(given) - set(options))
+        if unknown:
+            raise ValueError(f"{args.config}: unknown serve options {', '.join(unknown)} "
+                             f"(known: {', '.join(sorted(options))})")
+        options.update(given)
+    for name in options:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        serve(_existing(args.model, "model"), stop=lambda: bool(stopping),
+              log=lambda m: print(m, flush=True), **options)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return 0
+
+
+@_optional_part
+def _fit_decoder(args) -> int:
+    import numpy as np
+
+    from . import data, readout
+    from .export import export_model, read_export
+    from .realtime import Decoder
+
+    model, _ = read_export(_existing(args.model, "model"))
+    dataset = data.load_dataset(_existing(args.data, "data file"))
+    mode = args.mode or ("streaming" if Decoder(args.model).can_stream else "window")
+    dec = Decoder(args.model, mode=mode, window=args.window)
+    features, behaviour = [], []
+    for name in [s.strip() for s in args.splits.split(",") if s.strip()]:
+        split = getattr(dataset, name, None)
+        if split is None:
+            raise ValueError(f"{args.data} has no {name} split")
+        if args.behavior not in split.extra:
+            raise ValueError(f"{args.data} has no {name}_{args.behavior} array "
+                             f"(per-split arrays: {', '.join(sorted(split.extra)) or 'none'})")
+        beh = np.asarray(split.extra[args.behavior], np.float64)
+        if beh.ndim == 2:
+            beh = beh[..., None]
+        if beh.ndim != 3 or beh.shape[0] != split.n_trials:
+            raise ValueError(f"{name}_{args.behavior} must be [trials, bins, outputs], got {beh.shape}")
+        for counts, b in zip(split.encod_data, beh):
+            dec.reset()
+            res = dec.run(np.nan_to_num(counts, nan=0.0))
+            f = np.full((counts.shape[0], dec.n_out if args.features == "rates" else dec.n_factors), np.nan)
+            f[res["bin"]] = res[args.features]
+            features.append(f)
+            behaviour.append(b)
+    lags = _int_list_arg(args.lags, "--lags")
+    alphas = readout.DEFAULT_ALPHAS if args.alphas is None else [float(a) for a in args.alphas.split(",")]
+    fit = readout.fit_ridge(features, behaviour, lags=lags, alphas=alphas, folds=args.folds)
+    export_model(model, args.out, decoder={"W": fit.W, "b": fit.b, "features": args.features,
+                                           "lag": fit.lag, "alpha": fit.alpha, "cv_r2": fit.cv_r2,
+                                           "mode": mode, "behavior": args.behavior})
+    print(f"Wrote {args.out}: ridge from {args.features} ({mode} mode) to {fit.W.shape[0]} outputs of "
+          f"{args.behavior}; lag {fit.lag} bins, alpha {fit.alpha:g}, cross-validated R^2 {fit.cv_r2:.4f} "
+          f"({args.folds} folds over {len(features)} trials).")
+    return 0
+
+
+def _int_list_arg(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+@_optional_part
+def _export(args) -> int:
+    from .export import export_checkpoint
+    from .realtime import Decoder
+
+    export_checkpoint(_existing(args.checkpoint, "checkpoint"), args.out)
+    dec = Decoder(args.out)  # read back by the C library: the file is usable
+    modes = "window and streaming" if dec.can_stream else "window mode (streaming needs ic_enc_seq_len and ci_enc_causal)"
+    print(f"Wrote {args.out}: {dec.n_in} channels in, {dec.n_out} rates, {dec.n_factors} factors; "
+          f"runs in {modes}.")
+    return 0
+
+
+def _yaml_file(path: str):
+    """The contents of a YAML file ({} when empty); ValueError naming the file when not YAML."""
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
 
 
 def _resolve(key: str) -> tuple[str, str]:

@@ -62,6 +62,11 @@ class LFADSConfig:
     session_neurons: list[int] | None = None
     session_recon_neurons: list[int] | None = None
     train_readin: bool = False
+    # Causal options for streaming inference (docs/realtime.md): the initial condition from the
+    # first ic_enc_seq_len bins only (0: all bins; lfads-torch's meaning: the controller-input
+    # encoder then sees the remaining bins), and a forward-only controller-input encoder.
+    ic_enc_seq_len: int = 0
+    ci_enc_causal: bool = False
 
     def __post_init__(self):
         if self.session_neurons is not None:
@@ -85,6 +90,7 @@ class LFADSConfig:
             raise ValueError(f"co_dim = {self.co_dim} turns the controller on, which needs con_dim "
                              f">= 1 and ci_enc_dim >= 1, got con_dim = {self.con_dim}, ci_enc_dim = "
                              f"{self.ci_enc_dim}")
+        self._check_causal()
         for name in ("dropout_rate", "cd_rate"):
             v = _real(self, name)
             if not 0.0 <= v < 1.0:
@@ -97,8 +103,16 @@ class LFADSConfig:
             if not _real(self, name) >= 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         _real(self, "ic_prior_mean")
-        for name in ("recon_reduce_mean", "train_readin"):
+        for name in ("recon_reduce_mean", "train_readin", "ci_enc_causal"):
             _boolean(self, name)
+
+    def _check_causal(self) -> None:
+        _int_at_least(self, "ic_enc_seq_len", 0)
+        limit = self.encod_seq_len - 1 if self.use_con else self.encod_seq_len
+        if self.ic_enc_seq_len > limit:
+            raise ValueError(f"ic_enc_seq_len must be <= {limit} (encod_seq_len"
+                             f"{' - 1: the controller-input encoder needs the bins after it' if self.use_con else ''}"
+                             f"), got {self.ic_enc_seq_len}")
 
     def _check_sessions(self) -> None:
         self.session_neurons = _int_list(self.session_neurons, "session_neurons")
@@ -130,6 +144,11 @@ class LFADSConfig:
     def use_con(self) -> bool:
         """True when the model has a controller (inferred inputs)."""
         return self.co_dim > 0
+
+    @property
+    def ci_enc_dirs(self) -> int:
+        """Directions of the controller-input encoder: 1 when ci_enc_causal, else 2."""
+        return 1 if self.ci_enc_causal else 2
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,7 +12,7 @@ import numpy as np
 from . import ops
 from .batch import Batch, Segment
 from .noise import NoiseReader
-from .params import Params, encoders, l2_terms
+from .params import Params, encoder_bins, encoders, l2_terms
 
 __all__ = ["Workspace", "forward", "encode", "backward"]
 
@@ -79,9 +79,9 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
     dec = {"g0": g0, "f0": f0, "W_fac": W_fac, "W_gen_hh": p["gen_W_hh"],
            "mask_g": nz.get("drop_gen", (Tr, B, G))}
     if con:
-        Hc = cfg.ci_enc_dim
+        nci = cfg.ci_enc_dirs * cfg.ci_enc_dim
         dec.update(xcon=c["xcon"],
-                   W_con_f=xp.ascontiguousarray(p["con_W_ih"][:, 2 * Hc :]),
+                   W_con_f=xp.ascontiguousarray(p["con_W_ih"][:, nci:]),
                    W_con_hh=p["con_W_hh"],
                    c0=xp.ascontiguousarray(xp.broadcast_to(p["con_h0"], (B, cfg.con_dim))),
                    W_co=p["co_linear_W"], b_co=p["co_linear_b"],
@@ -188,14 +188,16 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     c["xproj"] = xproj
     c["enc"] = {}
     for name, H, off, rev, h0_name, h0_row in enc:
+        t0, t1 = encoder_bins(cfg, name)
         h0 = xp.ascontiguousarray(xp.broadcast_to(p[h0_name][h0_row], (B, H)))
-        out = (ws.buf(f"{name}_hs", (Te, B, H)), ws.buf(f"{name}_gates", (Te, B, 3 * H)))
-        hs, gates = ops.gru_forward(xproj, off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip, out=out)
+        out = (ws.buf(f"{name}_hs", (t1 - t0, B, H)), ws.buf(f"{name}_gates", (t1 - t0, B, 3 * H)))
+        hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip,
+                                    out=out)
         c["enc"][name] = (hs, gates, h0)
 
     # Initial-condition posterior.
     hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
-    h_n = xp.concatenate([hs_f[Te - 1], hs_b[0]], axis=1)
+    h_n = xp.concatenate([hs_f[-1], hs_b[0]], axis=1)
     drop_ic = nz.get("drop_ic_hn", (B, 2 * Hi))
     h_n_d = h_n * drop_ic if drop_ic is not None else h_n
     ic_params = h_n_d @ p["ic_linear_W"].T + p["ic_linear_b"]
@@ -207,19 +209,22 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
 
     # Controller input: the lagged CI, projected by one GEMM over all steps.
     if con:
-        ci = ws.buf("ci", (Tr, B, 2 * Hc))
+        nci = cfg.ci_enc_dirs * Hc
+        ci = ws.buf("ci", (Tr, B, nci))
         ci[...] = 0
         lag = cfg.ci_lag
-        cf, cb = c["enc"]["ci_enc_fwd"][0], c["enc"]["ci_enc_bwd"][0]
-        if lag < Te:
-            ci[lag:Te, :, :Hc] = cf[: Te - lag]
-            ci[: Te - lag, :, Hc:] = cb[lag:]
-        drop_ci = nz.get("drop_ci", (Tr, B, 2 * Hc))
+        t0, _ = encoder_bins(cfg, "ci_enc_fwd")  # the CI encoder sees bins t0 .. Te-1
+        n = Te - t0
+        if lag < n:
+            ci[t0 + lag : Te, :, :Hc] = c["enc"]["ci_enc_fwd"][0][: n - lag]
+            if not cfg.ci_enc_causal:
+                ci[t0 : Te - lag, :, Hc:] = c["enc"]["ci_enc_bwd"][0][lag:]
+        drop_ci = nz.get("drop_ci", (Tr, B, nci))
         if drop_ci is not None:
             ci *= drop_ci
         ci_d = ci
         xcon = ws.buf("xcon", (Tr, B, 3 * cfg.con_dim))
-        ops.matmul(ci_d.reshape(Tr * B, 2 * Hc), p["con_W_ih"][:, : 2 * Hc].T,
+        ops.matmul(ci_d.reshape(Tr * B, nci), p["con_W_ih"][:, :nci].T,
                    out=xcon.reshape(Tr * B, -1))
         xcon += p["con_b_ih"]
         c.update(ci_d=ci_d, drop_ci=drop_ci, xcon=xcon)
@@ -254,6 +259,7 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     con = cfg.use_con
     clip = cfg.cell_clip
     dec, out = c["dec"], c["dec_out"]
+    d_seq: dict = {}  # the CI encoders' output gradients
 
     if batch.segments is None:
         g["readout_W"][...] = c["elbos"][0]["d_W_ro"]
@@ -295,21 +301,29 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         g["con_h0"][...] = d["d_c0"].sum(axis=0)
         d_xcon = d["d_xcon"].reshape(Tr * B, -1)
         g["con_b_ih"][...] = d_xcon.sum(axis=0)
-        g["con_W_ih"][:, 2 * Hc :] = d["d_W_con_f"]
-        ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, 2 * Hc), out=g["con_W_ih"][:, : 2 * Hc])
-        d_ci = ws.buf("d_ci", (Tr, B, 2 * Hc))
-        ops.matmul(d_xcon, p["con_W_ih"][:, : 2 * Hc], out=d_ci.reshape(Tr * B, -1))
+        nci = cfg.ci_enc_dirs * Hc
+        g["con_W_ih"][:, nci:] = d["d_W_con_f"]
+        ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, nci), out=g["con_W_ih"][:, :nci])
+        d_ci = ws.buf("d_ci", (Tr, B, nci))
+        ops.matmul(d_xcon, p["con_W_ih"][:, :nci], out=d_ci.reshape(Tr * B, -1))
         if c["drop_ci"] is not None:
             d_ci *= c["drop_ci"]
-        # Undo the lag: ci[t] = [cf[t - lag], cb[t + lag]] for t < Te.
+        # Undo the lag: ci[t0 + q] = [cf[q - lag], cb[q + lag]] for the CI encoder's bins
+        # t0 + q, q < n.
         lag = cfg.ci_lag
-        d_cf = ws.buf("d_cf", (Te, B, Hc))
-        d_cb = ws.buf("d_cb", (Te, B, Hc))
-        d_cf[Te - lag :] = 0
-        d_cb[: min(lag, Te)] = 0
-        if lag < Te:
-            d_cf[: Te - lag] = d_ci[lag:Te, :, :Hc]
-            d_cb[lag:] = d_ci[: Te - lag, :, Hc:]
+        t0, _ = encoder_bins(cfg, "ci_enc_fwd")
+        n = Te - t0
+        d_cf = ws.buf("d_cf", (n, B, Hc))
+        d_cf[max(n - lag, 0) :] = 0
+        if lag < n:
+            d_cf[: n - lag] = d_ci[t0 + lag : Te, :, :Hc]
+        d_seq["ci_enc_fwd"] = d_cf
+        if not cfg.ci_enc_causal:
+            d_cb = ws.buf("d_cb", (n, B, Hc))
+            d_cb[: min(lag, n)] = 0
+            if lag < n:
+                d_cb[lag:] = d_ci[t0 : Te - lag, :, Hc:]
+            d_seq["ci_enc_bwd"] = d_cb
 
     # Factors of the initial state, and the row normalisation of fac_W.
     d_W_fac = d["d_W_fac"] + d["d_f0"].T @ c["g0_d"]
@@ -338,13 +352,15 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
     # Every column is written: each encoder's backward fills its own 3H columns.
     d_xproj = ws.buf("d_xproj", c["xproj"].shape)
+    if cfg.ic_enc_seq_len > 0:  # then the encoders cover different bins: zero the rest
+        d_xproj[...] = 0
     d_final = {"ic_enc_fwd": xp.ascontiguousarray(d_h_n[:, :Hi]),
                "ic_enc_bwd": xp.ascontiguousarray(d_h_n[:, Hi:])}
-    d_seq = {"ci_enc_fwd": d_cf, "ci_enc_bwd": d_cb} if con else {}
     for name, H, off, rev, h0_name, h0_row in encoders(P.config):
         hs, gates, h0 = c["enc"][name]
+        t0, t1 = encoder_bins(cfg, name)
         d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                        d_final.get(name), d_xproj, off, reverse=rev, clip=clip,
+                                        d_final.get(name), d_xproj[t0:t1], off, reverse=rev, clip=clip,
                                         work=ws.buf("gru_work", hs.shape))
         g[f"{name}_W_hh"][...] = d_W_hh
         g[h0_name][h0_row] = d_h0.sum(axis=0)

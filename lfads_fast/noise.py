@@ -57,7 +57,7 @@ def draw_noise(cfg, dtype, batch_size, rng, *, train: bool = True, sample: bool 
         noise["drop_g0"] = drop(B, cfg.gen_dim)
         noise["drop_gen"] = drop(Tr, B, cfg.gen_dim)
         if cfg.use_con:
-            noise["drop_ci"] = drop(Tr, B, 2 * cfg.ci_enc_dim)
+            noise["drop_ci"] = drop(Tr, B, cfg.ci_enc_dirs * cfg.ci_enc_dim)
             noise["drop_fac_in"] = drop(Tr, B, cfg.fac_dim)
         if cfg.ext_input_dim > 0:
             noise["drop_ext"] = drop(Tr, B, cfg.ext_input_dim)

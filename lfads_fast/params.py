@@ -13,14 +13,15 @@ import numpy as np
 from . import ops
 from .config import LFADSConfig
 
-__all__ = ["Params", "param_layout", "encoders", "l2_terms", "init_params"]
+__all__ = ["Params", "param_layout", "encoders", "encoder_bins", "l2_terms", "init_params"]
 
 
 def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the parameters, in the order of the flat vector.
 
-    The input weights (and biases) of the four encoder GRUs are adjacent, so together they
-    form one [3 * (2 ic_enc_dim + 2 ci_enc_dim), encod_data_dim] matrix for a single GEMM.
+    The input weights (and biases) of the encoder GRUs are adjacent, so together they form
+    one [3 * (2 ic_enc_dim + ci_enc_dirs ci_enc_dim), encod_data_dim] matrix for a single GEMM
+    (ci_enc_dirs = 1 with ci_enc_causal: no backward CI encoder).
     With several sessions, the single read-out is replaced by readin_W_{s} [N_e, n_s],
     readin_b_{s} [N_e], readout_W_{s} [n_recon_s, F] and readout_b_{s} [n_recon_s] per session
     s, at the end of the vector.
@@ -30,17 +31,17 @@ def param_layout(cfg: LFADSConfig) -> list[tuple[str, tuple[int, ...]]]:
     C, U, G, F, E = cfg.con_dim, cfg.co_dim, cfg.gen_dim, cfg.fac_dim, cfg.ext_input_dim
     encs = [("ic_enc_fwd", Hi), ("ic_enc_bwd", Hi)]
     if cfg.use_con:
-        encs += [("ci_enc_fwd", Hc), ("ci_enc_bwd", Hc)]
+        encs += [("ci_enc_fwd", Hc)] + ([] if cfg.ci_enc_causal else [("ci_enc_bwd", Hc)])
     layout = [(f"{e}_W_ih", (3 * h, Ne)) for e, h in encs]
     layout += [(f"{e}_b_ih", (3 * h,)) for e, h in encs]
     layout += [(f"{e}_W_hh", (3 * h, h)) for e, h in encs]
     layout += [("ic_enc_h0", (2, Hi))]
     if cfg.use_con:
-        layout += [("ci_enc_h0", (2, Hc))]
+        layout += [("ci_enc_h0", (cfg.ci_enc_dirs, Hc))]
     layout += [("ic_linear_W", (2 * cfg.ic_dim, 2 * Hi)), ("ic_linear_b", (2 * cfg.ic_dim,))]
     if cfg.use_con:
         layout += [
-            ("con_W_ih", (3 * C, 2 * Hc + F)),
+            ("con_W_ih", (3 * C, cfg.ci_enc_dirs * Hc + F)),
             ("con_b_ih", (3 * C,)),
             ("con_W_hh", (3 * C, C)),
             ("con_h0", (C,)),
@@ -77,9 +78,19 @@ def encoders(cfg: LFADSConfig) -> list[tuple[str, int, int, bool, str, int]]:
     encs = [("ic_enc_fwd", Hi, 0, False, "ic_enc_h0", 0),
             ("ic_enc_bwd", Hi, 3 * Hi, True, "ic_enc_h0", 1)]
     if cfg.use_con:
-        encs += [("ci_enc_fwd", Hc, 6 * Hi, False, "ci_enc_h0", 0),
-                 ("ci_enc_bwd", Hc, 6 * Hi + 3 * Hc, True, "ci_enc_h0", 1)]
+        encs += [("ci_enc_fwd", Hc, 6 * Hi, False, "ci_enc_h0", 0)]
+        if not cfg.ci_enc_causal:
+            encs += [("ci_enc_bwd", Hc, 6 * Hi + 3 * Hc, True, "ci_enc_h0", 1)]
     return encs
+
+
+def encoder_bins(cfg: LFADSConfig, name: str) -> tuple[int, int]:
+    """The encoder bins [t0, t1) an encoder GRU runs over: with ic_enc_seq_len = K > 0 the
+    IC encoders see bins 0 .. K-1 and the CI encoders K .. T_e-1 (lfads-torch); else all."""
+    Te, K = cfg.encod_seq_len, cfg.ic_enc_seq_len
+    if K == 0:
+        return 0, Te
+    return (0, K) if name.startswith("ic_") else (K, Te)
 
 
 def l2_terms(cfg: LFADSConfig) -> list[tuple[str, float]]:
@@ -87,8 +98,8 @@ def l2_terms(cfg: LFADSConfig) -> list[tuple[str, float]]:
     terms = [("ic_enc_fwd_W_hh", cfg.l2_ic_enc_scale), ("ic_enc_bwd_W_hh", cfg.l2_ic_enc_scale),
              ("gen_W_hh", cfg.l2_gen_scale)]
     if cfg.use_con:
-        terms += [("ci_enc_fwd_W_hh", cfg.l2_ci_enc_scale), ("ci_enc_bwd_W_hh", cfg.l2_ci_enc_scale),
-                  ("con_W_hh", cfg.l2_con_scale)]
+        terms += [(f"{name}_W_hh", cfg.l2_ci_enc_scale) for name, *_ in encoders(cfg)[2:]]
+        terms += [("con_W_hh", cfg.l2_con_scale)]
     return terms
 
 

@@ -409,3 +409,29 @@ def test_module_entry_point(tmp_path):
                            str(tmp_path / "p.h5")], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_a_missing_optional_part_is_one_line_and_other_import_errors_are_bugs(tmp_path, capsys, monkeypatch):
+    """export, fit-decoder and serve need optional parts (safetensors, redis, the real-time
+    library): without one they print one line saying how to get it; an ImportError anywhere
+    else is a bug and keeps its traceback."""
+    from lfads_fast import export
+
+    def missing(*a, **k):
+        raise ImportError("exporting needs the safetensors package: pip install 'lfads_fast[realtime]'")
+
+    monkeypatch.setattr(export, "export_checkpoint", missing)
+    ckpt = tmp_path / "c.h5"
+    ckpt.write_bytes(b"")
+    assert cli.main(["export", str(ckpt), "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["lfads-fast export: error: exporting needs the safetensors "
+                                        "package: pip install 'lfads_fast[realtime]'"]
+
+    def broken(args):
+        raise ImportError("cannot import name 'x'")
+
+    monkeypatch.setattr(cli, "_demo", broken)
+    assert cli.main(["demo"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "this is a bug" in err

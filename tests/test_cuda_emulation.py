@@ -292,8 +292,10 @@ def test_cuda_is_refused_cleanly_without_it():
         ops.check_device("cuda")
 
 
-def test_one_step_on_the_emulated_device_matches_the_cpu(emulated):
-    cfg = LFADSConfig(**CFG)
+@pytest.mark.parametrize("causal", [{}, dict(ic_enc_seq_len=3, ci_enc_causal=True, ci_lag=2)],
+                         ids=["bidirectional", "causal"])
+def test_one_step_on_the_emulated_device_matches_the_cpu(emulated, causal):
+    cfg = LFADSConfig(**CFG, **causal)
     host = LFADS(cfg, seed=3)
     dev = LFADS(cfg, seed=3, device="cuda")
     assert dev.device == "cuda:0" and isinstance(dev.flat, ndarray)
@@ -355,3 +357,13 @@ def test_training_and_analyses_on_the_emulated_device(emulated, tmp_path):
     assert type(refined["ic"]) is np.ndarray and np.isfinite(refined["objective"]).all()
     fps = fixed_points.find(model, valid, n_init=20, seed=0)
     assert fps.trajectories.shape == (valid.shape[0], cfg.recon_seq_len, cfg.gen_dim)
+
+
+def test_export_of_a_model_on_the_device(emulated, tmp_path):
+    pytest.importorskip("safetensors")
+    from lfads_fast.export import export_model, read_export
+
+    cfg = LFADSConfig(**dict(CFG, ext_input_dim=0, ic_enc_seq_len=3, ci_enc_causal=True))
+    export_model(LFADS(cfg, seed=3, device="cuda"), tmp_path / "m.safetensors")
+    back, _ = read_export(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(back.flat, LFADS(cfg, seed=3).flat)

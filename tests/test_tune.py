@@ -252,10 +252,10 @@ def test_cli_rejects_a_bad_space_before_starting_ray(data_file, tmp_path, capsys
     bad = dict(TINY, tune={"space": {"lr_init": {"low": 1e-2, "high": 1e-4}}})
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    t0 = time.perf_counter()
     assert main(["tune", str(data_file), "--out", str(tmp_path / "o"), "--config", str(path)]) == 2
     assert "wrong way round" in capsys.readouterr().err
-    assert time.perf_counter() - t0 < 10
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized(), "Ray was started before the space was checked"
 
 
 # ------------------------------------------------------------------ whole searches

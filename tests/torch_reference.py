@@ -69,6 +69,10 @@ _DEFAULT_CONFIG = dict(
     kl_co_scale=0.7,
     session_neurons=None,
     session_recon_neurons=None,
+    # Causal options: IC from the first ic_enc_seq_len bins (0: all), CI encoder on the rest
+    # (lfads-torch), forward-only CI encoder.
+    ic_enc_seq_len=0,
+    ci_enc_causal=False,
 )
 
 
@@ -318,10 +322,11 @@ def param_shapes(cfg):
     shapes["ic_linear_W"] = (2 * cfg.ic_dim, 2 * h_ic)
     shapes["ic_linear_b"] = (2 * cfg.ic_dim,)
     if uses_controller(cfg):
-        shapes["ci_enc_h0"] = (2, h_ci)
-        for direction in ("fwd", "bwd"):
+        dirs = _ci_directions(cfg)
+        shapes["ci_enc_h0"] = (len(dirs), h_ci)
+        for direction in dirs:
             shapes.update(_gru_shapes(f"ci_enc_{direction}", n_e, h_ci))
-        shapes.update(_gru_shapes("con", 2 * h_ci + f, c))
+        shapes.update(_gru_shapes("con", len(dirs) * h_ci + f, c))
         shapes["con_h0"] = (c,)
         shapes["co_linear_W"] = (2 * u, c)
         shapes["co_linear_b"] = (2 * u,)
@@ -384,7 +389,7 @@ def init_params(cfg, seed):
     for enc in encoders:
         hidden = shapes[f"{enc}_h0"][1]
         params[f"{enc}_h0"] = np.zeros(shapes[f"{enc}_h0"])
-        for direction in ("fwd", "bwd"):
+        for direction in ("fwd", "bwd") if enc == "ic_enc" else _ci_directions(cfg):
             fan = cfg.encod_data_dim + hidden
             gru(f"{enc}_{direction}", fan, fan)
     linear("ic_linear")
@@ -459,7 +464,7 @@ def _noise_shapes(cfg, B):
     t_e, t_r = cfg.encod_seq_len, cfg.recon_seq_len
     has_con = uses_controller(cfg)
     u = cfg.co_dim if has_con else 0
-    ci = 2 * cfg.ci_enc_dim if has_con else 0
+    ci = len(_ci_directions(cfg)) * cfg.ci_enc_dim if has_con else 0
     return {
         "ic_eps": (B, cfg.ic_dim),
         "co_eps": (t_r, B, u),
@@ -591,6 +596,27 @@ def _clipped_gru_cell(x, h, W_ih, b_ih, W_hh, clip):
     return torch.clamp(z * h + (1 - z) * n, -clip, clip)
 
 
+def _ci_directions(cfg):
+    return ("fwd",) if getattr(cfg, "ci_enc_causal", False) else ("fwd", "bwd")
+
+
+def _ic_bins(cfg):
+    """Bins the IC encoder reads: the first ic_enc_seq_len (0: all)."""
+    k = getattr(cfg, "ic_enc_seq_len", 0)
+    return k if k > 0 else cfg.encod_seq_len
+
+
+def _forward_gru(x, p, prefix, clip):
+    """A forward-only clipped GRU from {prefix}_h0[0]: [B, T, H] states."""
+    h = p[f"{prefix}_h0"][0].expand(x.shape[0], -1)
+    out = []
+    for t in range(x.shape[1]):
+        h = _clipped_gru_cell(x[:, t], h, p[f"{prefix}_fwd_W_ih"], p[f"{prefix}_fwd_b_ih"],
+                              p[f"{prefix}_fwd_W_hh"], clip)
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
 def _bidirectional_gru(x, p, prefix, clip):
     """Forward and backward clipped GRUs over a whole sequence.
 
@@ -633,15 +659,26 @@ def _controller_inputs(cfg, x, p, drop_ci):
     """CI encoder outputs with the lag, zero-padded to T_r, with dropout: [B, T_r, 2 ci_enc_dim].
 
     ci_t = [cf_{t - lag}, cb_{t + lag}], zero where the index leaves [0, T_e) and for t >= T_e.
+    With ic_enc_seq_len = K > 0 the CI encoder reads only bins K .. T_e - 1 (its own time
+    starts at K) and ci is zero on the first K bins; with ci_enc_causal only cf exists.
     """
-    cf, cb = _bidirectional_gru(x, p, "ci_enc", cfg.cell_clip)
+    k0 = getattr(cfg, "ic_enc_seq_len", 0)
+    x = x[:, k0:]
+    causal = getattr(cfg, "ci_enc_causal", False)
+    if causal:
+        cf, cb = _forward_gru(x, p, "ci_enc", cfg.cell_clip), None
+    else:
+        cf, cb = _bidirectional_gru(x, p, "ci_enc", cfg.cell_clip)
     B, t_e, H = cf.shape
     lag = cfg.ci_lag
     kept = max(t_e - lag, 0)  # steps of each direction that survive the shift
-    cf = torch.cat([cf.new_zeros(B, t_e - kept, H), cf[:, :kept]], dim=1)
-    cb = torch.cat([cb[:, t_e - kept :], cb.new_zeros(B, t_e - kept, H)], dim=1)
-    ci = torch.cat([cf, cb], dim=2)
-    ci = torch.cat([ci, ci.new_zeros(B, cfg.recon_seq_len - t_e, 2 * H)], dim=1)
+    parts = [torch.cat([cf.new_zeros(B, t_e - kept, H), cf[:, :kept]], dim=1)]
+    if not causal:
+        parts.append(torch.cat([cb[:, t_e - kept :], cb.new_zeros(B, t_e - kept, H)], dim=1))
+    ci = torch.cat(parts, dim=2)
+    width = ci.shape[2]
+    ci = torch.cat([ci.new_zeros(B, k0, width), ci,
+                    ci.new_zeros(B, cfg.recon_seq_len - k0 - t_e, width)], dim=1)
     return _scaled(ci, drop_ci)
 
 
@@ -658,7 +695,7 @@ def _forward(p, cfg, inputs, x=None, ic=None):
         x = _encoder_input(cfg, inputs)
     B = x.shape[0]
 
-    hf, hb = _bidirectional_gru(x, p, "ic_enc", clip)
+    hf, hb = _bidirectional_gru(x[:, : _ic_bins(cfg)], p, "ic_enc", clip)
     h_n = _scaled(torch.cat([hf[:, -1], hb[:, 0]], dim=1), inputs["drop_ic_hn"])
     ic_mean, ic_logvar = torch.split(
         h_n @ p["ic_linear_W"].T + p["ic_linear_b"], cfg.ic_dim, dim=1
@@ -795,11 +832,8 @@ def _l2_penalty(p, cfg):
         ("gen_W_hh", cfg.l2_gen_scale),
     ]
     if uses_controller(cfg):
-        terms += [
-            ("ci_enc_fwd_W_hh", cfg.l2_ci_enc_scale),
-            ("ci_enc_bwd_W_hh", cfg.l2_ci_enc_scale),
-            ("con_W_hh", cfg.l2_con_scale),
-        ]
+        terms += [(f"ci_enc_{d}_W_hh", cfg.l2_ci_enc_scale) for d in _ci_directions(cfg)]
+        terms += [("con_W_hh", cfg.l2_con_scale)]
     penalty = p["gen_W_hh"].new_zeros(())
     size = 0
     for name, scale in terms:
