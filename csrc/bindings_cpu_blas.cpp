@@ -44,7 +44,7 @@ py::array as_matrix(const py::handle& obj, const char* name) {
 template <typename S>
 void matmul(const py::array& a, const py::array& b, py::array& out, double beta) {
   for (auto [arr, name] : {std::pair{a, "a"}, std::pair{b, "b"}, std::pair{out, "out"}})
-    if (!arr.dtype().is(py::dtype::of<S>()))
+    if (!arr.dtype().equal(py::dtype::of<S>()))
       throw py::value_error(std::string(name) + " must be " + dtype_name<S>() + " like out, got " +
                             got_str(arr));
   const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);

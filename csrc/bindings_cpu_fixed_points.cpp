@@ -10,7 +10,7 @@ template <typename T>
 T* checked_counts(const py::object& obj, const char* name, int64_t K, const char* type_name) {
   const bool ok = py::isinstance<py::array>(obj) && [&] {
     py::array a = py::reinterpret_borrow<py::array>(obj);
-    return a.dtype().is(py::dtype::of<T>()) && (a.flags() & py::array::c_style) &&
+    return a.dtype().equal(py::dtype::of<T>()) && (a.flags() & py::array::c_style) &&
            a.ndim() == 1 && a.shape(0) == K && a.writeable();
   }();
   if (!ok)

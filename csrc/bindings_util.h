@@ -50,7 +50,7 @@ S* checked(const py::handle& obj, const char* name, const std::vector<int64_t>& 
     throw py::type_error(std::string(name) + " must be a numpy array " + shape_str(shape) + " " +
                          dtype_name<S>() + ", got " + py::str(py::type::of(obj)).cast<std::string>());
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  bool ok = a.dtype().is(py::dtype::of<S>()) && (a.flags() & py::array::c_style) &&
+  bool ok = a.dtype().equal(py::dtype::of<S>()) && (a.flags() & py::array::c_style) &&
             a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t i = 0; ok && i < shape.size(); ++i)
     ok = shape[i] < 0 || a.shape(i) == shape[i];
@@ -86,8 +86,8 @@ inline bool is_double(const py::handle& obj, const char* name) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array of float32 or float64");
   py::array a = py::reinterpret_borrow<py::array>(obj);
-  if (a.dtype().is(py::dtype::of<float>())) return false;
-  if (a.dtype().is(py::dtype::of<double>())) return true;
+  if (a.dtype().equal(py::dtype::of<float>())) return false;
+  if (a.dtype().equal(py::dtype::of<double>())) return true;
   throw py::value_error(std::string(name) + " must be float32 or float64, got " + got_str(a));
 }
 

@@ -83,3 +83,17 @@ def test_bad_out():
         ops.matmul(a, b, beta=1.0)
     with pytest.raises(TypeError, match="expected a numpy or cupy array"):
         ops.matmul([[1.0]], np.zeros((1, 1)), out=np.zeros((1, 1)))
+
+
+def test_unpickled_arrays_are_accepted():
+    # Arrays that went through pickle (multiprocessing, Ray's object store) carry a dtype
+    # object equal to, but not the same as, NumPy's own; the kernels compare dtypes by value.
+    import pickle
+
+    rng = np.random.default_rng(5)
+    a = pickle.loads(pickle.dumps(rng.standard_normal((6, 4)).astype(np.float32), protocol=5))
+    b = pickle.loads(pickle.dumps(rng.standard_normal((4, 3)).astype(np.float32), protocol=5))
+    assert a.dtype is not np.dtype(np.float32)
+    np.testing.assert_allclose(ops.matmul(a, b), a @ b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="float32"):
+        ops.matmul(a, b.astype(np.float64), out=np.empty((6, 3), np.float32))
