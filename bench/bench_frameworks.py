@@ -38,19 +38,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# numpy's own BLAS single-threaded, as in make demo; set before bench_step imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(HERE))
+from bench_step import CONFIGS  # noqa: E402  (the sizes of bench_step.py)
 from machine import commit, cpu_name  # noqa: E402
+
 FRAMEWORKS = ("lfads_fast", "torch", "torch_compile", "jax")
 WORKLOADS = ("step", "sweep", "posterior", "neighbour")
-CONFIGS = {
-    # The NLB MC_Maze 5 ms configuration (as bench_step.py).
-    "nlb5ms": dict(batch=256, encod_data_dim=137, recon_data_dim=182, encod_seq_len=140,
-                   recon_seq_len=180, ic_enc_dim=100, ci_enc_dim=80, con_dim=80, co_dim=4,
-                   ic_dim=100, gen_dim=100, fac_dim=40),
-    "small": dict(batch=16, encod_data_dim=50, recon_data_dim=50, encod_seq_len=100,
-                  recon_seq_len=100, ic_enc_dim=64, ci_enc_dim=64, con_dim=64, co_dim=4,
-                  ic_dim=64, gen_dim=64, fac_dim=64),
-}
 SWEEP_BATCH = (16, 64, 256, 1024)
 SWEEP_T = (50, 100, 200, 500)
 POSTERIOR_BATCH = 256  # trial-samples per forward pass
@@ -107,7 +102,6 @@ def child(args):
     os.sched_setaffinity(0, cores)
     os.environ["XLA_FLAGS"] = (f"--xla_cpu_multi_thread_eigen={'true' if n > 1 else 'false'} "
                                f"intra_op_parallelism_threads={n}")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     sys.path.insert(0, str(HERE.parent / "tests"))
     import numpy as np
     import torch

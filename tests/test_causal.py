@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lfads_fast import LFADS, LFADSConfig
+from model_cases import BASE
 from optional import OptionalModule
 
 torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
@@ -13,12 +14,6 @@ torch_reference = OptionalModule("torch_reference")  # tests that use it skip wi
 F64_RTOL = 1e-8
 FD_STEP = 1e-6
 FD_RTOL = 1e-5
-
-BASE = dict(encod_data_dim=7, recon_data_dim=7, encod_seq_len=9, recon_seq_len=9, ext_input_dim=0,
-            ic_enc_dim=6, ci_enc_dim=5, ci_lag=1, con_dim=5, co_dim=2, ic_dim=4, gen_dim=8,
-            fac_dim=3, dropout_rate=0.2, cd_rate=0.0, l2_gen_scale=1e-2, l2_con_scale=2e-3,
-            l2_ic_enc_scale=1e-3, l2_ci_enc_scale=5e-3, kl_ic_scale=1e-2, kl_co_scale=1e-2,
-            loss_scale=10.0)
 
 CASES = {
     "causal_ci": dict(ci_enc_causal=True),
