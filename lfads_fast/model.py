@@ -182,6 +182,9 @@ class LFADS:
             their device (None when grads is False).
         """
         check_batch(self.config, batch, self.dtype)
+        for name, value in (("kl_ramp", kl_ramp), ("l2_ramp", l2_ramp)):
+            if not 0.0 <= value <= 1.0:  # NaN fails too
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
         cache = graph.forward(self._params, self._workspace, batch, noise or {}, grads=grads,
                               kl_ramp=kl_ramp, l2_ramp=l2_ramp, outputs=False)
         grad = graph.backward(self._params, self._workspace, cache) if grads else None

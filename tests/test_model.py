@@ -179,3 +179,13 @@ def test_bad_batches(rng):
         model.loss_and_grads(batch, {"ic_eps": np.zeros((3, 4))})
     with pytest.raises(ValueError, match="unknown noise entries: typo"):
         model.loss_and_grads(batch, {"typo": 1})
+
+
+@pytest.mark.parametrize("name, value", [("kl_ramp", float("nan")), ("kl_ramp", 1.5),
+                                         ("l2_ramp", -0.1)])
+def test_bad_ramps_are_refused(rng, name, value):
+    cfg = LFADSConfig(**BASE)
+    model = LFADS(cfg, seed=1)
+    encod, recon, _ = make_data(cfg, 2, rng)
+    with pytest.raises(ValueError, match=f"{name} must be in \\[0, 1\\]"):
+        model.loss_and_grads(model.make_batch(encod, recon), None, **{name: value})
