@@ -77,8 +77,10 @@ def main():
                "--frameworks", args.frameworks, "--repeats", str(args.repeats)]
         if args.quick:
             cmd.append("--quick")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        sys.stderr.write(out.stderr)
+        # Progress (stderr) shows as it happens; a child that dies names its thread count.
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            sys.exit(f"the {n}-thread run failed (exit code {out.returncode})")
         result = json.loads(out.stdout.strip().splitlines()[-1])
         meta = meta or result["meta"]
         rows += result["rows"]
