@@ -78,7 +78,7 @@ def main():
         "# What causality costs (synthetic chaotic-RNN data)",
         "",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s); shared with other "
-        "engineers' work during the run (epochs reached in the budget vary with the load)",
+        "jobs during the run (epochs reached in the budget vary with the load)",
         f"- commit: {commit()}; data: synth.chaotic_rnn(seed={args.seed}) ({ds.train.n_trials} train / "
         f"{ds.valid.n_trials} valid trials, {ds.encod_seq_len} bins x {ds.encod_data_dim} neurons)",
         f"- model and training: lfads_fast.demo's (gen 100, fac 40, ic_enc 32, ic_dim 32, dropout 0.1), "
@@ -146,7 +146,7 @@ def real_data(args):
         f"# What causality costs (real data, {args.folds}-fold CV)",
         "",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores, {args.threads} thread(s); shared with other "
-        "engineers' work during the run",
+        "jobs during the run",
         f"- commit: {commit()}; data: {Path(args.data).name} ({n} trials, {T} bins of 5 ms, {n_in} held-in + "
         f"{len(cols)} held-out neurons; CC-BY-4.0, DANDI 000140, Churchland et al., Pei et al. 2021)",
         f"- model: {', '.join(f'{k} {v}' for k, v in REAL_MODEL.items())}; {args.minutes:g} min per fold; "

@@ -284,7 +284,7 @@ def write(args, core, rows, redis_rows):
         "# Real-time inference latency (CPU, one pinned core)",
         "",
         f"- machine: {cpu_name()}, {os.cpu_count()} cores; pinned to core {core} "
-        "(os.sched_setaffinity); **shared with other engineers' builds and tests during the run, "
+        "(os.sched_setaffinity); **shared with other jobs (builds, tests, training) during the run, "
         "so the tails (p99, max) include interference from other processes**",
         f"- commit: {commit()}; Python {platform.python_version()}, torch {torch.__version__} "
         "(1 thread, no autograd)",
