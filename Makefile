@@ -20,7 +20,7 @@ demo: $(PY)
 
 test: $(PY)
 	$(PY) -m pip install -q ".[test]"
-	cd tests && ../$(PY) -m pytest -q -p no:cacheprovider .
+	cd tests && ../$(PY) -m pytest -q -rs -p no:cacheprovider .
 
 # The CPU benchmark suite (bounded: ~30 min on 2 cores); on a machine with a GPU,
 # bench/gpu_check.sh runs the GPU part.
