@@ -381,7 +381,6 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     else:
         check_sizes(model_config, sessions[0])
     space = _check_space(settings.space, model_config)
-    _device_kwargs(settings.gpus_per_trial)  # refuses GPUs a CPU-only trainer cannot use
     train_config = _member_train_config(train_config, settings)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -910,18 +909,9 @@ def _bounds(name: str, hp: HyperParam, lr_floor: float) -> tuple[float, float]:
 
 
 def _device(plan: _Plan) -> dict:
-    """Trainer arguments that put a member on its GPU, when the trainer has a GPU backend."""
-    return _device_kwargs(plan.gpus)
-
-
-def _device_kwargs(gpus: float) -> dict:
-    if gpus <= 0:
-        return {}
-    import inspect
-
-    if "device" not in inspect.signature(Trainer).parameters:
-        raise ValueError("gpus_per_trial > 0, but this lfads_fast trains on the CPU only")
-    return {"device": "cuda"}
+    """Trainer arguments that put a member on the GPU Ray gave it (Ray sets the member's
+    CUDA_VISIBLE_DEVICES, so its GPU is device 0)."""
+    return {"device": "cuda"} if plan.gpus > 0 else {}
 
 
 def _trial_number(trial_id: str) -> int:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -193,21 +194,6 @@ def test_controller_terms_need_a_controller(data_file, tmp_path):
     assert "kl_co_scale" not in tune_module._check_space(SearchSettings().space, cfg)
 
 
-def test_gpus_per_trial_needs_the_gpu_backend(tmp_path):
-    import inspect
-
-    from lfads_fast.train import Trainer
-
-    if "device" in inspect.signature(Trainer).parameters:
-        pytest.skip("this trainer has a GPU backend (device argument)")
-    _ray_or_skip()
-    ds = synth.chaotic_rnn(n_conditions=4, trials_per_condition=5, train_per_condition=4,
-                           n_bins=10, n_neurons=5).to_dataset()
-    with pytest.raises(ValueError, match="gpus_per_trial > 0, but this lfads_fast trains on the CPU"):
-        run_search(ds, config_for_data(ds, co_dim=0, ci_enc_dim=0, con_dim=0), TrainConfig(),
-                   tmp_path, SearchSettings(gpus_per_trial=0.5))
-
-
 class FakeRay:
     def __init__(self, cpus, memory):
         self.resources = {"CPU": cpus, "memory": memory}
@@ -234,6 +220,20 @@ def test_population_larger_than_the_memory_for_the_data(data_file):
     with pytest.raises(ValueError, match="cpus_per_trial = 4 but the Ray cluster has 2"):
         tune_module._check_population(FakeRay(2, 1e12), SearchSettings(cpus_per_trial=4), cfg,
                                       train, [ds])
+
+
+def test_gpus_per_trial_needs_gpus_in_the_cluster_and_puts_members_on_them(data_file):
+    from lfads_fast import data
+
+    ds = data.load_dataset(data_file)
+    cfg = config_for_data(ds, **TINY["model"])
+    train = TrainConfig(**TINY["train"])
+    with pytest.raises(ValueError, match="gpus_per_trial = 0.5 but the Ray cluster has 0 GPUs"):
+        tune_module._check_population(FakeRay(8, 1e12), SearchSettings(gpus_per_trial=0.5), cfg,
+                                      train, [ds])
+    plan = SimpleNamespace(gpus=0.5)
+    assert tune_module._device(plan) == {"device": "cuda"}
+    assert tune_module._device(SimpleNamespace(gpus=0.0)) == {}
 
 
 def test_missing_ray_is_a_clear_error(monkeypatch, data_file, tmp_path, capsys):
