@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lfads_fast import LFADS, LFADSConfig
-from model_cases import BASE
+from model_cases import BASE, check_flat_gradient
 from optional import OptionalModule
 
 torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
@@ -75,15 +75,7 @@ def test_gradient_finite_differences(rng, case):
         if n:
             idx.add(offset + int(rng.integers(n)))
         offset += n
-    for i in sorted(idx):
-        old = model.flat[i]
-        model.flat[i] = old + FD_STEP
-        up = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old - FD_STEP
-        down = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old
-        num = (up - down) / (2 * FD_STEP)
-        assert abs(num - grad[i]) <= FD_RTOL * max(1.0, abs(num)), (i, num, grad[i])
+    check_flat_gradient(model, batch, noise, grad, sorted(idx), FD_STEP, FD_RTOL)
 
 
 def test_causal_layout_has_no_backward_ci_encoder():

@@ -5,7 +5,7 @@ import pytest
 from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig
-from model_cases import BASE
+from model_cases import BASE, check_flat_gradient
 
 torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
 
@@ -105,15 +105,7 @@ def test_gradient_finite_differences(rng):
     noise = model.draw_noise(3, rng)
     _, grad = model.loss_and_grads(batch, noise)
     idx = rng.choice(model.num_params, size=60, replace=False)
-    for i in idx:
-        old = model.flat[i]
-        model.flat[i] = old + FD_STEP
-        up = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old - FD_STEP
-        down = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old
-        num = (up - down) / (2 * FD_STEP)
-        assert abs(num - grad[i]) <= FD_RTOL * max(1.0, abs(num)), (i, num, grad[i])
+    check_flat_gradient(model, batch, noise, grad, idx, FD_STEP, FD_RTOL)
 
 
 def test_forward_outputs(rng):

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from model_cases import check_flat_gradient
 from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig, data, ops, stitching, synth
@@ -140,15 +141,7 @@ def test_session_layers_finite_differences(rng):
             lo, hi = offsets[f"{name}_{s}"]
             idx += list(rng.choice(np.arange(lo, hi), size=min(4, hi - lo), replace=False))
     idx += list(rng.choice(offsets["readin_W_0"][0], size=10, replace=False))
-    for i in idx:
-        old = model.flat[i]
-        model.flat[i] = old + FD_STEP
-        up = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old - FD_STEP
-        down = model.loss_and_grads(batch, noise, grads=False)[0]["loss"]
-        model.flat[i] = old
-        num = (up - down) / (2 * FD_STEP)
-        assert abs(num - grad[i]) <= FD_RTOL * max(1.0, abs(num)), (i, num, grad[i])
+    check_flat_gradient(model, batch, noise, grad, idx, FD_STEP, FD_RTOL)
 
 
 def test_mixed_batch_is_the_session_weighted_combination(rng):
