@@ -13,8 +13,6 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from lfads_fast import nlb, ops
 from lfads_fast.cli import load_config
 
