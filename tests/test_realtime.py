@@ -19,6 +19,9 @@ from lfads_fast.realtime import Decoder, RealtimeError  # noqa: E402
 # product, through W steps of the recurrences; the issue's bound.
 WINDOW_RTOL = 1e-5
 STREAM_RTOL = 1e-5
+# The step's decoded output, a float32 dot product of F terms, against the same map in float64:
+# at most F roundings (6e-8 each) of the sum of the terms' magnitudes; F <= 16 here.
+DECODED_RTOL = 1e-6
 
 SMALL = dict(encod_data_dim=12, encod_seq_len=20, ic_enc_dim=8, ci_enc_dim=6, con_dim=7, co_dim=3,
              ic_dim=5, gen_dim=10, fac_dim=4, ci_lag=2)
@@ -156,6 +159,37 @@ def test_decoded_outputs_are_the_lagged_linear_readout(rng, tmp_path, mode):
     res = Decoder(path, mode=mode).run(counts(rng, 30, model.config.encod_data_dim))
     assert np.all(np.isnan(res["decoded"][:2]))
     np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ W.T + b, rtol=1e-5, atol=1e-5)
+
+
+def test_ole_decoder_output_is_its_map_applied_in_numpy(rng, tmp_path):
+    """A decoder fitted by the OLE (lfads_fast.readout.fit_ole) on the step's own rates is
+    stored with its method and lambda, and the step returns W f + c of the stored map."""
+    from lfads_fast.readout import fit_ole
+
+    model = make_model(rng, ic_enc_seq_len=4, ci_enc_causal=True)
+    plain = Decoder(export(model, tmp_path, "plain.safetensors"), mode="streaming")
+    N, lag = model.config.encod_data_dim, 1
+    A = rng.standard_normal((2, model.config.recon_data_dim))
+    feats, behs = [], []
+    for _ in range(8):
+        plain.reset()
+        rates = plain.run(counts(rng, 25, N))["rates"]
+        beh = np.full((len(rates), 2), np.nan)
+        beh[lag:] = rates[:-lag] @ A.T + 0.01 * rng.standard_normal((len(rates) - lag, 2))
+        feats.append(rates)
+        behs.append(beh)
+    fit = fit_ole(feats, behs, lags=[lag], folds=4)
+    path = export(model, tmp_path, decoder={"W": fit.W, "b": fit.b, "features": "rates", "lag": lag,
+                                            "method": fit.method, "lambda": fit.alpha})
+    _, meta = read_export(path)
+    assert meta["method"] == "ole" and meta["lambda"] == fit.alpha
+    res = Decoder(path, mode="streaming").run(counts(rng, 30, N))
+    W, b = meta["W"].astype(np.float64), meta["b"].astype(np.float64)
+    rates = res["rates"][:-lag].astype(np.float64)
+    ref = rates @ W.T + b
+    bound = DECODED_RTOL * (np.abs(rates) @ np.abs(W).T + np.abs(b))
+    assert np.all(np.isnan(res["decoded"][:lag]))
+    assert np.all(np.abs(res["decoded"][lag:] - ref) <= bound)
 
 
 # ---------------------------------------------------------------------------- model files
