@@ -263,6 +263,32 @@ def test_wrong_tensor_shape_and_dtype(rng, tmp_path):
         Decoder(p)
 
 
+@pytest.mark.parametrize("metadata, message", [
+    (dict(format_version="one"), "metadata format_version is missing or not a positive integer"),
+    (dict(config="{not json"), "metadata config is missing or not a JSON object"),
+    (dict(decoder="[1, 2]"), "metadata decoder is not a JSON object"),
+    (dict(decoder='{"features": "spikes", "lag": 0, "n_outputs": 2}'),
+     "metadata decoder.features must be 'rates' or 'factors'"),
+    (dict(decoder='{"features": "rates", "lag": -1, "n_outputs": 2}'), "lag is not an integer >= 0"),
+    (dict(decoder='{"features": "rates", "lag": 0, "n_outputs": 3}'),
+     r"'decoder_W' has shape \[2, 12\], the config needs \[3, 12\]"),
+    (dict(decoder='{"features": "factors", "lag": 0, "n_outputs": 2}'),
+     r"'decoder_W' has shape \[2, 12\], the config needs \[2, 4\]"),
+])
+def test_malformed_metadata(rng, tmp_path, metadata, message):
+    """Metadata that export never writes (a damaged or hand-made file) is refused by name."""
+    model = make_model(rng)
+    tensors = {k: np.ascontiguousarray(v) for k, v in model.params.items()}
+    tensors["decoder_W"] = rng.standard_normal((2, 12)).astype(np.float32)
+    tensors["decoder_b"] = np.zeros(2, np.float32)
+    p = tmp_path / "meta.safetensors"
+    save_file(tensors, p, metadata={"format": "lfads_fast.realtime", "format_version": "1",
+                                    "config": model.config.to_json(), **metadata})
+    with pytest.raises(RealtimeError, match=message) as e:
+        Decoder(p)
+    assert e.value.code == "format"
+
+
 def test_bad_options(rng, tmp_path):
     path = export(make_model(rng), tmp_path)
     with pytest.raises(RealtimeError, match="lookahead must be in 0 .. window - 1 = 19"):
