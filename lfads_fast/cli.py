@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from . import rundir
+from . import readout, rundir
 from .config import LFADSConfig
 from .posterior import REFINE_LR, REFINE_STEPS
 from .train import NonFiniteLossError, TrainConfig
@@ -818,10 +818,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-decoder", help="fit a linear read-out of behaviour into an export",
                        description="Run the real-time decoder over the trials of a data file, fit "
-                       "a ridge regression from its rates or factors to the behaviour (lag and "
-                       "alpha by cross-validation over trials, NLB's procedure) and write a copy "
-                       "of the export that also holds it: the real-time step then returns the "
-                       "decoded output (docs/realtime.md).")
+                       "a linear map from its rates or factors to the behaviour (ridge regression, "
+                       "NLB's procedure, or the optimal linear estimator of BCIs; lag and penalty "
+                       "by cross-validation over trials) and write a copy of the export that also "
+                       "holds it: the real-time step then returns the decoded output "
+                       "(docs/realtime.md).")
     p.add_argument("model", metavar="MODEL.safetensors", help="a file of lfads-fast export")
     p.add_argument("data", metavar="DATA.h5", help="trials with {split}_<behavior> arrays [B, T, D]")
     p.add_argument("--out", required=True, metavar="OUT.safetensors", help="output file")
@@ -837,8 +838,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="window mode: bins per window (default: the model's encod_seq_len)")
     p.add_argument("--lags", default="0", metavar="L1,L2",
                    help="candidate lags in bins, chosen by cross-validation (default 0)")
+    p.add_argument("--method", choices=readout.METHODS, default="ridge",
+                   help="ridge: ridge regression from the features to the behaviour (NLB's "
+                   "decoder); ole: optimal linear estimator of BCIs, an encoding model f = f0 + "
+                   "B u + e of each feature from the standardised behaviour u, inverted with the "
+                   "noise variances Sigma of the channels: (B^T Sigma^-1 B + lambda I)^-1 "
+                   "B^T Sigma^-1 (default ridge)")
     p.add_argument("--alphas", default=None, metavar="A1,A2",
-                   help="candidate ridge penalties (default 1e-4 .. 1e4, 9 values)")
+                   help="candidate penalties: ridge alpha, or ole lambda (default 1e-4 .. 1e4, "
+                   "9 values)")
     p.add_argument("--folds", type=_positive_int, default=5, help="cross-validation folds (default 5)")
     p.set_defaults(func=_fit_decoder)
 
@@ -911,7 +919,7 @@ def _serve(args) -> int:
 def _fit_decoder(args) -> int:
     import numpy as np
 
-    from . import data, readout
+    from . import data
     from .export import export_model, read_export
     from .realtime import Decoder
 
@@ -939,23 +947,27 @@ def _fit_decoder(args) -> int:
             f[res["bin"]] = res[args.features]
             features.append(f)
             behaviour.append(b)
-    lags = _int_list_arg(args.lags, "--lags")
-    alphas = readout.DEFAULT_ALPHAS if args.alphas is None else [float(a) for a in args.alphas.split(",")]
-    fit = readout.fit_ridge(features, behaviour, lags=lags, alphas=alphas, folds=args.folds)
+    lags = _list_arg(args.lags, "--lags", int)
+    alphas = readout.DEFAULT_ALPHAS if args.alphas is None else _list_arg(args.alphas, "--alphas", float)
+    fit = readout.fit_readout(features, behaviour, method=args.method, lags=lags, alphas=alphas,
+                              folds=args.folds)
+    # The penalty under the name its method gives it: ridge's alpha, the OLE's lambda.
+    penalty = "alpha" if fit.method == "ridge" else "lambda"
     export_model(model, args.out, decoder={"W": fit.W, "b": fit.b, "features": args.features,
-                                           "lag": fit.lag, "alpha": fit.alpha, "cv_r2": fit.cv_r2,
-                                           "mode": mode, "behavior": args.behavior})
-    print(f"Wrote {args.out}: ridge from {args.features} ({mode} mode) to {fit.W.shape[0]} outputs of "
-          f"{args.behavior}; lag {fit.lag} bins, alpha {fit.alpha:g}, cross-validated R^2 {fit.cv_r2:.4f} "
-          f"({args.folds} folds over {len(features)} trials).")
+                                           "lag": fit.lag, "method": fit.method, penalty: fit.alpha,
+                                           "cv_r2": fit.cv_r2, "mode": mode, "behavior": args.behavior})
+    print(f"Wrote {args.out}: {fit.method} from {args.features} ({mode} mode) to {fit.W.shape[0]} outputs "
+          f"of {args.behavior}; lag {fit.lag} bins, {penalty} {fit.alpha:g}, cross-validated R^2 "
+          f"{fit.cv_r2:.4f} ({args.folds} folds over {len(features)} trials).")
     return 0
 
 
-def _int_list_arg(text: str, name: str) -> list[int]:
+def _list_arg(text: str, name: str, kind=int) -> list:
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{name} must be comma-separated {what}, got {text!r}") from None
 
 
 @_optional_part

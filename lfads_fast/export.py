@@ -9,7 +9,8 @@ own name, and string metadata:
     config           the LFADSConfig as JSON
     decoder          (optional) JSON {"features": "rates" | "factors", "lag": bins,
                      "n_outputs": D, ...}: a linear read-out of behaviour stored as the tensors
-                     decoder_W [D, features] and decoder_b [D] (lfads-fast fit-decoder)
+                     decoder_W [D, features] and decoder_b [D] (lfads-fast fit-decoder, which
+                     adds "method": "ridge" | "ole" and its penalty, "alpha" or "lambda")
 
 The C library (include/lfads_fast/realtime.h) reads it without Python, HDF5 or a JSON library.
 """

@@ -19,6 +19,9 @@ from lfads_fast.realtime import Decoder, RealtimeError  # noqa: E402
 # product, through W steps of the recurrences; the issue's bound.
 WINDOW_RTOL = 1e-5
 STREAM_RTOL = 1e-5
+# The step's decoded output, a float32 dot product of F terms, against the same map in float64:
+# at most F roundings (6e-8 each) of the sum of the terms' magnitudes; F <= 16 here.
+DECODED_RTOL = 1e-6
 
 SMALL = dict(encod_data_dim=12, encod_seq_len=20, ic_enc_dim=8, ci_enc_dim=6, con_dim=7, co_dim=3,
              ic_dim=5, gen_dim=10, fac_dim=4, ci_lag=2)
@@ -158,6 +161,37 @@ def test_decoded_outputs_are_the_lagged_linear_readout(rng, tmp_path, mode):
     np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ W.T + b, rtol=1e-5, atol=1e-5)
 
 
+def test_ole_decoder_output_is_its_map_applied_in_numpy(rng, tmp_path):
+    """A decoder fitted by the OLE (lfads_fast.readout.fit_ole) on the step's own rates is
+    stored with its method and lambda, and the step returns W f + c of the stored map."""
+    from lfads_fast.readout import fit_ole
+
+    model = make_model(rng, ic_enc_seq_len=4, ci_enc_causal=True)
+    plain = Decoder(export(model, tmp_path, "plain.safetensors"), mode="streaming")
+    N, lag = model.config.encod_data_dim, 1
+    A = rng.standard_normal((2, model.config.recon_data_dim))
+    feats, behs = [], []
+    for _ in range(8):
+        plain.reset()
+        rates = plain.run(counts(rng, 25, N))["rates"]
+        beh = np.full((len(rates), 2), np.nan)
+        beh[lag:] = rates[:-lag] @ A.T + 0.01 * rng.standard_normal((len(rates) - lag, 2))
+        feats.append(rates)
+        behs.append(beh)
+    fit = fit_ole(feats, behs, lags=[lag], folds=4)
+    path = export(model, tmp_path, decoder={"W": fit.W, "b": fit.b, "features": "rates", "lag": lag,
+                                            "method": fit.method, "lambda": fit.alpha})
+    _, meta = read_export(path)
+    assert meta["method"] == "ole" and meta["lambda"] == fit.alpha
+    res = Decoder(path, mode="streaming").run(counts(rng, 30, N))
+    W, b = meta["W"].astype(np.float64), meta["b"].astype(np.float64)
+    rates = res["rates"][:-lag].astype(np.float64)
+    ref = rates @ W.T + b
+    bound = DECODED_RTOL * (np.abs(rates) @ np.abs(W).T + np.abs(b))
+    assert np.all(np.isnan(res["decoded"][:lag]))
+    assert np.all(np.abs(res["decoded"][lag:] - ref) <= bound)
+
+
 # ---------------------------------------------------------------------------- model files
 
 def test_missing_file(tmp_path):
@@ -227,6 +261,32 @@ def test_wrong_tensor_shape_and_dtype(rng, tmp_path):
     save_file(tensors, p, metadata=meta)
     with pytest.raises(RealtimeError, match="'gen_W_hh' is missing"):
         Decoder(p)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    (dict(format_version="one"), "metadata format_version is missing or not a positive integer"),
+    (dict(config="{not json"), "metadata config is missing or not a JSON object"),
+    (dict(decoder="[1, 2]"), "metadata decoder is not a JSON object"),
+    (dict(decoder='{"features": "spikes", "lag": 0, "n_outputs": 2}'),
+     "metadata decoder.features must be 'rates' or 'factors'"),
+    (dict(decoder='{"features": "rates", "lag": -1, "n_outputs": 2}'), "lag is not an integer >= 0"),
+    (dict(decoder='{"features": "rates", "lag": 0, "n_outputs": 3}'),
+     r"'decoder_W' has shape \[2, 12\], the config needs \[3, 12\]"),
+    (dict(decoder='{"features": "factors", "lag": 0, "n_outputs": 2}'),
+     r"'decoder_W' has shape \[2, 12\], the config needs \[2, 4\]"),
+])
+def test_malformed_metadata(rng, tmp_path, metadata, message):
+    """Metadata that export never writes (a damaged or hand-made file) is refused by name."""
+    model = make_model(rng)
+    tensors = {k: np.ascontiguousarray(v) for k, v in model.params.items()}
+    tensors["decoder_W"] = rng.standard_normal((2, 12)).astype(np.float32)
+    tensors["decoder_b"] = np.zeros(2, np.float32)
+    p = tmp_path / "meta.safetensors"
+    save_file(tensors, p, metadata={"format": "lfads_fast.realtime", "format_version": "1",
+                                    "config": model.config.to_json(), **metadata})
+    with pytest.raises(RealtimeError, match=message) as e:
+        Decoder(p)
+    assert e.value.code == "format"
 
 
 def test_bad_options(rng, tmp_path):

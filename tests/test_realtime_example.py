@@ -104,13 +104,11 @@ def test_c_example_equals_python_binding(exported, tmp_path, mode):
     assert int(stats["bins"]) == 135
 
 
-def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
-    """Behaviour made from the decoder's own rates 2 bins earlier (plus noise): fit-decoder
-    picks lag 2 by cross-validation, and the real-time step returns the fitted read-out."""
+def behaviour_file(model_path, path, rng):
+    """A data file whose behaviour is made from the decoder's own rates 2 bins earlier (plus
+    noise): train trials 0-19, valid 20-23. Returns the counts [24, T, N]."""
     import h5py
 
-    _, model_path, _ = exported
-    rng = np.random.default_rng(3)
     dec = realtime.Decoder(model_path, mode="streaming")
     B, T, N = 24, 20, 16
     enc = rng.poisson(1.0, (B, T, N)).astype(np.float32)
@@ -123,12 +121,20 @@ def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
         rates[res["bin"]] = res["rates"]
         beh[i, 2:] = rates[:-2] @ A.T + 0.01 * rng.standard_normal((T - 2, 2))
         beh[i, :6] = np.nan  # no features before the IC bins: left out
-    path = tmp_path / "beh.h5"
     with h5py.File(path, "w") as f:
         for split, sl in (("train", slice(0, 20)), ("valid", slice(20, 24))):
             f[f"{split}_encod_data"] = enc[sl]
             f[f"{split}_recon_data"] = enc[sl]
             f[f"{split}_behavior"] = beh[sl]
+    return enc
+
+
+def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
+    """fit-decoder picks lag 2 by cross-validation, and the real-time step returns the fitted
+    read-out."""
+    _, model_path, _ = exported
+    path = tmp_path / "beh.h5"
+    enc = behaviour_file(model_path, path, np.random.default_rng(3))
     out = tmp_path / "with_decoder.safetensors"
     code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--lags", "0,1,2,3",
                      "--folds", "4"])
@@ -142,10 +148,36 @@ def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
     res = d.run(enc[20])
     _, meta = read_export(out)
     np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ meta["W"].T + meta["b"], rtol=1e-5, atol=1e-5)
-    assert meta["lag"] == 2 and meta["mode"] == "streaming"
+    assert meta["lag"] == 2 and meta["mode"] == "streaming" and meta["method"] == "ridge" and "alpha" in meta
     # Bad requests name what is wrong.
     code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--behavior", "hand"])
     assert code == 2 and "no train_hand array" in capsys.readouterr().err
+
+
+def test_fit_decoder_ole(exported, tmp_path, capsys):
+    """--method ole: the OLE read-out, its method and lambda in the file, applied by the step."""
+    _, model_path, _ = exported
+    path = tmp_path / "beh.h5"
+    enc = behaviour_file(model_path, path, np.random.default_rng(5))
+    out = tmp_path / "ole.safetensors"
+    code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--lags", "0,2",
+                     "--method", "ole", "--alphas", "1e-4,1e-2,1", "--folds", "4"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert "ole from rates" in stdout and "lag 2 bins, lambda " in stdout
+    _, meta = read_export(out)
+    assert meta["method"] == "ole" and meta["lambda"] in (1e-4, 1e-2, 1.0) and "alpha" not in meta
+    assert meta["cv_r2"] > 0.9
+    res = realtime.Decoder(out, mode="streaming").run(enc[21])
+    np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ meta["W"].T + meta["b"], rtol=1e-5, atol=1e-5)
+    # Bad requests name the argument.
+    args = ["fit-decoder", str(model_path), str(path), "--out", str(tmp_path / "bad.safetensors")]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--method", "foo"])
+    assert "--method: invalid choice: 'foo'" in capsys.readouterr().err
+    assert cli.main([*args, "--method", "ole", "--alphas", "1e-2,big"]) == 2
+    assert "--alphas must be comma-separated numbers, got '1e-2,big'" in capsys.readouterr().err
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_pkg_config_build(exported, tmp_path):
