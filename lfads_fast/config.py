@@ -45,6 +45,9 @@ class LFADSConfig:
     fac_dim: int = 40
     dropout_rate: float = 0.05
     cd_rate: float = 0.0
+    # Coordinated dropout's pass-through: a bin the encoder saw still passes its
+    # reconstruction gradient with this probability (lfads-torch's cd_pass_rate).
+    cd_pass_rate: float = 0.0
     cell_clip: float = 5.0
     ic_post_var_min: float = 1e-4
     ic_prior_mean: float = 0.0
@@ -95,6 +98,8 @@ class LFADSConfig:
             v = _real(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        if not 0.0 <= _real(self, "cd_pass_rate") <= 1.0:
+            raise ValueError(f"cd_pass_rate must be in [0, 1], got {self.cd_pass_rate!r}")
         for name in ("cell_clip", "ic_prior_var", "co_prior_tau", "co_prior_nvar", "loss_scale"):
             if not _real(self, name) > 0:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")

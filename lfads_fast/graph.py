@@ -57,7 +57,7 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
     nz = NoiseReader(noise, dt, P.xp)
     c: dict = {"batch": batch, "nz": nz, "kl_ramp": kl_ramp, "l2_ramp": l2_ramp}
     c.update(encode(P, ws, batch, nz) if encoded is None else encoded)
-    cd_keep = c["cd_keep"]
+    cd_keep, cd_pass = c["cd_keep"], c["cd_pass"]
     if ic is not None:  # given initial conditions replace the sample
         c.update(ic_samp=ic, ic_eps=None)
     else:
@@ -107,13 +107,13 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
         elbo = ops.poisson_elbo(out["factors"].reshape(Tr * B, F), p["readout_W"], p["readout_b"],
                                 batch.recon.reshape(Tr * B, Nr), T=Tr, scale=cfg.loss_scale * recon_scale,
                                 loss_weight=weight,
-                                grad_mask=_recon_grad_mask(P, ws, cd_keep, B, Nr),
+                                grad_mask=_recon_grad_mask(P, ws, cd_keep, cd_pass, B, Nr),
                                 grads=grads, log_rates=outputs,
                                 d_factors=None if d_factors is None else d_factors.reshape(Tr * B, F))
         elbos = [elbo]
     else:
-        elbos = _session_elbos(P, ws, batch.segments, cd_keep, out["factors"], d_factors,
-                                    grads=grads, log_rates=outputs)
+        elbos = _session_elbos(P, ws, batch.segments, cd_keep, cd_pass, out["factors"], d_factors,
+                               grads=grads, log_rates=outputs)
     terms["recon"] = sum(e["loss"] for e in elbos) / cfg.loss_scale
     c.update(elbos=elbos, d_factors=d_factors)
 
@@ -166,14 +166,17 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     x = ws.buf("x", (Te, B, Ne))
     if batch.segments is None:
         x[...] = batch.encod
-        cd_keep = nz.get("cd_keep", (Te, B, Ne))
+        cd_keep, cd_pass = (nz.get(key, (Te, B, Ne)) for key in ("cd_keep", "cd_pass"))
         if cd_keep is not None:
             x *= cd_keep
             x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
     else:
-        cd_keep = nz.get_segments("cd_keep", [(Te, seg.size, cfg.session_neurons[seg.session])
-                                              for seg in batch.segments])
+        shapes = [(Te, seg.size, cfg.session_neurons[seg.session]) for seg in batch.segments]
+        cd_keep, cd_pass = (nz.get_segments(key, shapes) for key in ("cd_keep", "cd_pass"))
         c["readin_in"] = _readin(P, batch.segments, cd_keep, x)
+    if cd_pass is not None and cd_keep is None:
+        raise ValueError("noise['cd_pass'] is given without noise['cd_keep']: the pass mask "
+                         "only acts on the bins coordinated dropout kept")
     drop_data = nz.get("drop_data", (Te, B, Ne))
     if drop_data is not None:
         x *= drop_data
@@ -205,7 +208,7 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     ic_logvar = xp.ascontiguousarray(ic_params[:, cfg.ic_dim :])
     ic_std = xp.sqrt(xp.exp(ic_logvar) + dt.type(cfg.ic_post_var_min))
     c.update(h_n_d=h_n_d, drop_ic=drop_ic, ic_mean=ic_mean, ic_logvar=ic_logvar, ic_std=ic_std,
-             ic_eps=nz.get("ic_eps", (B, cfg.ic_dim)), cd_keep=cd_keep)
+             ic_eps=nz.get("ic_eps", (B, cfg.ic_dim)), cd_keep=cd_keep, cd_pass=cd_pass)
 
     # Controller input: the lagged CI, projected by one GEMM over all steps.
     if con:
@@ -414,8 +417,9 @@ def _readin(P: Params, segments: list[Segment], cd_keep: list | None, x: np.ndar
     return inputs
 
 
-def _session_elbos(P: Params, ws: Workspace, segments: list[Segment], cd_keep: list | None, factors: np.ndarray,
-                   d_factors: np.ndarray | None, *, grads: bool, log_rates: bool) -> list:
+def _session_elbos(P: Params, ws: Workspace, segments: list[Segment], cd_keep: list | None,
+                   cd_pass: list | None, factors: np.ndarray, d_factors: np.ndarray | None, *,
+                   grads: bool, log_rates: bool) -> list:
     """One fused read-out + Poisson NLL per session, on that session's factor rows.
 
     Each session's reconstruction term is its own mean over its valid bins (or, with
@@ -444,7 +448,8 @@ def _session_elbos(P: Params, ws: Workspace, segments: list[Segment], cd_keep: l
                              loss_weight=None if seg.recon_weight is None
                              else seg.recon_weight.reshape(Tr * Bs, n_r),
                              grad_mask=_recon_grad_mask(P, ws, None if cd_keep is None else cd_keep[i],
-                                                             Bs, n_r),
+                                                        None if cd_pass is None else cd_pass[i],
+                                                        Bs, n_r),
                              grads=grads, log_rates=log_rates)
         if grads:
             d_factors[:, seg.start : seg.stop] = e["d_factors"].reshape(Tr, Bs, F)
@@ -452,16 +457,28 @@ def _session_elbos(P: Params, ws: Workspace, segments: list[Segment], cd_keep: l
     return elbos
 
 
-def _recon_grad_mask(P: Params, ws: Workspace, cd_keep: np.ndarray | None, B: int, n_r: int) -> np.ndarray | None:
+def _recon_grad_mask(P: Params, ws: Workspace, cd_keep: np.ndarray | None, cd_pass: np.ndarray | None,
+                     B: int, n_r: int) -> np.ndarray | None:
     """Coordinated dropout's gradient mask of the reconstruction, [T_r * B, n_r]: 0 where
-    the encoder saw the bin (it may not learn to copy it), 1 elsewhere; None without."""
+    the encoder saw the bin (it may not learn to copy it) unless cd_pass lets it through,
+    1 elsewhere; None without coordinated dropout.
+
+    Args:
+        cd_keep, cd_pass: 0/1 [T_e, B, n_e]; cd_pass None: no bin passes.
+    """
     if cd_keep is None:
         return None
     Te, n_e = cd_keep.shape[0], cd_keep.shape[2]
     Tr = P.config.recon_seq_len
     mask = ws.buf("grad_mask", (Tr, B, n_r))
     mask[...] = 1.0
-    P.xp.subtract(1.0, cd_keep, out=mask[:Te, :, :n_e])
+    seen = mask[:Te, :, :n_e]
+    if cd_pass is None:
+        P.xp.subtract(1.0, cd_keep, out=seen)
+    else:  # 1 - cd_keep * (1 - cd_pass)
+        P.xp.subtract(1.0, cd_pass, out=seen)
+        seen *= cd_keep
+        P.xp.subtract(1.0, seen, out=seen)
     return mask.reshape(Tr * B, n_r)
 
 

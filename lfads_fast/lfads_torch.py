@@ -373,18 +373,39 @@ def _aug_stack(r, where, value, train: bool):
     for k in value:
         if k not in ("_target_", "transforms", "batch_order", "loss_order"):
             r.missing(f"{where}.{k}", "no counterpart")
-    for i, t in enumerate(transforms):
+    batch_order = value.get("batch_order") or []
+    if not isinstance(batch_order, list) or not all(
+            isinstance(j, int) and 0 <= j < len(transforms) for j in batch_order):
+        raise ValueError(f"{where}.batch_order must list indices of its transforms "
+                         f"(0..{len(transforms) - 1}), got {batch_order!r}")
+    kinds = [_target(f"{where}.transforms[{i}]", t) for i, t in enumerate(transforms)]
+    for i, (t, tkind) in enumerate(zip(transforms, kinds)):
         tw = f"{where}.transforms[{i}]"
-        tkind = _target(tw, t)
         if tkind == "CoordinatedDropout" and train:
             _params(r, tw, t, ("cd_rate", "cd_pass_rate", "ic_enc_seq_len"))
             r.model["cd_rate"] = t.get("cd_rate", 0.0)
-            r.fixed(f"{tw}.cd_pass_rate", t.get("cd_pass_rate", 0.0), 0.0)
+            r.model["cd_pass_rate"] = t.get("cd_pass_rate", 0.0)
             r.fixed(f"{tw}.ic_enc_seq_len", t.get("ic_enc_seq_len", 0), 0)
-        elif tkind == "TemporalShift":
-            r.missing(tw, "TemporalShift is not implemented in lfads_fast's noise draw yet")
+        elif tkind == "TemporalShift" and train:
+            _temporal_shift(r, tw, t, i, batch_order, kinds)
         else:
             r.missing(tw, f"the augmentation {tkind} has no counterpart")
+
+
+def _temporal_shift(r, where, value, index, batch_order, kinds):
+    """TemporalShift acts on the batch only where batch_order lists it; lfads_fast shifts
+    the data before coordinated dropout masks them."""
+    _params(r, where, value, ("std", "max_shift"))
+    if index not in batch_order:
+        r.notes.append(f"{where}: ignored (not in batch_order, so lfads-torch does not apply it)")
+        return
+    cd = [j for j in batch_order if kinds[j] == "CoordinatedDropout"]
+    if cd and batch_order.index(cd[0]) < batch_order.index(index):
+        return r.missing(where, "lfads_fast shifts the data before coordinated dropout; this "
+                         "batch_order shifts the already masked data")
+    # lfads-torch's defaults when the keys are absent.
+    r.train["temporal_shift_std"] = value.get("std", 3.0)
+    r.train["temporal_shift_max"] = value.get("max_shift", 6)
 
 
 _NESTED = {

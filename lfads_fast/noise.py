@@ -14,7 +14,7 @@ from .batch import Batch
 
 __all__ = ["draw_noise", "NoiseReader", "KEYS"]
 
-KEYS = ("ic_eps", "co_eps", "co_kl_eps", "cd_keep", "drop_data", "drop_ic_hn", "drop_ci",
+KEYS = ("ic_eps", "co_eps", "co_kl_eps", "cd_keep", "cd_pass", "drop_data", "drop_ic_hn", "drop_ci",
         "drop_fac_in", "drop_g0", "drop_gen", "drop_ext")
 
 
@@ -25,7 +25,7 @@ def draw_noise(cfg, dtype, batch_size, rng, *, train: bool = True, sample: bool 
         cfg: the model's LFADSConfig.
         dtype: float32 or float64 (the model's).
         batch_size: B, or the Batch itself. A model with sessions and cd_rate > 0 needs the
-            Batch: its coordinated-dropout mask is a list with one [T_e, B_s, n_s] array per
+            Batch: its coordinated-dropout masks are lists with one [T_e, B_s, n_s] array per
             segment (each session's own neurons).
         rng: a numpy or cupy Generator; the arrays are of its module.
         train: draw dropout and coordinated-dropout masks (else none).
@@ -33,7 +33,9 @@ def draw_noise(cfg, dtype, batch_size, rng, *, train: bool = True, sample: bool 
 
     Returns:
         dict of the arrays named in KEYS that apply: ic_eps [B, ic_dim], co_eps and co_kl_eps
-        [T_r, B, co_dim], dropout masks scaled by 1 / (1 - dropout_rate), cd_keep 0/1.
+        [T_r, B, co_dim], dropout masks scaled by 1 / (1 - dropout_rate), cd_keep 0/1 and,
+        with cd_pass_rate > 0, cd_pass 0/1 (1 with probability cd_pass_rate) of cd_keep's
+        shape. cd_pass is drawn last, so the other arrays are those drawn without it.
     """
     dt = np.dtype(dtype)
     batch = batch_size if isinstance(batch_size, Batch) else None
@@ -62,17 +64,19 @@ def draw_noise(cfg, dtype, batch_size, rng, *, train: bool = True, sample: bool 
         if cfg.ext_input_dim > 0:
             noise["drop_ext"] = drop(Tr, B, cfg.ext_input_dim)
     if train and cfg.cd_rate > 0:
-        def keep(*shape):
-            return (rng.random(shape, dtype=dt) >= cfg.cd_rate).astype(dt)
-
         if not cfg.multisession:
-            noise["cd_keep"] = keep(Te, B, cfg.encod_data_dim)
+            shapes = [(Te, B, cfg.encod_data_dim)]
         elif batch is None:
             raise ValueError("coordinated dropout with sessions masks each session's own neurons: "
                              "pass the Batch to draw_noise instead of its size")
         else:
-            noise["cd_keep"] = [keep(Te, seg.size, cfg.session_neurons[seg.session])
-                                for seg in batch.segments]
+            shapes = [(Te, seg.size, cfg.session_neurons[seg.session]) for seg in batch.segments]
+        # keep: 1 with probability 1 - cd_rate; pass: 1 with probability cd_pass_rate.
+        masks = {"cd_keep": [(rng.random(s, dtype=dt) >= cfg.cd_rate).astype(dt) for s in shapes]}
+        if cfg.cd_pass_rate > 0:
+            masks["cd_pass"] = [(rng.random(s, dtype=dt) < cfg.cd_pass_rate).astype(dt) for s in shapes]
+        for key, arrays in masks.items():
+            noise[key] = arrays if cfg.multisession else arrays[0]
     return noise
 
 

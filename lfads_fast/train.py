@@ -83,6 +83,8 @@ __all__ = [
     "check_sizes",
     "check_training_memory",
     "ramp",
+    "temporal_shift",
+    "draw_temporal_shifts",
 ]
 
 CHECKPOINT_FORMAT = "lfads_fast.checkpoint"
@@ -152,7 +154,14 @@ class TrainConfig:
             checkpoint is simply the latest one.
         sv_rate: fraction of bins held out for sample validation (0: off).
         sv_seed: seed of the sample-validation masks.
-        seed: seed of the batch order, posterior samples and dropout masks.
+        temporal_shift_std: lfads-torch's TemporalShift augmentation of the training
+            batches (0: off): every channel of every trial is shifted in time by its own
+            number of bins, drawn from Normal(0, temporal_shift_std), rounded and clamped to
+            +-temporal_shift_max, with the edge values repeated (``temporal_shift``). The
+            encoder data and the reconstruction data get independent shifts, also where they
+            are the same counts; validation and inference never shift.
+        temporal_shift_max: see temporal_shift_std.
+        seed: seed of the batch order, posterior samples, dropout masks and temporal shifts.
         time_budget: wall-clock seconds one fit() call may train for (None: no limit); an
             epoch is not started when the previous one's duration would overrun the budget.
         time_budget_lr_factor: epochs that start in the last 5% of the time budget, and the
@@ -201,6 +210,8 @@ class TrainConfig:
     early_stopping_burn_in: int | None = None
     sv_rate: float = 0.0
     sv_seed: int = 0
+    temporal_shift_std: float = 0.0
+    temporal_shift_max: int = 6
     seed: int = 0
     time_budget: float | None = None
     time_budget_lr_factor: float = 1.0
@@ -233,6 +244,8 @@ class TrainConfig:
         if self.lr_decay == 0.0:
             raise ValueError("lr_decay must be in (0, 1), got 0")
         _check_float(self, "sv_rate", low=0.0, high=1.0, high_open=True)
+        _check_float(self, "temporal_shift_std", low=0.0)
+        _check_int(self, "temporal_shift_max", 0)
         for name in ("weight_decay", "max_grad_norm"):
             _check_float(self, name, low=None)
         if self.weight_decay < 0:
@@ -348,6 +361,31 @@ def ramp(epoch: int, start: int, increase: int) -> float:
         clamp((epoch + 1 - start) / (increase + 1), 0, 1).
     """
     return float(min(max((epoch + 1 - start) / (increase + 1), 0.0), 1.0))
+
+
+def temporal_shift(data: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Shifts every channel of every trial in time, repeating the edge values (lfads-torch's
+    TemporalShift).
+
+    Args:
+        data: time-major [T, B, N] (counts; NaN bins move with their values).
+        shifts: integer [B, N], bins each channel moves later (negative: earlier).
+
+    Returns:
+        a new [T, B, N] array, out[t, b, n] = data[clamp(t - shifts[b, n], 0, T - 1), b, n].
+    """
+    T = data.shape[0]
+    if shifts.shape != data.shape[1:]:
+        raise ValueError(f"shifts must have shape {list(data.shape[1:])} (trials, channels), "
+                         f"got {list(shifts.shape)}")
+    source = np.clip(np.arange(T)[:, None, None] - shifts[None], 0, T - 1)
+    return np.take_along_axis(data, source, axis=0)
+
+
+def draw_temporal_shifts(rng: np.random.Generator, shape: tuple, std: float, max_shift: int) -> np.ndarray:
+    """Shifts for temporal_shift: Normal(0, std) rounded to whole bins, clamped to
+    [-max_shift, max_shift]; int64 of the given shape ([B, N])."""
+    return np.clip(np.rint(rng.normal(0.0, std, size=shape)), -max_shift, max_shift).astype(np.int64)
 
 
 def config_for_data(dataset: data_mod.Dataset, **hparams) -> LFADSConfig:
@@ -785,8 +823,9 @@ class Trainer:
                      if math.isfinite(row["train_recon"])), default=None)
         if cfg.divergence_factor is None or self.best_epoch < 0:
             floor = None
+        shift_rng = self.rng if cfg.temporal_shift_std > 0 else None
         for b, step in enumerate(steps):
-            batch = self._batch(step)
+            batch = self._batch(step, shift_rng)
             noise = model.draw_noise(batch, self.rng, train=True, sample=True)
             terms, grad = model.loss_and_grads(batch, noise, kl_ramp=kl_ramp, l2_ramp=l2_ramp)
             # The parts first, so that the message names the term that broke.
@@ -1170,14 +1209,19 @@ class Trainer:
         return [list(enumerate(indices))
                 for indices in stitching.session_batch_indices(n_trials, cfg.batch_size, self.rng)]
 
-    def _batch(self, step: list[tuple[int, np.ndarray]]):
-        """The Batch of (session, train trial indices) pairs, with their sample-validation masks."""
+    def _batch(self, step: list[tuple[int, np.ndarray]], shift_rng: np.random.Generator | None = None):
+        """The Batch of (session, train trial indices) pairs, with their sample-validation
+        masks; shift_rng: draw the temporal shifts from it (training steps only)."""
         cfg = self.config
         pieces = []
         for s, idx in step:
             encod, recon = self._train_time_major[s]
-            encod = encod[:, idx].transpose(1, 0, 2)
-            recon = encod if recon is None else recon[:, idx].transpose(1, 0, 2)
+            encod = encod[:, idx]
+            recon = encod if recon is None else recon[:, idx]
+            if shift_rng is not None:
+                # Independent shifts for the two, as lfads-torch (also when recon is encod).
+                encod, recon = self._shifted(encod, shift_rng), self._shifted(recon, shift_rng)
+            encod, recon = encod.transpose(1, 0, 2), recon.transpose(1, 0, 2)
             ext = self.sessions[s].train.ext_input
             sv = self._sv_masks[s].get("train")
             pieces.append((s, encod, recon, None if ext is None else ext[idx], None if sv is None else sv[idx]))
@@ -1188,6 +1232,12 @@ class Trainer:
         return self.model.make_session_batch([p[:4] for p in pieces], check_counts=False,
                                              sv_masks=None if cfg.sv_rate == 0 else [p[4] for p in pieces],
                                              sv_rate=cfg.sv_rate)
+
+    def _shifted(self, data: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """data [T, B, N] with a temporal shift per trial and channel drawn from rng."""
+        cfg = self.config
+        shifts = draw_temporal_shifts(rng, data.shape[1:], cfg.temporal_shift_std, cfg.temporal_shift_max)
+        return temporal_shift(data, shifts)
 
     def _make_sv_masks(self) -> list[dict]:
         """Fixed sample-validation masks per session and split (True = bin kept), drawn from

@@ -279,6 +279,16 @@ def test_load_config_converts_types(tmp_path):
     assert isinstance(model["dropout_rate"], float) and isinstance(model["gen_dim"], int)
 
 
+def test_set_reaches_the_augmentation_options():
+    model, train = cli.load_config(None, ["model.cd_pass_rate=0.25", "train.temporal_shift_std=2",
+                                          "temporal_shift_max=4"])
+    assert model == {"cd_pass_rate": 0.25}
+    assert train == {"temporal_shift_std": 2.0, "temporal_shift_max": 4}
+    assert isinstance(train["temporal_shift_std"], float)
+    with pytest.raises(ValueError, match="train.temporal_shift_max must be an int"):
+        cli.load_config(None, ["train.temporal_shift_max=1.5"])
+
+
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = run(["demo", "--quick", "--minutes", "0.02", "--samples", "2",

@@ -124,6 +124,42 @@ def test_read_config_maps_every_key(tmp_path):
     assert any("trainer.log_every_n_steps" in n for n in notes)
 
 
+# A TemporalShift appended to MODEL_YAML's training stack (transforms[1]).
+_SHIFT = ("    - _target_: lfads_torch.modules.augmentations.TemporalShift\n"
+          "      std: 2.5\n      max_shift: 4\n")
+
+
+def test_read_config_maps_cd_pass_rate(tmp_path):
+    text = MODEL_YAML.replace("cd_pass_rate: 0.0", "cd_pass_rate: 0.2")
+    m, t, _ = lfads_torch.read_config(_write(tmp_path, "m.yaml", text))
+    cfg = LFADSConfig.from_dict(m)
+    assert (cfg.cd_rate, cfg.cd_pass_rate) == (0.25, 0.2)
+    assert "cd_pass_rate" not in t
+
+
+@pytest.mark.parametrize("order, shifted", [("[1, 0]", True), ("[0]", False)])
+def test_read_config_maps_temporal_shift(tmp_path, order, shifted):
+    """Shifting before coordinated dropout maps to the train section; a transform left out
+    of batch_order does nothing in lfads-torch and is only noted."""
+    text = MODEL_YAML.replace("  batch_order: [0]", _SHIFT + f"  batch_order: {order}")
+    m, t, notes = lfads_torch.read_config(_write(tmp_path, "m.yaml", text))
+    tcfg = TrainConfig.from_dict(t)
+    if shifted:
+        assert (tcfg.temporal_shift_std, tcfg.temporal_shift_max) == (2.5, 4)
+    else:
+        assert tcfg.temporal_shift_std == 0.0
+        assert any("transforms[1]: ignored (not in batch_order" in n for n in notes)
+    assert m["cd_rate"] == 0.25
+
+
+def test_read_config_temporal_shift_defaults(tmp_path):
+    """Without std and max_shift, lfads-torch's constructor defaults (3.0, 6) apply."""
+    shift = "    - _target_: lfads_torch.modules.augmentations.TemporalShift\n"
+    text = MODEL_YAML.replace("  batch_order: [0]", shift + "  batch_order: [1, 0]")
+    _, t, _ = lfads_torch.read_config(_write(tmp_path, "m.yaml", text))
+    assert (t["temporal_shift_std"], t["temporal_shift_max"]) == (3.0, 6)
+
+
 def test_read_config_composed_file(tmp_path):
     composed = {"model": yaml.safe_load(MODEL_YAML), "datamodule": yaml.safe_load(DATAMODULE_YAML)}
     m, t, _ = lfads_torch.read_config(composed)
@@ -133,15 +169,18 @@ def test_read_config_composed_file(tmp_path):
 @pytest.mark.parametrize("edit, key", [
     (("lr_init: 4.0e-3", "lr_intit: 4.0e-3"), "model.lr_intit: not an lfads-torch model option "
                                              "(did you mean lr_init"),
-    (("cd_pass_rate: 0.0", "cd_pass_rate: 0.2"),
-     "model.train_aug_stack.transforms[0].cd_pass_rate: only 0.0"),
+    (("cd_pass_rate: 0.0", "cd_pass_rate: 0.2\n      cd_extra: 1"),
+     "model.train_aug_stack.transforms[0].cd_extra: no counterpart"),
     (("ic_enc_seq_len: 0\n", "ic_enc_seq_len: 5\n"), "model.ic_enc_seq_len: only 0"),
     (("variational: True", "variational: False"), "model.variational"),
     (("- _target_: lfads_torch.modules.recons.Poisson", "- _target_: lfads_torch.modules.recons.Gamma"),
      "model.reconstruction: one Poisson"),
-    (("  batch_order: [0]", "    - _target_: lfads_torch.modules.augmentations.TemporalShift\n"
-                            "      std: 3.0\n  batch_order: [0]"),
-     "model.train_aug_stack.transforms[1]: TemporalShift"),
+    (("  batch_order: [0]", _SHIFT + "  batch_order: [0, 1]"),
+     "model.train_aug_stack.transforms[1]: lfads_fast shifts the data before coordinated dropout"),
+    (("  batch_order: [0]", "    - _target_: lfads_torch.modules.augmentations.SpikeJitter\n"
+                            "  batch_order: [0, 1]"),
+     "model.train_aug_stack.transforms[1]: the augmentation SpikeJitter has no counterpart"),
+    (("  batch_order: [0]", "  batch_order: [0, 3]"), "model.train_aug_stack.batch_order must list"),
     (("- _target_: torch.nn.Identity", "- _target_: torch.nn.Linear"), "model.readin"),
     (("shape: ${model.co_dim}", "shape: ${model.nope}"), "model.co_prior.shape: cannot resolve"),
 ])
@@ -154,10 +193,10 @@ def test_read_config_errors_name_the_key(tmp_path, edit, key):
 
 
 def test_read_config_not_strict_notes(tmp_path):
-    text = MODEL_YAML.replace("cd_pass_rate: 0.0", "cd_pass_rate: 0.2")
+    text = MODEL_YAML.replace("ic_enc_seq_len: ${model.ic_enc_seq_len}", "ic_enc_seq_len: 4")
     m, _, notes = lfads_torch.read_config(_write(tmp_path, "m.yaml", text), strict=False)
     assert m["cd_rate"] == 0.25
-    assert any("cd_pass_rate: not imported" in n for n in notes)
+    assert any("transforms[0].ic_enc_seq_len: not imported" in n for n in notes)
     with pytest.raises(ValueError, match="datamodule.shuffle"):
         lfads_torch.read_config(_write(tmp_path, "m.yaml", MODEL_YAML),
                                 {"batch_size": 8, "shuffle": True})

@@ -26,8 +26,10 @@ CASES = {
     "co_smoothing": dict(recon_data_dim=10),
     "forward_prediction": dict(recon_seq_len=12),
     "coordinated_dropout": dict(cd_rate=0.3),
+    "coordinated_dropout_pass": dict(cd_rate=0.3, cd_pass_rate=0.4),
     "sum_reduction": dict(recon_reduce_mean=False),
-    "all_at_once": dict(ext_input_dim=3, recon_data_dim=9, recon_seq_len=11, ci_lag=2, cd_rate=0.25),
+    "all_at_once": dict(ext_input_dim=3, recon_data_dim=9, recon_seq_len=11, ci_lag=2, cd_rate=0.25,
+                        cd_pass_rate=0.3),
 }
 
 
@@ -137,6 +139,10 @@ def test_forward_outputs(rng):
     ("con_dim", 0, "co_dim = 2 turns the controller on"),
     ("cell_clip", -1.0, "cell_clip must be a positive number"),
     ("gen_dim", 2.5, "gen_dim must be an integer"),
+    ("cd_pass_rate", 1.5, r"cd_pass_rate must be in \[0, 1\], got 1.5"),
+    ("cd_pass_rate", -0.1, r"cd_pass_rate must be in \[0, 1\], got -0.1"),
+    ("cd_pass_rate", "0.2", "cd_pass_rate must be a finite number"),
+    ("cd_pass_rate", float("nan"), "cd_pass_rate must be a finite number"),
 ])
 def test_config_errors(field, value, match):
     with pytest.raises(ValueError, match=match):

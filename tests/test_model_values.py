@@ -2,6 +2,8 @@
 (keep rates, scaling, independence), the initialisation against lfads-torch's scheme, forward
 outputs against the PyTorch reference, the loss and gradients where the cell clip holds many
 states, and posterior averaging against explicit samples."""
+import dataclasses
+
 import numpy as np
 import pytest
 from optional import OptionalModule
@@ -81,6 +83,81 @@ def test_noise_switches():
     same = [LFADS(cfg).draw_noise(5, np.random.default_rng(9)) for _ in range(2)]
     for k in same[0]:
         np.testing.assert_array_equal(same[0][k], same[1][k])  # seeded: reproducible
+
+
+# Coordinated dropout with a pass-through fraction (cd_pass_rate).
+CD_PASS = dict(SMALL, cd_rate=0.3, cd_pass_rate=0.25)
+
+
+def test_cd_pass_mask_rate_shape_and_draw_order():
+    cfg = LFADSConfig(**CD_PASS)
+    noise = LFADS(cfg, dtype=np.float64).draw_noise(400, np.random.default_rng(4))
+    keep, passed = noise["cd_keep"], noise["cd_pass"]
+    assert passed.shape == keep.shape
+    assert set(np.unique(passed)) == {0.0, 1.0}
+    p = cfg.cd_pass_rate
+    assert abs(passed.mean() - p) < Z * np.sqrt(p * (1 - p) / passed.size)
+    r = np.corrcoef(keep.ravel(), passed.ravel())[0, 1]
+    assert abs(r) < Z / np.sqrt(keep.size), r
+    # Drawn last: every other array is the one drawn without a pass mask, so cd_pass_rate = 0
+    # leaves a run's noise as it was.
+    plain_cfg = LFADSConfig(**dict(CD_PASS, cd_pass_rate=0.0))
+    plain = LFADS(plain_cfg, dtype=np.float64).draw_noise(400, np.random.default_rng(4))
+    assert set(noise) - set(plain) == {"cd_pass"}
+    for k, v in plain.items():
+        np.testing.assert_array_equal(noise[k], v, err_msg=k)
+
+
+def test_cd_pass_only_with_coordinated_dropout_in_training():
+    rng = np.random.default_rng(5)
+    without_cd = LFADS(LFADSConfig(**dict(CD_PASS, cd_rate=0.0)))
+    assert "cd_pass" not in without_cd.draw_noise(4, rng)
+    model = LFADS(LFADSConfig(**CD_PASS))
+    assert "cd_pass" in model.draw_noise(4, rng)
+    assert "cd_pass" not in model.draw_noise(4, rng, train=False)
+
+
+def test_cd_pass_gradient_is_the_combined_mask(rng):
+    """The gradient with cd_keep and cd_pass is the one whose reconstruction bins are
+    weighted by 1 - cd_keep (1 - cd_pass): the same gradient comes from an encoder input
+    masked by hand and that mask as the per-bin loss weight, without coordinated dropout."""
+    cfg = LFADSConfig(**CD_PASS)
+    model = LFADS(cfg, seed=6, dtype=np.float64)
+    model.flat += rng.normal(size=model.flat.shape) * 0.1
+    B, Te, Ne = 5, cfg.encod_seq_len, cfg.encod_data_dim
+    encod, recon = counts(rng, cfg, B)
+    ext = rng.normal(size=(B, cfg.recon_seq_len, cfg.ext_input_dim))
+    noise = model.draw_noise(B, rng)
+    keep, passed = noise["cd_keep"], noise["cd_pass"]
+    assert 0 < passed[keep == 1].mean() < 1  # some kept bins pass, some do not
+    terms, grad = model.loss_and_grads(model.make_batch(encod, recon, ext), noise)
+
+    masked = encod * keep.transpose(1, 0, 2) / (1.0 - cfg.cd_rate)
+    weight = np.ones((cfg.recon_seq_len, B, cfg.recon_data_dim))
+    weight[:Te, :, :Ne] = np.where((keep == 1) & (passed == 0), 0.0, 1.0)
+    by_hand = dataclasses.replace(model.make_batch(masked, recon, ext, check_counts=False),
+                                  recon_weight=weight)
+    rest = {k: v for k, v in noise.items() if k not in ("cd_keep", "cd_pass")}
+    _, expected = model.loss_and_grads(by_hand, rest)
+    np.testing.assert_allclose(grad, expected, rtol=F64_RTOL, atol=1e-12)
+
+    # The pass mask changes the gradient, not the loss; an all-zero one changes nothing.
+    no_pass = {k: v for k, v in noise.items() if k != "cd_pass"}
+    terms0, grad0 = model.loss_and_grads(model.make_batch(encod, recon, ext), no_pass)
+    assert terms0["loss"] == terms["loss"]
+    assert np.abs(grad - grad0).max() > 1e-3 * np.abs(grad0).max()
+    zeros = dict(noise, cd_pass=np.zeros_like(passed))
+    terms_z, grad_z = model.loss_and_grads(model.make_batch(encod, recon, ext), zeros)
+    assert terms_z == terms0
+    np.testing.assert_array_equal(grad_z, grad0)
+
+
+def test_cd_pass_needs_cd_keep():
+    model = LFADS(LFADSConfig(**CD_PASS))
+    with pytest.raises(ValueError, match=r"noise\['cd_pass'\] is given without noise\['cd_keep'\]"):
+        model.loss_and_grads(model.make_batch(np.zeros((2, 9, 7)), np.zeros((2, 12, 9)),
+                                              np.zeros((2, 12, 2))),
+                             {"cd_pass": np.zeros((9, 2, 7), np.float32)})
 
 
 # ------------------------------------------------------------------ initialisation

@@ -36,6 +36,7 @@ CASES = {
     "held_out_neurons": dict(session_recon_neurons=[9, 4, 11]),
     "forward_prediction_ext": dict(recon_seq_len=10, ext_input_dim=2),
     "coordinated_dropout": dict(cd_rate=0.3),
+    "coordinated_dropout_pass": dict(cd_rate=0.3, cd_pass_rate=0.4),
     "sum_reduction": dict(recon_reduce_mean=False),
     "all_at_once": dict(session_recon_neurons=[8, 6, 9], recon_seq_len=10, ext_input_dim=2,
                         cd_rate=0.25, ci_lag=2),
@@ -221,6 +222,20 @@ def test_one_session_with_identity_readin_is_the_single_session_model(rng):
                           multi.loss_and_grads(multi.make_batch(encod, recon, session=0), noise2))
 
 
+def test_cd_pass_masks_with_sessions(rng):
+    """Each segment gets its own pass mask, shaped like its keep mask, at cd_pass_rate."""
+    cfg = LFADSConfig(**dict(BASE, cd_rate=0.3, cd_pass_rate=0.25))
+    model = LFADS(cfg)
+    parts, _ = session_data(cfg, (2, 0), (300, 200), rng, nan_frac=0.0)
+    noise = model.draw_noise(model.make_session_batch(parts), np.random.default_rng(6))
+    keep, passed = noise["cd_keep"], noise["cd_pass"]
+    assert [a.shape for a in passed] == [a.shape for a in keep] == [(8, 300, 9), (8, 200, 7)]
+    flat = np.concatenate([a.ravel() for a in passed])
+    assert set(np.unique(flat)) == {0.0, 1.0}
+    # Z = 5 standard errors around the rate; the seed is fixed.
+    assert abs(flat.mean() - 0.25) < 5.0 * np.sqrt(0.25 * 0.75 / flat.size)
+
+
 def test_sample_validation_with_sessions(rng):
     """One session with an identity read-in and a sample-validation mask is the single-session
     model with that mask; in a mixed batch each session is weighted by its own mask."""
@@ -334,6 +349,9 @@ def test_bad_session_batches(rng):
     batch = model.make_session_batch(parts)
     with pytest.raises(ValueError, match=r"noise\['cd_keep'\] must be a list of 2 arrays"):
         model.loss_and_grads(batch, {"cd_keep": np.ones((8, 5, 7))})
+    keep = [np.ones((8, 2, 7)), np.ones((8, 3, 4))]
+    with pytest.raises(ValueError, match=r"noise\['cd_pass'\] must be a list of 2 arrays"):
+        model.loss_and_grads(batch, {"cd_keep": keep, "cd_pass": np.ones((8, 5, 7))})
 
 
 # ---------------------------------------------------------------------------------- PCR

@@ -16,7 +16,8 @@ import pytest
 from lfads_fast import LFADS, LFADSConfig, ops, synth
 from lfads_fast import train as train_module
 from lfads_fast.train import (NonFiniteLossError, Trainer, TrainConfig, config_for_data,
-                              load_checkpoint, load_model, ramp)
+                              draw_temporal_shifts, load_checkpoint, load_model, ramp,
+                              temporal_shift)
 
 # float64 central differences of the whole loss (~10): truncation ~ step^2, rounding
 # ~ 1e-16 * 10 / step ~ 1e-9 absolute, which dominates for the smallest gradients.
@@ -62,6 +63,10 @@ def test_ramp_follows_lfads_torch():
     ("time_budget", 0.0, "time_budget"), ("max_epochs", 2.5, "max_epochs"),
     ("divergence_factor", 1.0, "divergence_factor"),
     ("divergence_lr_factor", 0.0, "divergence_lr_factor"), ("max_divergences", -1, "max_div"),
+    ("temporal_shift_std", -1.0, "temporal_shift_std must be >= 0.0"),
+    ("temporal_shift_std", float("inf"), "temporal_shift_std must be a finite number"),
+    ("temporal_shift_max", -1, "temporal_shift_max must be an integer >= 0"),
+    ("temporal_shift_max", 2.5, "temporal_shift_max must be an integer >= 0"),
 ])
 def test_train_config_rejects_bad_values(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -253,13 +258,14 @@ class Killed(Exception):
     pass
 
 
-def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [{}, dict(temporal_shift_std=2.0)], ids=["plain", "temporal_shift"])
+def test_kill_and_resume_is_bit_identical(tiny, tmp_path, extra):
     full = make_trainer(tiny, tmp_path / "full", max_epochs=6, sv_rate=0.1,
-                        model_kw=dict(dropout_rate=0.1))
+                        model_kw=dict(dropout_rate=0.1), **extra)
     full.fit()
 
     run = make_trainer(tiny, tmp_path / "run", max_epochs=6, sv_rate=0.1,
-                       model_kw=dict(dropout_rate=0.1))
+                       model_kw=dict(dropout_rate=0.1), **extra)
     calls = {"n": 0}
     original = run.model.loss_and_grads
 
@@ -276,7 +282,7 @@ def test_kill_and_resume_is_bit_identical(tiny, tmp_path):
 
     # A new process would start from a fresh model: parameters differ until resumed.
     resumed = make_trainer(tiny, tmp_path / "run", max_epochs=6, sv_rate=0.1,
-                           model_kw=dict(dropout_rate=0.1))
+                           model_kw=dict(dropout_rate=0.1), **extra)
     resumed.model.flat[...] = 0.0
     result = resumed.fit(resume=True)
     assert result.epochs_this_call == 3
@@ -539,6 +545,89 @@ def test_divergence_check_can_be_turned_off(tiny, tmp_path):
     t = make_trainer(tiny, tmp_path, max_epochs=4, divergence_factor=None)
     blow_up(t, {(2, 1)})
     assert t.fit().divergences == 0 and t.step == 16
+
+
+# ------------------------------------------------------------------ temporal shift
+
+
+@pytest.mark.parametrize("T, B, N", [(9, 4, 5), (1, 3, 2), (6, 1, 1)])
+def test_temporal_shift_matches_a_loop(rng, T, B, N):
+    data = rng.poisson(2.0, size=(T, B, N)).astype(np.float64)
+    data[rng.random(data.shape) < 0.1] = np.nan
+    shifts = rng.integers(-T - 2, T + 3, size=(B, N))
+    out = temporal_shift(data, shifts)
+    expected = np.empty_like(data)
+    for t, b, n in itertools.product(range(T), range(B), range(N)):
+        expected[t, b, n] = data[min(max(t - shifts[b, n], 0), T - 1), b, n]
+    np.testing.assert_array_equal(out, expected)
+    # A strided view of the same values gives the same.
+    np.testing.assert_array_equal(temporal_shift(np.repeat(data, 2, axis=1)[:, ::2], shifts), expected)
+    with pytest.raises(ValueError, match=r"shifts must have shape \[%d, %d\]" % (B, N)):
+        temporal_shift(data, shifts[:, :0])
+
+
+def test_draw_temporal_shifts_are_rounded_clamped_normals():
+    std, cap = 3.0, 4
+    shifts = draw_temporal_shifts(np.random.default_rng(11), (200, 150), std, cap)
+    assert shifts.shape == (200, 150) and shifts.dtype == np.int64
+    assert shifts.min() == -cap and shifts.max() == cap
+    # Fraction of each value against the normal's mass on its rounding interval (the ends
+    # collect the clamped tails); Z standard errors, seed fixed.
+    Z = 5.0
+    for k in range(-cap, cap + 1):
+        lo = -np.inf if k == -cap else (k - 0.5) / std
+        hi = np.inf if k == cap else (k + 0.5) / std
+        p = 0.5 * (math.erf(hi / math.sqrt(2)) - math.erf(lo / math.sqrt(2)))
+        assert abs(np.mean(shifts == k) - p) < Z * math.sqrt(p * (1 - p) / shifts.size), k
+
+
+def test_temporal_shift_applies_to_training_batches_only(tiny, tmp_path, monkeypatch):
+    t = make_trainer(tiny, tmp_path / "shift", temporal_shift_std=2.0, temporal_shift_max=3)
+    step = t._epoch_steps()[0]
+    plain = t._batch(step)
+    shifted = t._batch(step, np.random.default_rng(0))
+    again = t._batch(step, np.random.default_rng(0))
+    assert np.array_equal(shifted.encod, again.encod) and np.array_equal(shifted.recon, again.recon)
+    assert not np.array_equal(shifted.encod, plain.encod)
+    # Each channel of each trial is its unshifted series moved by at most 3 bins.
+    T = plain.encod.shape[0]
+    idx = np.arange(T)[:, None, None]
+    matches = [np.all(shifted.encod == np.take_along_axis(plain.encod, np.clip(idx - k, 0, T - 1), 0), axis=0)
+               for k in range(-3, 4)]
+    assert np.all(np.any(matches, axis=0))
+    # The reconstruction gets its own shifts, even where it is the encoder's data.
+    assert t._train_time_major[0][1] is None and np.array_equal(plain.recon, plain.encod)
+    assert not np.array_equal(shifted.recon, shifted.encod)
+
+    # Validation never shifts: the same model validates alike with and without the option.
+    off = make_trainer(tiny, tmp_path / "off")
+    assert np.array_equal(off.model.flat, t.model.flat)
+    np.testing.assert_equal(t._validate(0, 1.0, 1.0), off._validate(0, 1.0, 1.0))
+    calls = []
+    original = train_module.temporal_shift
+
+    def counting(data, shifts):
+        calls.append(data.shape)
+        return original(data, shifts)
+
+    monkeypatch.setattr(train_module, "temporal_shift", counting)
+    t.fit()
+    n_train = tiny.train.n_trials
+    steps = t.config.max_epochs * math.ceil(n_train / t.config.batch_size)
+    assert len(calls) == 2 * steps  # encoder and reconstruction data of each training step
+    assert sum(shape[1] for shape in calls) == 2 * t.config.max_epochs * n_train
+
+
+def test_temporal_shift_run_is_reproducible(tiny, tmp_path):
+    """Same seed, same run; the shifts change it (exact resume: test_kill_and_resume_is_bit_identical)."""
+    kw = dict(max_epochs=3, temporal_shift_std=2.0)
+    runs = [make_trainer(tiny, tmp_path / name, **kw) for name in ("a", "b")]
+    runs.append(make_trainer(tiny, tmp_path / "off", **dict(kw, temporal_shift_std=0.0)))
+    for t in runs:
+        t.fit()
+    assert np.array_equal(runs[0].model.flat, runs[1].model.flat)
+    assert timeless(runs[0].history) == timeless(runs[1].history)
+    assert not np.array_equal(runs[0].model.flat, runs[2].model.flat)
 
 
 # ------------------------------------------------------------------ sample validation weights

@@ -104,8 +104,11 @@ def fit_until_killed(trainer, call):
         trainer.fit()
 
 
-def test_kill_and_resume_is_bit_identical(sessions, tmp_path):
-    kw = dict(max_epochs=5, sv_rate=0.1, model_kw=dict(dropout_rate=0.1, cd_rate=0.2))
+@pytest.mark.parametrize("extra", [{}, dict(temporal_shift_std=1.5, temporal_shift_max=3)],
+                         ids=["plain", "temporal_shift_cd_pass"])
+def test_kill_and_resume_is_bit_identical(sessions, tmp_path, extra):
+    cd = dict(cd_rate=0.2, cd_pass_rate=0.5 if extra else 0.0)
+    kw = dict(max_epochs=5, sv_rate=0.1, model_kw=dict(dropout_rate=0.1, **cd), **extra)
     full = make_trainer(sessions, tmp_path / "full", **kw)
     full.fit()
     fit_until_killed(make_trainer(sessions, tmp_path / "run", **kw), 2 * 3 + 2)  # epoch 2, batch 1

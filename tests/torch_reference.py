@@ -27,6 +27,7 @@ NOISE_KEYS = (
     "co_eps",
     "co_kl_eps",
     "cd_keep",
+    "cd_pass",
     "drop_data",
     "drop_ic_hn",
     "drop_ci",
@@ -58,6 +59,7 @@ _DEFAULT_CONFIG = dict(
     co_prior_nvar=0.1,
     dropout_rate=0.2,
     cd_rate=0.3,
+    cd_pass_rate=0.0,
     loss_scale=1.0,
     recon_reduce_mean=True,
     # Distinct non-zero weights, so that a swapped or dropped term changes the loss.
@@ -210,7 +212,8 @@ def reference_multisession_loss_and_grads(
             [B_s, T_r, n_recon_s]) in batch order; the batch is their concatenation.
         ext_input: external inputs of the whole batch [B, T_r or T_e, E], or None.
         noise: as in reference_loss_and_grads for the whole batch of B trials, except
-            cd_keep: a list with one [T_e, B_s, n_s] array per entry of ``sessions``.
+            cd_keep and cd_pass: lists with one [T_e, B_s, n_s] array per entry of
+            ``sessions``.
         kl_ramp, l2_ramp, dtype: as in reference_loss_and_grads.
 
     Returns:
@@ -226,6 +229,7 @@ def reference_multisession_loss_and_grads(
     }
     noise = dict(noise or {})
     cd_keep = noise.pop("cd_keep", None)
+    cd_pass = noise.pop("cd_pass", None)
     B = sum(np.shape(encod)[0] for _, encod, _ in sessions)
     inputs = {"ext_input": _ext_tensor(cfg, ext_input, B, dtype)}
     inputs.update(_noise_tensors(cfg, B, noise, dtype))
@@ -235,23 +239,26 @@ def reference_multisession_loss_and_grads(
     parts, targets = [], []
     for i, (s, encod, recon) in enumerate(sessions):
         x_s = torch.nan_to_num(torch.as_tensor(np.asarray(encod), dtype=dtype), nan=0.0)
-        keep = None
+        keep = passed = None
         if cd_keep is not None:
             keep = torch.as_tensor(np.asarray(cd_keep[i]), dtype=dtype).transpose(0, 1)
             x_s = x_s * keep / (1.0 - cfg.cd_rate)
+        if cd_pass is not None:
+            passed = torch.as_tensor(np.asarray(cd_pass[i]), dtype=dtype).transpose(0, 1)
         parts.append(x_s @ p[f"readin_W_{s}"].T + p[f"readin_b_{s}"])
-        targets.append((s, torch.as_tensor(np.asarray(recon), dtype=dtype), keep))
+        targets.append((s, torch.as_tensor(np.asarray(recon), dtype=dtype), keep, passed))
     x = _scaled(torch.cat(parts, dim=0), inputs["drop_data"])
 
     out = _forward(p, cfg, inputs, x=x)
     recons, rates, start = [], [], 0
-    for s, y, keep in targets:
+    for s, y, keep, passed in targets:
         stop = start + y.shape[0]
         log_rates = out["factors"][start:stop] @ p[f"readout_W_{s}"].T + p[f"readout_b_{s}"]
         session_cfg = SimpleNamespace(encod_seq_len=cfg.encod_seq_len,
                                       encod_data_dim=cfg.session_neurons[s],
                                       recon_reduce_mean=cfg.recon_reduce_mean)
-        recons.append(_recon_loss(session_cfg, log_rates, {"recon_data": y, "cd_keep": keep}))
+        recons.append(_recon_loss(session_cfg, log_rates,
+                                  {"recon_data": y, "cd_keep": keep, "cd_pass": passed}))
         rates.append(torch.exp(log_rates).detach().numpy())
         start = stop
     recon = torch.stack(recons).mean()
@@ -418,7 +425,8 @@ def draw_noise(cfg, B, seed, dropout=True, cd=True, sample=True):
         seed: seed of the numpy generator.
         dropout: draw the drop_* multipliers: 0 with probability cfg.dropout_rate,
             1 / (1 - dropout_rate) otherwise.
-        cd: draw cd_keep: 0 with probability cfg.cd_rate, 1 otherwise.
+        cd: draw cd_keep: 0 with probability cfg.cd_rate, 1 otherwise; and, when
+            cfg.cd_pass_rate > 0, cd_pass: 1 with probability cfg.cd_pass_rate.
         sample: draw the standard normal ic_eps, co_eps and co_kl_eps.
 
     Returns:
@@ -438,6 +446,8 @@ def draw_noise(cfg, B, seed, dropout=True, cd=True, sample=True):
             noise["co_kl_eps"] = rng.standard_normal(shapes["co_kl_eps"])
     if cd and cfg.cd_rate > 0:
         noise["cd_keep"] = (rng.random(shapes["cd_keep"]) >= cfg.cd_rate).astype(np.float64)
+        if cfg.cd_pass_rate > 0:
+            noise["cd_pass"] = (rng.random(shapes["cd_pass"]) < cfg.cd_pass_rate).astype(np.float64)
     if dropout and cfg.dropout_rate > 0:
         keys = ["drop_data", "drop_ic_hn", "drop_g0", "drop_gen"]
         keys += ["drop_ci", "drop_fac_in"] if has_con else []
@@ -470,6 +480,7 @@ def _noise_shapes(cfg, B):
         "co_eps": (t_r, B, u),
         "co_kl_eps": (t_r, B, u),
         "cd_keep": (t_e, B, cfg.encod_data_dim),
+        "cd_pass": (t_e, B, cfg.encod_data_dim),
         "drop_data": (t_e, B, cfg.encod_data_dim),
         "drop_ic_hn": (B, 2 * cfg.ic_enc_dim),
         "drop_ci": (t_r, B, ci),
@@ -757,7 +768,7 @@ def _recon_loss(cfg, log_rates, inputs):
     """Poisson NLL with lgamma(y + 1), masked where recon_data is NaN.
 
     Coordinated dropout: bins whose encoder input was kept (t < T_e, n < N_e, cd_keep = 1)
-    add their value but no gradient.
+    add their value but no gradient, unless their pass mask (cd_pass = 1) lets it through.
 
     Args:
         log_rates: [B, T_r, N_r].
@@ -772,7 +783,10 @@ def _recon_loss(cfg, log_rates, inputs):
     if inputs["cd_keep"] is not None:
         grad_mask = torch.ones_like(nll)
         t_e, n_e = cfg.encod_seq_len, cfg.encod_data_dim
-        grad_mask[:, :t_e, :n_e] = 1.0 - inputs["cd_keep"]
+        blocked = inputs["cd_keep"] > 0.5
+        if inputs.get("cd_pass") is not None:
+            blocked = blocked & (inputs["cd_pass"] < 0.5)
+        grad_mask[:, :t_e, :n_e] = (~blocked).to(nll.dtype)
         nll = grad_mask * nll + ((1.0 - grad_mask) * nll).detach()
     total = torch.where(valid, nll, torch.zeros_like(nll)).sum()
     if cfg.recon_reduce_mean:
