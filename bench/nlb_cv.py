@@ -15,18 +15,7 @@ import time
 
 from lfads_fast import nlb, ops
 from lfads_fast.cli import load_config
-
-# lfads-torch's configs/model/nlb_mc_maze_small.yaml (its PBT starting point; "sampled" values
-# as written there) with its batch size of 64 (the report of it).
-PRESETS = {
-    "lfads_torch_mc_maze_small": [
-        "model.ic_enc_dim=100", "model.ci_enc_dim=80", "model.con_dim=80", "model.co_dim=4",
-        "model.ic_dim=100", "model.gen_dim=100", "model.fac_dim=40", "model.dropout_rate=0.02",
-        "model.cd_rate=0.3", "model.kl_ic_scale=0", "model.kl_co_scale=0",
-        "model.l2_gen_scale=0", "model.l2_con_scale=0", "train.lr_scheduler=false",
-        "train.batch_size=64"],
-}
-
+from lfads_fast.presets import PRESETS
 
 def main(argv=None):
     p = argparse.ArgumentParser()
@@ -43,8 +32,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     ops.set_num_threads(args.threads)
-    overrides = (PRESETS[args.preset] if args.preset else []) + args.set
-    model_fields, train_fields = load_config(None, overrides)
+    model_fields, train_fields = load_config(None, args.set, args.preset)
     train_fields.setdefault("max_epochs", args.epochs)
     tensors = nlb.read_nlb_tensors(args.data)["train"]
     folds = None if args.folds is None else [int(f) for f in args.folds.split(",")]
@@ -53,7 +41,7 @@ def main(argv=None):
     summary = nlb.cross_validate(tensors, args.kfold, out, model_fields=model_fields,
                                  train_fields=train_fields, seed=args.seed,
                                  n_samples=args.samples, folds=folds)
-    summary["config"] = {"overrides": overrides, "epochs": args.epochs, "kfold": args.kfold,
+    summary["config"] = {"preset": args.preset, "overrides": args.set, "epochs": args.epochs, "kfold": args.kfold,
                          "seed": args.seed, "samples": args.samples, "threads": args.threads,
                          "wall_seconds": time.perf_counter() - start}
     nlb.write_json(os.path.join(out, "cv.json"), summary)

@@ -16,7 +16,9 @@ def main(dirs):
         cv = json.loads((Path(d) / "cv.json").read_text())
         folds = cv["folds"]
         m, s = cv["mean"]["lfads"], cv["std"]["lfads"]
-        over = " ".join(cv.get("config", {}).get("overrides", [])) or "(today's defaults)"
+        config = cv.get("config", {})
+        preset = [f"preset {config['preset']}"] if config.get("preset") else []
+        over = " ".join(preset + config.get("overrides", [])) or "(the defaults)"
         ratio = m["co_bps"] / cv["mean"]["smoothing"]["co_bps"]
         div = sum(f["scores"]["lfads"]["divergences"] for f in folds)
         stops = sorted({f["scores"]["lfads"]["stop_reason"] for f in folds})

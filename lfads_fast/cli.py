@@ -49,6 +49,7 @@ import yaml
 from . import readout, rundir
 from .config import LFADSConfig
 from .posterior import REFINE_LR, REFINE_STEPS
+from .presets import get_preset
 from .train import NonFiniteLossError, TrainConfig
 
 __all__ = ["main", "load_config"]
@@ -99,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict, dict]:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
+                preset: str | None = None) -> tuple[dict, dict]:
     """Reads a YAML config and applies key=value overrides.
 
     Args:
         path: YAML file with optional sections ``model`` and ``train``, or None.
         overrides: strings ``[section.]field=value``; values are read as YAML scalars.
+        preset: a name of lfads_fast.presets.PRESETS whose fields come first (the file and
+            the overrides win over them), or None.
 
     Returns:
         (model fields, train fields), each a dict with values converted to the fields' types.
@@ -114,6 +118,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tu
         ValueError: unknown section or field, or a value of the wrong type.
     """
     sections = {"model": {}, "train": {}}
+    if preset is not None:
+        chosen = get_preset(preset)
+        for name, values in (("model", chosen.model), ("train", chosen.train)):
+            for key, value in values.items():
+                sections[name][key] = _coerce(name, key, value, where=f"preset {preset}")
     if path is not None:
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -168,7 +177,7 @@ def _train_locked(args, out: Path) -> int:
     config_path = args.config
     if config_path is None and args.resume and (out / "config.yaml").exists():
         config_path = out / "config.yaml"
-    model_fields, train_fields = load_config(config_path, args.set)
+    model_fields, train_fields = load_config(config_path, args.set, args.preset)
     if args.time_budget is not None:
         train_fields["time_budget"] = args.time_budget
     files = _data_files(args.data)
@@ -336,7 +345,7 @@ def _tune_locked(args, out: Path, tune) -> int:
                               "choose another --out")
     if args.config is not None:
         _existing(args.config, "config file")
-    model_fields, train_fields = load_config(args.config, args.set)
+    model_fields, train_fields = load_config(args.config, args.set, args.preset)
     settings = tune.load_search_settings(
         args.config, mode=args.mode, population=args.population, address=args.address,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
@@ -414,7 +423,7 @@ def _nlb_eval(args) -> int:
                              f"fold), got {len(args.files)}")
         if args.out is None:
             raise ValueError("nlb-eval --kfold K needs --out DIR (the folds' training runs)")
-        model_fields, train_fields = load_config(args.config, args.set)
+        model_fields, train_fields = load_config(args.config, args.set, args.preset)
         tensors = nlb.read_nlb_tensors(_existing(args.files[0], "data file"), args.conditions)
         folds = None if args.folds is None else [int(f) for f in args.folds.split(",")]
         summary = nlb.cross_validate(
@@ -519,6 +528,7 @@ def _add_nlb_commands(sub) -> None:
     p.add_argument("--config", metavar="CFG.yaml", help="--kfold: model/train config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="--kfold: override one config field (repeatable)")
+    _add_preset_option(p, "--kfold: ")
     p.add_argument("--samples", type=_non_negative_int, default=50,
                    help="--kfold: posterior samples per trial (default 50)")
     p.add_argument("--seed", type=_non_negative_int, default=0,
@@ -673,6 +683,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="CFG.yaml", help="YAML with sections model and train")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. model.gen_dim=64 (repeatable)")
+    _add_preset_option(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from DIR/checkpoints/last.h5 (config from DIR/config.yaml "
                    "unless --config is given)")
@@ -779,6 +790,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="YAML with sections model, train and tune (settings and search space)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one model or train field (repeatable)")
+    _add_preset_option(p)
     p.add_argument("--mode", choices=("pbt", "random"), default=None,
                    help="population-based training (default) or random search")
     p.add_argument("--population", type=_positive_int, default=None, metavar="N",
@@ -1059,6 +1071,14 @@ def _existing(path: str, what: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path} does not exist")
     return path
+
+
+def _add_preset_option(p, prefix: str = "") -> None:
+    from .presets import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
+                   help=f"{prefix}start from a named configuration (the config file and --set "
+                   "win over it): " + "; ".join(f"{k}: {v.description}" for k, v in sorted(PRESETS.items())))
 
 
 def _positive_int(text: str) -> int:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from lfads_fast import cli, data, posterior, refine, synth
-from lfads_fast.train import load_checkpoint, load_model
+from lfads_fast import LFADSConfig, cli, data, posterior, refine, synth
+from lfads_fast.train import TrainConfig, load_checkpoint, load_model
 
 TINY = ["--set", "model.ic_enc_dim=8", "--set", "ic_dim=4", "--set", "gen_dim=12",
         "--set", "fac_dim=4", "--set", "co_dim=0", "--set", "ci_enc_dim=0",
@@ -287,6 +287,39 @@ def test_set_reaches_the_augmentation_options():
     assert isinstance(train["temporal_shift_std"], float)
     with pytest.raises(ValueError, match="train.temporal_shift_max must be an int"):
         cli.load_config(None, ["train.temporal_shift_max=1.5"])
+
+
+def test_presets_come_first_and_the_file_and_set_win(tmp_path):
+    from lfads_fast.presets import PRESETS
+
+    for name, preset in PRESETS.items():  # every preset's fields exist and have valid values
+        model, train = cli.load_config(None, [], name)
+        assert model == preset.model and train == preset.train
+        LFADSConfig(**model)
+        TrainConfig(**train)
+    model, train = cli.load_config(None, [], "lfads_torch_mc_maze_small")
+    assert model["cd_rate"] == 0.3 and train["batch_size"] == 64
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  cd_rate: 0.1\ntrain:\n  batch_size: 32\n")
+    model, train = cli.load_config(path, ["train.batch_size=8"], "lfads_torch_mc_maze_small")
+    assert model["cd_rate"] == 0.1 and model["kl_ic_scale"] == 0.0
+    assert train["batch_size"] == 8 and train["lr_scheduler"] is False
+    with pytest.raises(ValueError, match="unknown preset 'nbl'; expected one of "):
+        cli.load_config(None, [], "nbl")
+
+
+def test_train_with_a_preset(data_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    tiny = [a for pair in zip(TINY[::2], TINY[1::2]) if pair[1] != "train.batch_size=16" for a in pair]
+    assert len(tiny) == len(TINY) - 2  # the preset's batch size is not overridden
+    code, _, err = run(["train", data_file, "--out", str(out), "--preset", "nlb", "--samples", "0",
+                        "--quiet", *tiny], capsys)
+    assert code == 0, err
+    batch = load_checkpoint(out / "checkpoints" / "last.h5").train_config.batch_size
+    assert batch == cli.get_preset("nlb").train["batch_size"] != TrainConfig().batch_size
+    with pytest.raises(SystemExit):
+        cli.main(["train", data_file, "--out", str(tmp_path / "x"), "--preset", "nope"])
+    assert "argument --preset: invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_demo_quick(tmp_path, capsys):
