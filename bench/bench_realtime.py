@@ -101,8 +101,30 @@ def main():
             redis_rows.append((mode, redis_latency(path, mode, args.redis_bins, args.redis_period_ms, rng,
                                                    core, all_cores)))
             print("redis", mode, redis_rows[-1][1], flush=True)
+        redis_rows.append(("echo (no decoder)", redis_latency(None, "echo", args.redis_bins, args.redis_period_ms,
+                                                             rng, core, all_cores)))
+        print("redis echo", redis_rows[-1][1], flush=True)
     write(args, core, rows, redis_rows, load_start)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# The floor of the Redis path: a node that reads each entry like `lfads-fast serve` (a blocking
+# XREAD with redis-py) and answers at once with the same timestamps and no decoding.
+ECHO_NODE = """
+import signal, sys, time
+import redis
+r = redis.Redis(port=int(sys.argv[1]))
+stop = []
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+print("ready", flush=True)
+last = "0-0"  # a new server: every entry is new
+while not stop:
+    for _, entries in r.xread({"spikes": last}, count=64, block=1000) or []:
+        for eid, fields in entries:
+            t = time.monotonic_ns()
+            last = eid
+            r.xadd("lfads", {"in_id": eid, "t_receive": t, "t_after": time.monotonic_ns()})
+"""
 
 
 def redis_latency(model_path, mode, n, period_ms, rng, core, all_cores) -> dict:
@@ -134,9 +156,10 @@ def redis_latency(model_path, mode, n, period_ms, rng, core, all_cores) -> dict:
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
-        node = subprocess.Popen([sys.executable, "-c", "import sys; from lfads_fast.cli import main; "
-                                 "sys.exit(main(sys.argv[1:]))", "serve", str(model_path), "--port", str(port),
-                                 "--mode", mode, "--block-ms", "1000"],
+        cmd = ([sys.executable, "-c", ECHO_NODE, str(port)] if mode == "echo" else
+               [sys.executable, "-c", "import sys; from lfads_fast.cli import main; sys.exit(main(sys.argv[1:]))",
+                "serve", str(model_path), "--port", str(port), "--mode", mode, "--block-ms", "1000"])
+        node = subprocess.Popen(cmd,
                                 stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(HERE.parent)),
                                 preexec_fn=lambda: os.sched_setaffinity(0, {core}))
         assert node.stdout.readline().startswith("ready")
