@@ -36,6 +36,7 @@ Ray is imported only here and only when a search runs: ``pip install 'lfads_fast
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -934,8 +935,7 @@ def _task_memory(ray) -> float:
 def _collect(grid, space: dict) -> list[dict]:
     trials = []
     for r in grid:
-        df = r.metrics_dataframe
-        rows = [] if df is None else df.to_dict("records")
+        rows = _member_rows(r)
         trial = (r.metrics or {}).get("trial_id") or (rows[-1].get("trial_id") if rows else None) \
             or os.path.basename(str(r.path))
         meta = None
@@ -960,6 +960,28 @@ def _collect(grid, space: dict) -> list[dict]:
             "checkpoint": r.checkpoint, "rows": rows})
     trials.sort(key=lambda t: (not math.isfinite(t["best_metric"]), t["best_metric"]))
     return trials
+
+
+def _member_rows(result) -> list[dict]:
+    """A member's reports, oldest first. Ray builds Result.metrics_dataframe from the trial's
+    result.json, which loses rows when a restored search restarts its members (the JSON logger
+    copies the file back from storage at each restart); the trial's progress.csv keeps every
+    row, so the longer of the two is used."""
+    df = result.metrics_dataframe
+    rows = [] if df is None else df.to_dict("records")
+    fs = getattr(result, "filesystem", None)
+    if fs is None:
+        return rows
+    import pandas as pd
+
+    try:
+        with fs.open_input_stream(f"{result.path.rstrip('/')}/progress.csv") as f:
+            text = f.readall().decode("utf-8")
+        csv = pd.read_csv(io.StringIO(text), dtype={"trial_id": str, "source": str},
+                          keep_default_na=False, na_values=["nan", "NaN"]).to_dict("records")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return rows
+    return csv if len(csv) > len(rows) else rows
 
 
 def _exploits(trials: list) -> list[dict]:
