@@ -14,6 +14,7 @@
     lfads-fast tune DATA.h5 [DATA.h5 ...] --out DIR [--config cfg.yaml] [--population 20]
                      [--mode pbt|random] [--address auto] [--cpus-per-trial N]
                      [--gpus-per-trial F] [--time-budget S] [--generations G]
+                     [--resume | --overwrite]
 
 A config file is YAML with up to two sections, ``model`` (LFADSConfig fields) and ``train``
 (TrainConfig fields); DIR/config.yaml, written by every training run, is one. A third,
@@ -81,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result.best_epoch}) {result.best_checkpoint}, last {result.last_checkpoint} "
                   "(written at the end of an epoch; --resume goes on from it).", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"lfads-fast {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        detail = f": {e}" if str(e) else ""  # a search says how to resume it
+        print(f"lfads-fast {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
     except (ValueError, OSError, rundir.RunLockedError, MemoryError) as e:
         print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -340,9 +342,14 @@ def _tune(args) -> int:
 
 
 def _tune_locked(args, out: Path, tune) -> int:
-    if (out / "search.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already holds a search; pass --overwrite to start over, or "
-                              "choose another --out")
+    if not args.resume and not args.overwrite:
+        if (out / "search.json").exists():
+            raise FileExistsError(f"{out} already holds a search; pass --overwrite to start "
+                                  "over, or choose another --out")
+        if (out / tune.SETUP_FILE).exists():
+            raise FileExistsError(f"{out} holds a search that did not finish; pass --resume to "
+                                  "go on with it (the same command and options), --overwrite to "
+                                  "start over, or choose another --out")
     if args.config is not None:
         _existing(args.config, "config file")
     model_fields, train_fields = load_config(args.config, args.set, args.preset)
@@ -354,7 +361,7 @@ def _tune_locked(args, out: Path, tune) -> int:
     dataset, model_cfg = _data_and_model_config(_data_files(args.data), model_fields)
     train_cfg = TrainConfig.from_dict(train_fields)
     r = tune.run_search(dataset, model_cfg, train_cfg, out, settings, n_samples=args.samples,
-                        verbose=0 if args.quiet else 1)
+                        verbose=0 if args.quiet else 1, resume=args.resume)
     print(f"{settings.mode}: {len(r.trials)} members, {len(r.exploits)} exploits, "
           f"{len(r.generations)} generations, {r.seconds:.0f} s (stopped: {r.stop_reason}); "
           f"best member {r.best_trial}, valid_recon_smth {r.best_metric:.5f}")
@@ -815,7 +822,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="seed of the initial values and the explore steps (default 0)")
     p.add_argument("--samples", type=_non_negative_int, default=50,
                    help="posterior samples for the best model's posterior (0: skip; default 50)")
-    p.add_argument("--overwrite", action="store_true", help="start over in a used DIR")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="go on with the interrupted search in DIR (the same data, config and "
+                       "options; --address may change)")
+    again.add_argument("--overwrite", action="store_true", help="start over in a used DIR")
     p.add_argument("--quiet", action="store_true", help="no status table")
     p.set_defaults(func=_tune)
 

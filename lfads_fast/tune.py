@@ -26,11 +26,17 @@ Outputs in out_dir, as ``lfads-fast train`` writes them for the best member (low
 ``search.png`` (the values' trajectories and the metric per generation), ``search.json``
 (settings, members, their lineage, every exploit) and Ray's own results under ``ray/``.
 
+An interrupted search (Ctrl-C, the driver killed, a node lost) goes on with
+``run_search(..., resume=True)``: Ray Tune's ``Tuner.restore`` continues the experiment, after
+the data, configuration and settings have been checked against those the search started with
+(``search_setup.json``, written when it starts).
+
 Ray is imported only here and only when a search runs: ``pip install 'lfads_fast[tune]'``.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -60,6 +66,8 @@ __all__ = [
     "DEFAULT_SPACE",
     "explore",
     "ImprovementRatioStopper",
+    "SearchInterrupted",
+    "SETUP_FILE",
     "load_search_settings",
     "require_ray",
     "run_search",
@@ -77,6 +85,11 @@ _CONTROLLER_FIELDS = ("kl_co_scale", "l2_con_scale", "l2_ci_enc_scale")
 _RUN_FILES = ("checkpoints/last.h5", "checkpoints/best.h5", "log.csv", "log.json",
               "training_curves.png")
 _MEMBER_FILE = "member.json"
+# What a search started with (settings, configurations, the data's checksum, Ray's experiment
+# path): written into out_dir before Ray starts; resume=True checks against it.
+SETUP_FILE = "search_setup.json"
+# Settings a resumed search may change: where Ray runs (a new cluster after one was lost).
+_RESUMABLE_SETTINGS = ("address",)
 
 
 @dataclass
@@ -275,6 +288,11 @@ class SearchResult:
     out_dir: str
 
 
+class SearchInterrupted(KeyboardInterrupt):
+    """The search stopped before it finished (Ctrl-C); Ray kept its state, and
+    run_search(..., resume=True) (``lfads-fast tune ... --resume``) goes on from it."""
+
+
 def require_ray():
     """Imports Ray Tune; raises ImportError naming the extra to install when it is missing."""
     try:
@@ -349,7 +367,7 @@ def explore(values: dict, space: dict, rng: random.Random, *, resample_probabili
 
 def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                out_dir: str | os.PathLike, settings: SearchSettings | None = None, *,
-               n_samples: int = 50, verbose: int = 1) -> SearchResult:
+               n_samples: int = 50, verbose: int = 1, resume: bool = False) -> SearchResult:
     """Runs the search and writes its outputs (see the module's docstring).
 
     Args:
@@ -362,13 +380,20 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
         settings: the search (None: AutoLFADS's defaults).
         n_samples: posterior samples for the best member's posterior (0: none).
         verbose: Ray Tune's verbosity (0 silent, 1 a status table, 2 more).
+        resume: continue the interrupted search in out_dir (Ray Tune's Tuner.restore) instead
+            of starting one. data, model_config, train_config and settings must be those it
+            started with, except settings.address (the Ray cluster may be another one).
 
     Returns:
-        What happened (SearchResult).
+        What happened (SearchResult), for all members, those trained before an interruption
+        included.
 
     Raises:
         ImportError: Ray Tune is not installed.
-        ValueError: bad settings, or a population the data and cluster cannot hold.
+        ValueError: bad settings, a population the data and cluster cannot hold; with
+            resume, no search in out_dir or one that differs from these arguments (the
+            message names each difference).
+        SearchInterrupted: the search was interrupted (Ctrl-C); resume=True goes on with it.
     """
     ray, tune = require_ray()
     settings = settings if settings is not None else SearchSettings()
@@ -381,38 +406,91 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     else:
         check_sizes(model_config, sessions[0])
     space = _check_space(settings.space, model_config)
-    train_config = _member_train_config(train_config, settings)
     out = Path(out_dir)
+    storage = settings.storage or str((out / "ray").resolve())
+    setup = {"settings": _settings_dict(settings), "model": model_config.to_dict(),
+             "train": train_config.to_dict(), "data": _data_summary(sessions),
+             "experiment": storage.rstrip("/") + "/search", "resumes": 0}
+    if resume:
+        setup["resumes"] = _check_resume(out, setup, tune) + 1
+    train_config = _member_train_config(train_config, settings)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=settings.address, include_dashboard=False,
                  log_to_driver=verbose > 1, configure_logging=verbose > 0)
     _check_population(ray, settings, model_config, train_config, sessions)
-    plan = _Plan.of(settings, train_config)
-    rng = random.Random(settings.seed)
+    _write_text(out / SETUP_FILE, json.dumps(_plain(setup), indent=1) + "\n")
+    plan = dataclasses.replace(_Plan.of(settings, train_config), session=setup["resumes"])
+
+    def trainable(plan: _Plan, sessions: list):
+        return tune.with_resources(
+            tune.with_parameters(_member, sessions=sessions, model_config=model_config,
+                                 train_config=train_config, plan=plan),
+            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
+
+    if resume:
+        if settings.mode == "pbt":
+            # Ray Tune restores PBT's scheduler as it was created (it keeps no state across a
+            # restore): the members report their time from the population's next generation
+            # boundary on as the scheduler's first one.
+            restored = tune.Tuner.restore(setup["experiment"], trainable=trainable(plan, []))
+            next_boundary = plan.next_stop(min(
+                [e for e in _checkpoint_epochs(restored.get_results()) if e < plan.max_epochs],
+                default=0))
+            plan = dataclasses.replace(plan, time_offset=max(0, next_boundary - plan.first))
+        tuner = tune.Tuner.restore(setup["experiment"], trainable=trainable(plan, sessions),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(tune, trainable(plan, sessions), settings, space, train_config, plan,
+                           storage, verbose)
+    grid = tuner.fit()
+    seconds = time.perf_counter() - t0
+    if grid.num_terminated + grid.num_errors < len(grid):
+        raise SearchInterrupted(f"the search in {out} was interrupted; its state is kept in "
+                                f"{setup['experiment']}: resume it with lfads-fast tune ... "
+                                "--resume (run_search(..., resume=True))")
+    trials = _collect(grid, space)
+    finished = [t for t in trials
+                if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
+    if not finished:
+        errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"]) or "none"
+        raise RuntimeError(f"no member of the search finished an epoch (errors: {errors})")
+    best = min(finished, key=lambda t: t["best_metric"])
+    _write_best(best, sessions, model_config, out, n_samples)
+    exploits = _exploits(trials)
+    generations = _generations(trials, plan) if settings.mode == "pbt" else []
+    result = SearchResult(best_trial=best["trial"], best_metric=best["best_metric"],
+                          best_values=best["values"],
+                          trials=[{k: v for k, v in t.items() if k not in ("checkpoint", "rows")}
+                                  for t in trials],
+                          exploits=exploits, generations=generations,
+                          stop_reason=_stop_reason(trials, settings, plan, seconds),
+                          seconds=seconds, out_dir=str(out))
+    _write_tables(out, trials, space)
+    _write_figure(out / "search.png", trials, space, generations)
+    summary = {"settings": _settings_dict(settings), "model": model_config.to_dict(),
+               "train": train_config.to_dict(), **dataclasses.asdict(result)}
+    _write_text(out / "search.json", json.dumps(_plain(summary), indent=1) + "\n")
+    return result
+
+
+def _new_tuner(tune, trainable, settings: SearchSettings, space: dict, train_config: TrainConfig,
+               plan: _Plan, storage: str, verbose: int):
     members = [{"index": k, "values": _initial_values(space, rng)}
-               for k in range(settings.population)]
-    trainable = tune.with_resources(
-        tune.with_parameters(_member, sessions=sessions, model_config=model_config,
-                             train_config=train_config, plan=plan),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    scheduler = stopper = None
+               for rng in [random.Random(settings.seed)] for k in range(settings.population)]
+    scheduler = stop = None
     if settings.mode == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
         scheduler = PopulationBasedTraining(
-            time_attr="epoch", perturbation_interval=settings.perturbation_interval,
+            time_attr="pbt_time", perturbation_interval=settings.perturbation_interval,
             burn_in_period=plan.first, quantile_fraction=settings.quantile_fraction,
             custom_explore_fn=_Explorer(space, settings.seed, settings.resample_probability,
                                         train_config.lr_stop),
             log_config=True, require_attrs=True, synch=True)
-        stopper = ImprovementRatioStopper(settings.population, plan.first,
-                                          settings.perturbation_interval, settings.patience,
-                                          settings.min_improvement_ratio, settings.max_generations)
-    stop = None if stopper is None else _as_tune_stopper(tune, stopper)
-    storage = settings.storage or str((out / "ray").resolve())
-    tuner = tune.Tuner(
+        stop = _as_tune_stopper(tune, _stopping_rule(settings, plan))
+    return tune.Tuner(
         trainable,
         param_space={"member": tune.grid_search(members)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", scheduler=scheduler,
@@ -424,36 +502,124 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
             # A member whose worker died (a lost node, the memory monitor) restarts from its
             # last checkpoint.
             failure_config=tune.FailureConfig(max_failures=3)))
-    grid = tuner.fit()
-    seconds = time.perf_counter() - t0
-    trials = _collect(grid, space)
-    finished = [t for t in trials
-                if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
-    if not finished:
-        errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"]) or "none"
-        raise RuntimeError(f"no member of the search finished an epoch (errors: {errors})")
-    best = min(finished, key=lambda t: t["best_metric"])
-    _write_best(best, sessions, model_config, out, n_samples)
-    exploits = _exploits(trials)
-    generations = _generations(trials, plan) if settings.mode == "pbt" else []
-    if stopper is not None and stopper.stopped_by:
-        stop_reason = stopper.stopped_by
+
+
+def _check_resume(out: Path, setup: dict, tune) -> int:
+    """Checks that out holds an interrupted search started with this setup; returns how
+    often it was resumed before.
+
+    Raises:
+        ValueError: no search in out, a finished one, one Ray cannot restore, or one started
+            with other data, configurations or settings (each difference named).
+    """
+    path = out / SETUP_FILE
+    if not path.is_file():
+        raise ValueError(f"{out} holds no search to resume ({SETUP_FILE} is missing); start one "
+                         "without --resume")
+    if (out / "search.json").exists():
+        raise ValueError(f"the search in {out} has finished (search.json); there is nothing to "
+                         "resume")
+    stored = json.loads(path.read_text())
+    differences = _differences(stored, json.loads(json.dumps(_plain(setup))))
+    if differences:
+        raise ValueError(f"--resume: the search in {out} was started with other values; "
+                         f"{'; '.join(differences)}. A resumed search keeps its data, "
+                         "configuration and settings (only --address may change)")
+    if not tune.Tuner.can_restore(setup["experiment"]):
+        raise ValueError(f"the search in {out} stopped before Ray Tune saved its state in "
+                         f"{setup['experiment']}; start it over with --overwrite")
+    return int(stored.get("resumes", 0))
+
+
+def _differences(stored: dict, given: dict) -> list[str]:
+    """'key: stored -> given' for every value that differs, nested keys joined by dots;
+    what a resumed search may change is left out."""
+    ignore = {"experiment", "resumes"} | {f"settings.{k}" for k in _RESUMABLE_SETTINGS}
+    flat_stored, flat_given = _flatten(stored), _flatten(given)
+    out = []
+    for key in sorted(set(flat_stored) | set(flat_given)):
+        if key in ignore:
+            continue
+        old, new = flat_stored.get(key, "(none)"), flat_given.get(key, "(none)")
+        if old != new:
+            out.append(f"{key}: {old!r} then, {new!r} now")
+    return out
+
+
+def _flatten(d: dict | list, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        if isinstance(v, (dict, list)) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _data_summary(sessions: list) -> list[dict]:
+    """Per session the data's shapes and a checksum of their values (the same data on
+    resume)."""
+    summary = []
+    for ds in sessions:
+        arrays = _arrays(ds)
+        crc = 0
+        for name, a in arrays:
+            crc = zlib.crc32(name.encode(), crc)
+            values = repr(a.tolist()).encode() if a.dtype.hasobject else \
+                np.ascontiguousarray(a).view(np.uint8).reshape(-1)
+            crc = zlib.crc32(values, crc)
+        summary.append({"shapes": {name: list(a.shape) for name, a in arrays},
+                        "crc32": f"{crc:08x}"})
+    return summary
+
+
+def _arrays(obj, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+    """The arrays of a dataset (dataclasses, dicts of arrays) with their dotted names."""
+    if isinstance(obj, np.ndarray):
+        return [(prefix.rstrip("."), obj)]
+    items = []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: str(kv[0]))
+    return [x for k, v in items for x in _arrays(v, f"{prefix}{k}.")]
+
+
+def _checkpoint_epochs(grid) -> list[int]:
+    """The epoch of each member's latest checkpoint (0: none yet)."""
+    epochs = []
+    for r in grid:
+        epoch = 0
+        if r.checkpoint is not None:
+            with r.checkpoint.as_directory() as d:
+                epoch = int(json.loads((Path(d) / _MEMBER_FILE).read_text())["epoch"])
+        epochs.append(epoch)
+    return epochs
+
+
+def _stopping_rule(settings: SearchSettings, plan: _Plan) -> "ImprovementRatioStopper":
+    return ImprovementRatioStopper(settings.population, plan.first, settings.perturbation_interval,
+                                   settings.patience, settings.min_improvement_ratio,
+                                   settings.max_generations)
+
+
+def _stop_reason(trials: list, settings: SearchSettings, plan: _Plan, seconds: float) -> str:
+    """Why the search ended. For PBT the stopping rule is replayed on the members' reports:
+    the stopper Ray Tune ran is its own copy (restored with the experiment on resume)."""
+    if settings.mode == "pbt":
+        rule = _stopping_rule(settings, plan)
+        rows = sorted(((row, t["trial"]) for t in trials for row in t["rows"]),
+                      key=lambda rt: rt[0]["epoch"])
+        for row, trial in rows:
+            rule(trial, row)
+        if rule.stopped_by:
+            return rule.stopped_by
+        if settings.time_budget is not None and any(t["epochs"] < plan.max_epochs
+                                                    for t in trials):
+            return "time_budget"
     elif settings.time_budget is not None and seconds >= settings.time_budget:
-        stop_reason = "time_budget"
-    else:
-        stop_reason = "finished"
-    result = SearchResult(best_trial=best["trial"], best_metric=best["best_metric"],
-                          best_values=best["values"],
-                          trials=[{k: v for k, v in t.items() if k not in ("checkpoint", "rows")}
-                                  for t in trials],
-                          exploits=exploits, generations=generations, stop_reason=stop_reason,
-                          seconds=seconds, out_dir=str(out))
-    _write_tables(out, trials, space)
-    _write_figure(out / "search.png", trials, space, generations)
-    summary = {"settings": _settings_dict(settings), "model": model_config.to_dict(),
-               "train": train_config.to_dict(), **dataclasses.asdict(result)}
-    _write_text(out / "search.json", json.dumps(_plain(summary), indent=1) + "\n")
-    return result
+        return "time_budget"
+    return "finished"
 
 
 class ImprovementRatioStopper:
@@ -523,7 +689,13 @@ def _as_tune_stopper(tune, rule: ImprovementRatioStopper):
 
 @dataclass(frozen=True)
 class _Plan:
-    """When a member reports a checkpoint (the generation boundaries) and stops."""
+    """When a member reports a checkpoint (the generation boundaries) and stops.
+
+    session counts the runs of the search (0, then one more per resume); time_offset is
+    subtracted from the epoch in the time PBT's scheduler sees (pbt_time), so that a scheduler
+    restored without its state (Ray Tune's on resume) takes the population's next generation
+    boundary for its first one.
+    """
 
     mode: str
     first: int
@@ -532,6 +704,8 @@ class _Plan:
     threads: int
     gpus: float
     member_budget: float | None
+    session: int = 0
+    time_offset: int = 0
 
     @classmethod
     def of(cls, settings: SearchSettings, train_config: TrainConfig) -> "_Plan":
@@ -601,6 +775,13 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
             lineage = lineage + [{"trial": trial, "epoch": saved.epoch, "source": meta["trial"],
                                   "values": values, "changes": changed}]
         resume, epoch = True, saved.epoch
+        if plan.mode == "pbt" and meta.get("session", 0) != plan.session \
+                and saved.epoch - plan.time_offset >= plan.first:
+            # The search was resumed and this member is at the population's next generation
+            # boundary already: the restored scheduler has not seen it there.
+            _report(run, {**meta, "trial": trial, "values": values, "lineage": lineage,
+                          "session": plan.session},
+                    _metrics(meta["row"], values, plan, lineage))
     spent = 0.0
     while True:
         target = plan.next_stop(epoch)
@@ -611,19 +792,27 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
         result = trainer.fit(resume=resume)
         resume, epoch = True, result.epochs
         spent += result.train_seconds
-        rows = result.history[len(result.history) - result.epochs_this_call:]
-        with tempfile.TemporaryDirectory() as d:
-            _copy_run_files(run, Path(d))
-            (Path(d) / _MEMBER_FILE).write_text(json.dumps(_plain({
-                "trial": trial, "values": values, "epoch": result.epochs,
-                "best_metric": result.best_valid_recon_smth, "best_epoch": result.best_epoch,
-                "lineage": lineage})))
-            for i, row in enumerate(rows):
-                last = i == len(rows) - 1
-                tune.report(_metrics(row, values, plan, lineage),
-                            checkpoint=tune.Checkpoint.from_directory(d) if last else None)
-        if result.stop_reason != "max_epochs" or result.epochs_this_call == 0:
+        if result.epochs_this_call == 0:
             break
+        rows = result.history[len(result.history) - result.epochs_this_call:]
+        for row in rows[:-1]:
+            tune.report(_metrics(row, values, plan, lineage))
+        _report(run, {"trial": trial, "values": values, "epoch": result.epochs,
+                      "best_metric": result.best_valid_recon_smth, "best_epoch": result.best_epoch,
+                      "lineage": lineage, "session": plan.session, "row": rows[-1]},
+                _metrics(rows[-1], values, plan, lineage))
+        if result.stop_reason != "max_epochs":
+            break
+
+
+def _report(run: Path, meta: dict, metrics: dict) -> None:
+    """One tune.report with a checkpoint: the run's files and meta (member.json)."""
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as d:
+        _copy_run_files(run, Path(d))
+        (Path(d) / _MEMBER_FILE).write_text(json.dumps(_plain(meta)))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 def _copy_run_files(src: Path, dst: Path) -> None:
@@ -636,7 +825,8 @@ def _copy_run_files(src: Path, dst: Path) -> None:
 
 def _metrics(row: dict, values: dict, plan: _Plan, lineage: list) -> dict:
     epochs = int(row["epoch"]) + 1
-    m = {"epoch": epochs, "generation": plan.generation(epochs),
+    m = {"epoch": epochs, "pbt_time": epochs - plan.time_offset,
+         "generation": plan.generation(epochs),
          "source": lineage[-1]["source"] or "", "exploits": len(lineage) - 1}
     for k, v in row.items():
         if k.startswith(("valid_", "train_")) or k in ("lr", "epoch_s"):
@@ -745,8 +935,7 @@ def _task_memory(ray) -> float:
 def _collect(grid, space: dict) -> list[dict]:
     trials = []
     for r in grid:
-        df = r.metrics_dataframe
-        rows = [] if df is None else df.to_dict("records")
+        rows = _member_rows(r)
         trial = (r.metrics or {}).get("trial_id") or (rows[-1].get("trial_id") if rows else None) \
             or os.path.basename(str(r.path))
         meta = None
@@ -771,6 +960,28 @@ def _collect(grid, space: dict) -> list[dict]:
             "checkpoint": r.checkpoint, "rows": rows})
     trials.sort(key=lambda t: (not math.isfinite(t["best_metric"]), t["best_metric"]))
     return trials
+
+
+def _member_rows(result) -> list[dict]:
+    """A member's reports, oldest first. Ray builds Result.metrics_dataframe from the trial's
+    result.json, which loses rows when a restored search restarts its members (the JSON logger
+    copies the file back from storage at each restart); the trial's progress.csv keeps every
+    row, so the longer of the two is used."""
+    df = result.metrics_dataframe
+    rows = [] if df is None else df.to_dict("records")
+    fs = getattr(result, "filesystem", None)
+    if fs is None:
+        return rows
+    import pandas as pd
+
+    try:
+        with fs.open_input_stream(f"{result.path.rstrip('/')}/progress.csv") as f:
+            text = f.readall().decode("utf-8")
+        csv = pd.read_csv(io.StringIO(text), dtype={"trial_id": str, "source": str},
+                          keep_default_na=False, na_values=["nan", "NaN"]).to_dict("records")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return rows
+    return csv if len(csv) > len(rows) else rows
 
 
 def _exploits(trials: list) -> list[dict]:

@@ -1,13 +1,16 @@
 """lfads-fast tune: AutoLFADS's explore step, the stopper, the settings' checks, and whole
 population-based searches on Ray Tune (a local Ray, and a Ray cluster started by the test)."""
+import csv
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +20,9 @@ import yaml
 from lfads_fast import synth
 from lfads_fast.cli import main
 from lfads_fast.train import TrainConfig, config_for_data, load_checkpoint
-from lfads_fast.tune import (DEFAULT_SPACE, METRIC, HyperParam, ImprovementRatioStopper,
-                             SearchSettings, explore, load_search_settings, require_ray,
-                             run_search)
+from lfads_fast.tune import (DEFAULT_SPACE, METRIC, SETUP_FILE, HyperParam,
+                             ImprovementRatioStopper, SearchSettings, explore,
+                             load_search_settings, require_ray, run_search)
 from lfads_fast import tune as tune_module
 
 import lfads_fast
@@ -374,3 +377,104 @@ def test_pbt_search_on_a_ray_cluster(data_file, config_file, tmp_path, ray_clust
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = check_search(out, 4)
     assert "exploits" in proc.stdout and math.isfinite(summary["best_metric"])
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def _checkpoint_epochs(experiment: Path) -> dict:
+    """Per member (Ray's trial directory) the epoch of its newest checkpoint so far."""
+    epochs = {}
+    for meta in experiment.glob("*/checkpoint_*/member.json"):
+        try:
+            epoch = json.loads(meta.read_text())["epoch"]
+        except (OSError, ValueError):  # being written
+            continue
+        trial = meta.parent.parent.name
+        epochs[trial] = max(epochs.get(trial, 0), epoch)
+    return epochs
+
+
+def _reported_epochs(experiment: Path) -> dict:
+    """Per member every epoch it reported to Ray Tune, in order (its progress.csv)."""
+    out = {}
+    for path in experiment.glob("*/progress.csv"):
+        with open(path) as f:
+            out[path.parent.name] = [int(row["epoch"]) for row in csv.DictReader(f)]
+    return out
+
+
+def test_resume_a_search_whose_driver_was_killed(data_file, config_file, tmp_path, capsys):
+    """A search whose driver is killed (SIGKILL, no chance to save anything) in its second
+    generation goes on with --resume from the members' checkpoints to the end."""
+    _ray_or_skip()
+    out = tmp_path / "search"
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
+    cmd = [sys.executable, "-m", "lfads_fast.cli", "tune", str(data_file), "--out", str(out),
+           "--config", str(config_file), "--population", "2", "--generations", "4",
+           "--samples", "2", "--quiet"]
+    experiment = out / "ray" / "search"
+    # Its own session: the driver and the Ray processes it starts are killed together.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while max(_checkpoint_epochs(experiment).values(), default=0) < 4:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no member reached its second generation"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    before = _checkpoint_epochs(experiment)
+    assert len(before) == 2 and min(before.values()) >= 2, before
+    assert not (out / "search.json").exists()
+
+    # Not resumed by accident, and not with other settings or data.
+    base = cmd[3:-1]
+    assert main(base) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(base + ["--resume", "--population", "3"]) == 2
+    assert "settings.population: 2 then, 3 now" in capsys.readouterr().err
+    assert main(base + ["--resume", "--generations", "5", "--set", "train.lr_init=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "settings.max_generations: 4 then, 5 now" in err and "train.lr_init" in err
+    other = tmp_path / "other.h5"
+    synth.save_h5(synth.chaotic_rnn(n_conditions=16, trials_per_condition=5,
+                                    train_per_condition=4, n_bins=20, max_firing_rate=60.0,
+                                    n_neurons=20, seed=7), other)
+    assert main([base[0], str(other)] + base[2:] + ["--resume"]) == 2
+    assert "data.0.crc32" in capsys.readouterr().err
+
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["stop_reason"] == "max_generations"
+    assert [g["generation"] for g in summary["generations"]] == [1, 2, 3, 4]
+    assert [t["epochs"] for t in summary["trials"]] == [8, 8]
+    # The members went on from their checkpoints: none started again from its first epoch,
+    # and each reported every epoch up to the last.
+    reported = _reported_epochs(experiment)
+    assert set(reported) == set(before)
+    for trial, epochs in reported.items():
+        assert epochs.count(1) == 1 and set(epochs) == set(range(1, 9)), (trial, epochs)
+    assert json.loads((out / SETUP_FILE).read_text())["resumes"] == 1
+    for name in ("config.yaml", "checkpoints/best.h5", "checkpoints/last.h5", "log.csv",
+                 "posterior.h5", "search_trials.csv", "search.png"):
+        assert (out / name).is_file(), name
+    assert load_checkpoint(out / "checkpoints" / "last.h5").epoch == 8
+    assert main(base + ["--resume"]) == 2
+    assert "has finished" in capsys.readouterr().err
+
+
+def test_resume_needs_a_search(data_file, config_file, tmp_path, capsys):
+    _ray_or_skip()
+    out = tmp_path / "empty"
+    assert main(["tune", str(data_file), "--out", str(out), "--config", str(config_file),
+                 "--resume"]) == 2
+    assert f"{out} holds no search to resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tune", str(data_file), "--out", str(out), "--resume", "--overwrite"])
+    assert "not allowed with argument" in capsys.readouterr().err
