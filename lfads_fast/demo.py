@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from . import data, metrics, ops, plots, posterior, synth
 from .model import LFADS
