@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from . import data, metrics, ops, plots, posterior, synth
 from .model import LFADS
 from .train import NonFiniteLossError, Trainer, TrainConfig, config_for_data, load_model
