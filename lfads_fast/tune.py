@@ -435,9 +435,8 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
             # restore): the members report their time from the population's next generation
             # boundary on as the scheduler's first one.
             restored = tune.Tuner.restore(setup["experiment"], trainable=trainable(plan, []))
-            next_boundary = plan.next_stop(min(
-                [e for e in _checkpoint_epochs(restored.get_results()) if e < plan.max_epochs],
-                default=0))
+            next_boundary = plan.next_stop(min(_resuming_epochs(restored.get_results(), plan),
+                                               default=0))
             plan = dataclasses.replace(plan, time_offset=max(0, next_boundary - plan.first))
         tuner = tune.Tuner.restore(setup["experiment"], trainable=trainable(plan, sessions),
                                    resume_unfinished=True, resume_errored=True)
@@ -585,15 +584,18 @@ def _arrays(obj, prefix: str = "") -> list[tuple[str, np.ndarray]]:
     return [x for k, v in items for x in _arrays(v, f"{prefix}{k}.")]
 
 
-def _checkpoint_epochs(grid) -> list[int]:
-    """The epoch of each member's latest checkpoint (0: none yet)."""
+def _resuming_epochs(grid, plan: _Plan) -> list[int]:
+    """The epoch of the latest checkpoint (0: none yet) of each member that will train again:
+    not those at max_epochs, nor those whose trainer stopped for good (diverged, non-finite),
+    whose reports end where they stopped and would pull the population's boundary back."""
     epochs = []
     for r in grid:
-        epoch = 0
+        meta = {"epoch": 0}
         if r.checkpoint is not None:
             with r.checkpoint.as_directory() as d:
-                epoch = int(json.loads((Path(d) / _MEMBER_FILE).read_text())["epoch"])
-        epochs.append(epoch)
+                meta = json.loads((Path(d) / _MEMBER_FILE).read_text())
+        if int(meta["epoch"]) < plan.max_epochs and meta.get("stop_reason") in (None, "max_epochs"):
+            epochs.append(int(meta["epoch"]))
     return epochs
 
 
@@ -799,6 +801,7 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
             tune.report(_metrics(row, values, plan, lineage))
         _report(run, {"trial": trial, "values": values, "epoch": result.epochs,
                       "best_metric": result.best_valid_recon_smth, "best_epoch": result.best_epoch,
+                      "stop_reason": result.stop_reason,
                       "lineage": lineage, "session": plan.session, "row": rows[-1]},
                 _metrics(rows[-1], values, plan, lineage))
         if result.stop_reason != "max_epochs":

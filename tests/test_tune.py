@@ -478,3 +478,21 @@ def test_resume_needs_a_search(data_file, config_file, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["tune", str(data_file), "--out", str(out), "--resume", "--overwrite"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_resume_boundary_counts_only_members_that_train_again(tmp_path):
+    ray_tune = pytest.importorskip("ray.tune")
+
+    def member(name, epoch, stop_reason):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "member.json").write_text(json.dumps({"epoch": epoch, "stop_reason": stop_reason}))
+        return SimpleNamespace(checkpoint=ray_tune.Checkpoint.from_directory(str(d)))
+
+    plan = SimpleNamespace(max_epochs=12)
+    grid = [member("a", 6, "max_epochs"), member("b", 8, "max_epochs"),
+            member("c", 2, "diverged"),      # stopped for good: would pull the boundary to 2
+            member("d", 12, "max_epochs"),   # done
+            SimpleNamespace(checkpoint=None)]  # no checkpoint yet: starts from epoch 0
+    assert sorted(tune_module._resuming_epochs(grid, plan)) == [0, 6, 8]
+    assert tune_module._resuming_epochs(grid[:4], plan) == [6, 8]
