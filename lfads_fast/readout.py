@@ -14,6 +14,7 @@ inside the real-time step (docs/realtime.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,8 +169,9 @@ def _cross_validated(features, behaviour, solve, method, lags, alphas, folds, se
     if not lags or min(lags) < 0:
         raise ValueError(f"lags must be integers >= 0, got {lags}")
     alphas = [float(a) for a in alphas]
-    if not alphas or min(alphas) < 0:
-        raise ValueError(f"alphas must be numbers >= 0, got {alphas}")
+    if not alphas or not all(math.isfinite(a) and a >= 0 for a in alphas):
+        penalty = "ridge penalties alpha" if method == "ridge" else "OLE penalties lambda"
+        raise ValueError(f"alphas (the {penalty}) must be finite numbers >= 0, got {alphas}")
     fold_of = np.random.default_rng(seed).permutation(n_trials) % folds
     scores = {}
     for lag in lags:

@@ -49,6 +49,11 @@ def test_bad_arguments(rng):
         fit_ridge(f, f, folds=4)
     with pytest.raises(ValueError, match="lags must be integers >= 0"):
         fit_ridge(f, f, lags=[-1], folds=2)
+    for bad in ([-1.0], [float("nan")], [1.0, float("inf")], []):
+        with pytest.raises(ValueError, match=r"alphas \(the ridge penalties alpha\) must be finite"):
+            fit_ridge(f, f, alphas=bad, folds=2)
+    with pytest.raises(ValueError, match=r"alphas \(the OLE penalties lambda\) must be finite"):
+        fit_ole(f, f, alphas=[float("nan")], folds=2)
 
 
 def encoding_trials(rng, B, noise_sd, *, lag, n_trials, T=40):
