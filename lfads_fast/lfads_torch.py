@@ -381,7 +381,10 @@ def _aug_stack(r, where, value, train: bool):
     kinds = [_target(f"{where}.transforms[{i}]", t) for i, t in enumerate(transforms)]
     for i, (t, tkind) in enumerate(zip(transforms, kinds)):
         tw = f"{where}.transforms[{i}]"
-        if tkind == "CoordinatedDropout" and train:
+        if tkind in ("CoordinatedDropout", "TemporalShift") and train and i not in batch_order:
+            r.notes.append(f"{tw}: ignored ({tkind} is not in batch_order, so lfads-torch does not "
+                           "apply it)")
+        elif tkind == "CoordinatedDropout" and train:
             _params(r, tw, t, ("cd_rate", "cd_pass_rate", "ic_enc_seq_len"))
             r.model["cd_rate"] = t.get("cd_rate", 0.0)
             r.model["cd_pass_rate"] = t.get("cd_pass_rate", 0.0)
@@ -393,12 +396,9 @@ def _aug_stack(r, where, value, train: bool):
 
 
 def _temporal_shift(r, where, value, index, batch_order, kinds):
-    """TemporalShift acts on the batch only where batch_order lists it; lfads_fast shifts
-    the data before coordinated dropout masks them."""
+    """A TemporalShift that batch_order lists; lfads_fast shifts the data before coordinated
+    dropout masks them."""
     _params(r, where, value, ("std", "max_shift"))
-    if index not in batch_order:
-        r.notes.append(f"{where}: ignored (not in batch_order, so lfads-torch does not apply it)")
-        return
     cd = [j for j in batch_order if kinds[j] == "CoordinatedDropout"]
     if cd and batch_order.index(cd[0]) < batch_order.index(index):
         return r.missing(where, "lfads_fast shifts the data before coordinated dropout; this "

@@ -148,8 +148,18 @@ def test_read_config_maps_temporal_shift(tmp_path, order, shifted):
         assert (tcfg.temporal_shift_std, tcfg.temporal_shift_max) == (2.5, 4)
     else:
         assert tcfg.temporal_shift_std == 0.0
-        assert any("transforms[1]: ignored (not in batch_order" in n for n in notes)
+        assert any("transforms[1]: ignored (TemporalShift is not in batch_order" in n for n in notes)
     assert m["cd_rate"] == 0.25
+
+
+def test_read_config_coordinated_dropout_not_in_batch_order(tmp_path):
+    """lfads-torch applies no transform that batch_order leaves out: coordinated dropout too."""
+    text = MODEL_YAML.replace("  batch_order: [0]", _SHIFT + "  batch_order: [1]")
+    m, t, notes = lfads_torch.read_config(_write(tmp_path, "m.yaml", text))
+    assert "cd_rate" not in m and "cd_pass_rate" not in m
+    assert LFADSConfig.from_dict(m).cd_rate == 0.0
+    assert any("transforms[0]: ignored (CoordinatedDropout is not in batch_order" in n for n in notes)
+    assert t["temporal_shift_std"] == 2.5
 
 
 def test_read_config_temporal_shift_defaults(tmp_path):
