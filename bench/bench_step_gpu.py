@@ -107,7 +107,7 @@ def main():
     notes = [
         "",
         "GEMM GFLOP/step counts the matrix products of forward and backward (bench_step.py's",
-        "step_gflop); elementwise work is not counted. Targets on an H100 (issue 14): NLB-5ms",
+        "step_gflop); elementwise work is not counted. Targets on an H100: NLB-5ms",
         "batch 256 <= 5 ms (stretch 3 ms), >= 50x PyTorch eager.",
     ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

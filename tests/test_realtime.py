@@ -16,7 +16,7 @@ from lfads_fast.model import LFADS  # noqa: E402
 from lfads_fast.realtime import Decoder, RealtimeError  # noqa: E402
 
 # float32 batch-1 products summed in another order than the offline BLAS GEMMs: a few ulp per
-# product, through W steps of the recurrences; the bound.
+# product, through W steps of the recurrences; the required bound.
 WINDOW_RTOL = 1e-5
 STREAM_RTOL = 1e-5
 # The step's decoded output, a float32 dot product of F terms, against the same map in float64:
