@@ -22,9 +22,10 @@ class Preset:
 
 PRESETS = {
     "nlb": Preset(
-        "small real data sets (tens to a few hundred trials, NLB's MC_Maze_Small): small batches, "
-        "so that an epoch has several steps; chosen by 5-fold cross-validation on MC_Maze_Small "
-        "(docs/real_data.md)",
+        "small real data sets (tens to a few hundred trials, like NLB's MC_Maze_Small): batches "
+        "of 16 trials, so that an epoch has several steps, and dropout 0.2; chosen by 5-fold "
+        "cross-validation on MC_Maze_Small (docs/real_data.md)",
+        model={"dropout_rate": 0.2},
         train={"batch_size": 16}),
     "lfads_torch_mc_maze_small": Preset(
         "lfads-torch's configs/model/nlb_mc_maze_small.yaml (its starting point for population-"
