@@ -270,8 +270,10 @@ def report(results: dict, args, env: dict) -> str:
         cols += ["speed-up", "lost vs ideal (ms)"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lo, hi = threads[0], threads[-1]
+    # Ops by their 1-thread time, then the matmul breakdown, then the Python layer.
     keys = sorted({k for n in threads for k in results[n]["ops"]},
-                  key=lambda k: (k == REST, k.startswith("matmul "), -results[lo]["ops"].get(k, {}).get("wall", 0)))
+                  key=lambda k: (k == REST, k.startswith("matmul "),
+                                 -results[lo]["ops"].get(k, {}).get("wall", 0)))
     for key in keys:
         row = [f"&nbsp;&nbsp;{key}" if key.startswith("matmul ") else key,
                f"{results[lo]['ops'].get(key, {}).get('calls', 0):g}"]
