@@ -74,6 +74,9 @@ class LFADSConfig:
     def __post_init__(self):
         if self.session_neurons is not None:
             self._check_sessions()
+        elif self.session_recon_neurons is not None:
+            raise ValueError(f"session_recon_neurons ({self.session_recon_neurons!r}) is for models with "
+                             "several sessions: it needs session_neurons")
         if self.recon_data_dim is None:
             self.recon_data_dim = self.encod_data_dim
         if self.recon_seq_len is None:

@@ -324,6 +324,8 @@ def test_config_round_trip_and_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             LFADSConfig(**dict(BASE, **overrides))
+    with pytest.raises(ValueError, match="session_recon_neurons .* needs session_neurons"):
+        LFADSConfig(encod_data_dim=3, session_recon_neurons=[5])
 
 
 def test_bad_session_batches(rng):
