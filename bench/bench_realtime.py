@@ -35,6 +35,8 @@ from lfads_fast.export import export_model  # noqa: E402
 from lfads_fast.model import LFADS  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import commit, cpu_name  # noqa: E402
+sys.path.insert(0, str(HERE.parent / "tests"))
+from local_redis import free_port, start_server  # noqa: E402
 
 SIZES = {
     "NLB 5 ms": dict(encod_data_dim=182, ic_enc_dim=100, ci_enc_dim=80, con_dim=80, co_dim=4,
@@ -137,7 +139,6 @@ def redis_latency(model_path, mode, n, period_ms, rng, core, all_cores) -> dict:
     input stream (with its send time), `lfads-fast serve` answers on the output stream, and a
     reader here takes each answer; latency = read time - send time (CLOCK_MONOTONIC). The node
     is pinned to `core`; redis-server and this process run on the other cores."""
-    import socket
     import threading
 
     import redis
@@ -147,20 +148,11 @@ def redis_latency(model_path, mode, n, period_ms, rng, core, all_cores) -> dict:
         raise SystemExit("redis-server not found (apt-get install redis-server), or pass --redis-bins 0")
     others = (set(all_cores) - {core}) or {core}
     os.sched_setaffinity(0, others)
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    server = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    server = start_server(exe, port)
     node = None
     try:
         client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
         cmd = ([sys.executable, "-c", ECHO_NODE, str(port)] if mode == "echo" else
                [sys.executable, "-c", "import sys; from lfads_fast.cli import main; sys.exit(main(sys.argv[1:]))",
                 "serve", str(model_path), "--port", str(port), "--mode", mode, "--block-ms", "1000"])

@@ -7,7 +7,6 @@ fixture installs it (as CI does); otherwise these tests skip and say why."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from lfads_fast import LFADSConfig  # noqa: E402
 from lfads_fast.export import export_model  # noqa: E402
 from lfads_fast.model import LFADS  # noqa: E402
 from lfads_fast.realtime import Decoder  # noqa: E402
+from local_redis import free_port, start_server  # noqa: E402
 
 
 def _redis_server_binary():
@@ -36,32 +36,17 @@ def _redis_server_binary():
     return exe
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def redis_port(tmp_path_factory):
     exe = _redis_server_binary()
     if exe is None:
         pytest.skip("redis-server is not installed and cannot be installed here (needs root and "
                     "apt-get): apt-get install redis-server")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
+    port = free_port()
+    try:
+        proc = start_server(exe, port, tmp_path_factory.mktemp("redis"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
     yield port
     proc.terminate()
     proc.wait(timeout=10)
@@ -165,7 +150,7 @@ def test_serve_options_from_a_file_and_bad_ones(redis_port, causal_model, tmp_pa
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown serve options in_steam" in p.stderr
     p = subprocess.run([sys.executable, "-c", "import sys; from lfads_fast.cli import main; sys.exit(main(sys.argv[1:]))",
-                        "serve", str(path), "--port", str(_free_port())], capture_output=True, text=True, timeout=60)
+                        "serve", str(path), "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "Redis at 127.0.0.1" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr  # one line, no traceback
     cfg.write_text("in_stream: [a\n")
