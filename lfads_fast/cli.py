@@ -50,7 +50,7 @@ import yaml
 from . import readout, rundir
 from .config import LFADSConfig
 from .posterior import REFINE_LR, REFINE_STEPS
-from .presets import get_preset
+from .presets import PRESETS, get_preset
 from .train import NonFiniteLossError, TrainConfig
 
 __all__ = ["main", "load_config"]
@@ -1085,8 +1085,6 @@ def _existing(path: str, what: str) -> str:
 
 
 def _add_preset_option(p, prefix: str = "") -> None:
-    from .presets import PRESETS
-
     p.add_argument("--preset", choices=sorted(PRESETS), metavar="NAME",
                    help=f"{prefix}start from a named configuration (the config file and --set "
                    "win over it): " + "; ".join(f"{k}: {v.description}" for k, v in sorted(PRESETS.items())))
