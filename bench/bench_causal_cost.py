@@ -21,7 +21,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from lfads_fast import data, metrics, ops, synth  # noqa: E402
+from lfads_fast import data, metrics, nlb, ops, synth  # noqa: E402
 from lfads_fast.demo import DEMO_MODEL, DEMO_TRAIN  # noqa: E402
 from lfads_fast.model import LFADS  # noqa: E402
 from lfads_fast.train import Trainer, TrainConfig, config_for_data, load_model  # noqa: E402
@@ -138,7 +138,7 @@ def real_data(args):
             dec = readout.fit_ridge(list(rates_train[:, :, :n_in]), list(behavior[train_idx]), lags=[0],
                                     folds=5)
             pred = rates_test[:, :, :n_in].reshape(-1, n_in) @ dec.W.T + dec.b
-            vel = readout.variance_weighted_r2(pred, behavior[test].reshape(-1, behavior.shape[2]))
+            vel = nlb.r2_uniform(behavior[test].reshape(-1, behavior.shape[2]), pred)
             scores.append((cobps, vel, fit.epochs))
             print(name, k, scores[-1], flush=True)
         results[name] = np.array(scores)

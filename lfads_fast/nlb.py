@@ -179,12 +179,12 @@ def ridge_cv(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_
         keep = np.ones(n, bool)
         keep[lo:hi] = False
         for a, alpha in enumerate(alphas):
-            w, b = _ridge(train_x[keep], train_y[keep], alpha)
-            cv[a] += _r2_uniform(train_y[lo:hi], train_x[lo:hi] @ w.T + b) / n_folds
+            w, b = ridge(train_x[keep], train_y[keep], alpha)
+            cv[a] += r2_uniform(train_y[lo:hi], train_x[lo:hi] @ w.T + b) / n_folds
     best = int(np.argmax(cv))
-    w, b = _ridge(train_x, train_y, alphas[best])
+    w, b = ridge(train_x, train_y, alphas[best])
     pred = eval_x @ w.T + b
-    return RidgeFit(_r2_uniform(eval_y, pred), float(alphas[best]), cv, w, b, pred)
+    return RidgeFit(r2_uniform(eval_y, pred), float(alphas[best]), cv, w, b, pred)
 
 
 def velocity_r2(train_rates: np.ndarray, train_behavior: np.ndarray, eval_rates: np.ndarray,
@@ -254,7 +254,7 @@ def psth_r2(psth: np.ndarray, eval_rates: np.ndarray, cond_idx) -> float:
         pred.append(mean)
     if not true:
         raise ValueError("no condition has trials to score")
-    return _r2_uniform(np.vstack(true), np.vstack(pred))
+    return r2_uniform(np.vstack(true), np.vstack(pred))
 
 
 def condition_psths(spikes: np.ndarray, conditions: np.ndarray, sigma_bins: float
@@ -815,17 +815,20 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
 # ---------------------------------------------------------------------- helpers
 
 
-def _ridge(x, y, alpha):
-    """Ridge with an unpenalised intercept (centred data, Cholesky normal equations)."""
+def ridge(x, y, alpha):
+    """Ridge with an unpenalised intercept (centred data, normal equations; least squares, so
+    alpha = 0 on collinear features still gives the minimum-norm solution), in float64:
+    W [D, F], b [D]."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     xm, ym = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - xm, y - ym
     gram = xc.T @ xc
     gram[np.diag_indices_from(gram)] += alpha
-    w = np.linalg.solve(gram, xc.T @ yc).T
+    w = np.linalg.lstsq(gram, xc.T @ yc, rcond=None)[0].T
     return w, ym - xm @ w.T
 
 
-def _r2_uniform(y, pred) -> float:
+def r2_uniform(y, pred) -> float:
     """R^2 of each column, averaged (scikit-learn's r2_score, multioutput uniform_average)."""
     ss_res = ((y - pred) ** 2).sum(axis=0)
     ss_tot = ((y - y.mean(axis=0)) ** 2).sum(axis=0)

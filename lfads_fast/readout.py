@@ -9,7 +9,7 @@ Two estimators of the same kind of map, behaviour_t ~ W features_{t - lag} + b:
   each feature from the behaviour, inverted with the features weighted by their noise.
 
 Both choose the penalty (and here, optionally, the lag) by K-fold cross-validation over
-trials, scored by variance-weighted R^2. The fitted map is stored with the export and applied
+trials, scored by NLB's R^2 (nlb.r2_uniform: per output, averaged). The fitted map is stored with the export and applied
 inside the real-time step (docs/realtime.md).
 """
 from __future__ import annotations
@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .nlb import r2_uniform, ridge
+
 __all__ = ["LinearFit", "METHODS", "fit_readout", "fit_ridge", "fit_ole", "lagged_pairs",
-           "variance_weighted_r2"]
+           "r2_uniform"]
 
 DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-4, 4, 9))
 METHODS = ("ridge", "ole")
@@ -39,7 +41,7 @@ class LinearFit:
         alpha: the chosen penalty (ridge: alpha of the centred problem; ole: lambda, on the
             behaviour in units of its standard deviation).
         lag: the chosen lag (bins).
-        cv_r2: mean cross-validated variance-weighted R^2 of the chosen (alpha, lag).
+        cv_r2: cross-validated R^2 (nlb.r2_uniform) of the chosen (alpha, lag).
         method: "ridge" or "ole".
         scores: {(lag, alpha): cv R^2} of every candidate.
     """
@@ -61,13 +63,6 @@ def fit_readout(features: list[np.ndarray], behaviour: list[np.ndarray], *, meth
     if method == "ole":
         return fit_ole(features, behaviour, **kwargs)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-
-
-def variance_weighted_r2(pred: np.ndarray, target: np.ndarray) -> float:
-    """sklearn's r2_score(multioutput='variance_weighted') of [n, D] arrays (NLB's score)."""
-    ss_res = np.sum((target - pred) ** 2)
-    ss_tot = np.sum((target - target.mean(axis=0)) ** 2)
-    return float(1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
 
 
 def lagged_pairs(features: list[np.ndarray], behaviour: list[np.ndarray], lag: int):
@@ -110,7 +105,7 @@ def fit_ridge(features: list[np.ndarray], behaviour: list[np.ndarray], *, lags=(
     Raises:
         ValueError: fewer trials than folds, no valid pairs, or bad candidates.
     """
-    return _cross_validated(features, behaviour, _ridge, "ridge", lags, alphas, folds, seed)
+    return _cross_validated(features, behaviour, ridge, "ridge", lags, alphas, folds, seed)
 
 
 def fit_ole(features: list[np.ndarray], behaviour: list[np.ndarray], *, lags=(0,),
@@ -184,22 +179,11 @@ def _cross_validated(features, behaviour, solve, method, lags, alphas, folds, se
                 test = fold_of[trial] == k
                 W, b = solve(X[~test], Y[~test], alpha)
                 preds[test] = X[test] @ W.T + b
-            scores[(lag, alpha)] = variance_weighted_r2(preds, Y)
+            scores[(lag, alpha)] = r2_uniform(Y, preds)
     lag, alpha = max(scores, key=lambda k: -np.inf if np.isnan(scores[k]) else scores[k])
     X, Y, _ = lagged_pairs(features, behaviour, lag)
     W, b = solve(X, Y, alpha)
     return LinearFit(W, b, alpha, lag, scores[(lag, alpha)], method, scores)
-
-
-def _ridge(X, Y, alpha):
-    """Ridge with a free intercept: W [D, F], b [D] (float64 normal equations)."""
-    X = np.asarray(X, np.float64)
-    Y = np.asarray(Y, np.float64)
-    mx, my = X.mean(axis=0), Y.mean(axis=0)
-    Xc, Yc = X - mx, Y - my
-    A = Xc.T @ Xc + alpha * np.eye(X.shape[1])
-    W = np.linalg.lstsq(A, Xc.T @ Yc, rcond=None)[0].T
-    return W, my - W @ mx
 
 
 def _ole(X, Y, lam, weighted):
