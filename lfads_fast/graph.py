@@ -353,10 +353,13 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         d_h_n *= c["drop_ic"]
 
     # Encoders: BPTT of each GRU into one shared projection-gradient buffer, then one GEMM.
-    # Every column is written: each encoder's backward fills its own 3H columns.
+    # Each encoder's backward fills its own 3H columns over its bins; with ic_enc_seq_len the
+    # encoders cover different bins, and only the bins outside an encoder's are zeroed.
     d_xproj = ws.buf("d_xproj", c["xproj"].shape)
-    if cfg.ic_enc_seq_len > 0:  # then the encoders cover different bins: zero the rest
-        d_xproj[...] = 0
+    for name, H, off, *_ in encoders(cfg):
+        t0, t1 = encoder_bins(cfg, name)
+        d_xproj[:t0, :, off : off + 3 * H] = 0
+        d_xproj[t1:, :, off : off + 3 * H] = 0
     d_final = {"ic_enc_fwd": xp.ascontiguousarray(d_h_n[:, :Hi]),
                "ic_enc_bwd": xp.ascontiguousarray(d_h_n[:, Hi:])}
     for name, H, off, rev, h0_name, h0_row in encoders(P.config):

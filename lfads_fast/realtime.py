@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,6 @@ class Decoder:
         self._rates = np.zeros(self.n_out, np.float32)
         self._factors = np.zeros(self.n_factors, np.float32)
         self._decoded = np.zeros(self.n_decoded, np.float32)
-        self._counts = np.zeros(self.n_in, np.float32)
         self._out = _Output(self._rates.ctypes.data, self._factors.ctypes.data,
                             self._decoded.ctypes.data if self.n_decoded else None, 0, 0)
 
@@ -190,6 +190,12 @@ class Decoder:
         Raises:
             RealtimeError: code 'channels', 'nan', 'negative' or 'huge'; the state is unchanged.
         """
+        if not self._step(counts):
+            return None
+        return StepOutput(int(self._out.bin), self._rates.copy(), self._factors.copy(), self._decoded.copy())
+
+    def _step(self, counts) -> bool:
+        """step into the decoder's own output buffers; True when they hold a bin's outputs."""
         counts = np.asarray(counts)
         if counts.ndim != 1:
             raise RealtimeError("channels", f"counts must be one bin [{self.n_in}], got shape {counts.shape}")
@@ -197,9 +203,7 @@ class Decoder:
             counts = np.ascontiguousarray(counts, dtype=np.float32)
         _check(self._lib, self._state,
                self._lib.lfrt_step(self._state, counts.ctypes.data, counts.shape[0], ctypes.byref(self._out)))
-        if not self._out.ready:
-            return None
-        return StepOutput(int(self._out.bin), self._rates.copy(), self._factors.copy(), self._decoded.copy())
+        return bool(self._out.ready)
 
     def run(self, counts) -> dict:
         """Steps through a recording [T, n_in] from the current state.
@@ -308,8 +312,6 @@ def _serve_loop(r, dec, mode, host, port, in_stream, out_stream, field, start_id
 
 def _answer(dec, entry_id, fields, key, field, stats) -> dict:
     """The output entry for one input entry (see serve)."""
-    import time
-
     t_recv = time.monotonic_ns()
     out = {"in_id": entry_id}
     if b"reset" in fields:
@@ -327,19 +329,19 @@ def _answer(dec, entry_id, fields, key, field, stats) -> dict:
                                 f"{4 * dec.n_in} ({dec.n_in} float32 counts)")
         counts = np.frombuffer(raw, dtype="<f4")
         t0 = time.monotonic_ns()
-        res = dec.step(counts)
+        ready = dec._step(counts)
         t1 = time.monotonic_ns()
     except RealtimeError as e:
         stats["errors"] += 1
         out.update(error=e.code, message=str(e), t_receive=t_recv)
         return out
     stats["bins"] += 1
-    if res is None:
+    if not ready:
         out.update(bin=-1, rates=b"", factors=b"", decoded=b"")
-    else:
+    else:  # the bytes are the one copy of the decoder's buffers
         stats["outputs"] += 1
-        out.update(bin=res.bin, rates=res.rates.tobytes(), factors=res.factors.tobytes(),
-                   decoded=res.decoded.tobytes())
+        out.update(bin=int(dec._out.bin), rates=dec._rates.tobytes(), factors=dec._factors.tobytes(),
+                   decoded=dec._decoded.tobytes())
     out.update(t_receive=t_recv, t_before=t0, t_after=t1)
     return out
 
