@@ -49,6 +49,7 @@ import yaml
 
 from . import readout, rundir
 from .config import LFADSConfig
+from .errors import MissingOptionalPart
 from .posterior import REFINE_LR, REFINE_STEPS
 from .presets import PRESETS, get_preset
 from .train import NonFiniteLossError, TrainConfig
@@ -86,16 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         detail = f": {e}" if str(e) else ""  # a search says how to resume it
         print(f"lfads-fast {args.command}: interrupted{detail}", file=sys.stderr)
         return 130
-    except (ValueError, OSError, rundir.RunLockedError, MemoryError) as e:
+    except (ValueError, OSError, rundir.RunLockedError, MemoryError, MissingOptionalPart) as e:
+        # MissingOptionalPart: an extra package or the real-time library is missing, and the
+        # message says how to get it; any other ImportError is a bug.
         print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except Exception as e:
-        if isinstance(e, ImportError) and getattr(args.func, "optional_part", False):
-            # export, fit-decoder, serve and tune need an optional part (safetensors, redis,
-            # the real-time library, Ray): its absence is expected, and the message says how
-            # to get it.
-            print(f"lfads-fast {args.command}: error: {_one_line(e)}", file=sys.stderr)
-            return 2
+    except Exception:
         traceback.print_exc()
         print(f"lfads-fast {args.command}: internal error: this is a bug in lfads-fast; please "
               "report it with the traceback above", file=sys.stderr)
@@ -156,12 +153,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
 
 
 # ---------------------------------------------------------------------- commands
-
-
-def _optional_part(command):
-    """Marks a command that needs an optional part: a missing one is an expected error (main)."""
-    command.optional_part = True
-    return command
 
 
 def _train(args) -> int:
@@ -331,7 +322,6 @@ def _demo_locked(args, model_fields: dict, train_fields: dict) -> int:
     return 0
 
 
-@_optional_part
 def _tune(args) -> int:
     from . import tune
 
@@ -486,10 +476,7 @@ def _import_lfads_torch(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is not None:
         cfg = LFADSConfig.from_dict(model_fields)
-        try:
-            model = lfads_torch.import_checkpoint(_existing(args.checkpoint, "checkpoint"), cfg)
-        except ImportError as e:
-            raise ValueError(str(e)) from e
+        model = lfads_torch.import_checkpoint(_existing(args.checkpoint, "checkpoint"), cfg)
         model_fields = model.config.to_dict()
         path = lfads_torch.write_checkpoint(out / "model.h5", model, train_fields,
                                             source=os.path.abspath(args.checkpoint))
@@ -903,7 +890,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-@_optional_part
 def _serve(args) -> int:
     import signal
 
@@ -938,7 +924,6 @@ def _serve(args) -> int:
     return 0
 
 
-@_optional_part
 def _fit_decoder(args) -> int:
     import numpy as np
 
@@ -993,7 +978,6 @@ def _list_arg(text: str, name: str, kind=int) -> list:
         raise ValueError(f"{name} must be comma-separated {what}, got {text!r}") from None
 
 
-@_optional_part
 def _export(args) -> int:
     from .export import export_checkpoint
     from .realtime import Decoder

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import ops
 from .config import LFADSConfig
+from .errors import MissingOptionalPart
 from .model import LFADS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "export_model", "export_checkpoint", "read_export"]
@@ -36,7 +37,7 @@ def _safetensors():
     try:
         import safetensors.numpy as st
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("exporting needs the safetensors package: pip install 'lfads_fast[realtime]'") from e
+        raise MissingOptionalPart("exporting needs the safetensors package: pip install 'lfads_fast[realtime]'") from e
     return st
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 from .config import LFADSConfig
+from .errors import MissingOptionalPart
 
 __all__ = ["read_config", "import_checkpoint", "state_dict_to_params", "param_names",
            "write_config_yaml", "write_checkpoint"]
@@ -238,7 +239,7 @@ def import_checkpoint(path, cfg: LFADSConfig):
     try:
         import torch
     except ImportError as e:
-        raise ImportError("reading lfads-torch checkpoints needs torch (pip install torch)") from e
+        raise MissingOptionalPart("reading lfads-torch checkpoints needs torch (pip install torch)") from e
     from .model import LFADS
 
     path = os.fspath(path)

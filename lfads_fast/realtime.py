@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MissingOptionalPart
+
 __all__ = ["Decoder", "RealtimeError", "StepOutput", "library_path", "prefix"]
 
 _STATUS = {0: "ok", 1: "argument", 2: "io", 3: "format", 4: "version", 5: "unsupported",
@@ -93,7 +95,7 @@ def _library():
     if _lib is None:
         path = library_path()
         if not path.exists():
-            raise ImportError(f"{path} not found: build lfads_fast (pip install . or make inplace)")
+            raise MissingOptionalPart(f"{path} not found: build lfads_fast (pip install . or make inplace)")
         lib = ctypes.CDLL(str(path))
         P, S = ctypes.c_void_p, ctypes.c_size_t
         lib.lfrt_status_string.restype = ctypes.c_char_p
@@ -270,7 +272,7 @@ def serve(model_path, *, host="127.0.0.1", port=6379, in_stream="spikes", out_st
     try:
         import redis
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("serve needs the redis package: pip install 'lfads_fast[realtime]'") from e
+        raise MissingOptionalPart("serve needs the redis package: pip install 'lfads_fast[realtime]'") from e
 
     if mode is None:
         mode = "streaming" if Decoder(model_path).can_stream else "window"

@@ -54,6 +54,7 @@ import yaml
 
 from . import ops, posterior, stitching
 from .config import LFADSConfig
+from .errors import MissingOptionalPart
 from .model import LFADS
 from .train import (PERTURBABLE_FIELDS, Trainer, TrainConfig, check_sizes, load_checkpoint,
                     load_model)
@@ -299,7 +300,7 @@ def require_ray():
         import ray
         from ray import tune
     except ImportError as e:
-        raise ImportError("lfads-fast tune needs Ray Tune, which is not installed: "
+        raise MissingOptionalPart("lfads-fast tune needs Ray Tune, which is not installed: "
                           "pip install 'lfads_fast[tune]' (or pip install 'ray[tune]')"
                           f" [{e}]") from e
     return ray, tune

@@ -455,13 +455,15 @@ def test_module_entry_point(tmp_path):
 
 
 def test_a_missing_optional_part_is_one_line_and_other_import_errors_are_bugs(tmp_path, capsys, monkeypatch):
-    """export, fit-decoder and serve need optional parts (safetensors, redis, the real-time
-    library): without one they print one line saying how to get it; an ImportError anywhere
-    else is a bug and keeps its traceback."""
+    """export, fit-decoder, serve, tune and import-lfads-torch need optional parts
+    (safetensors, redis, the real-time library, Ray, torch): without one they print one line
+    saying how to get it; any other ImportError, in those commands too, is a bug and keeps
+    its traceback."""
     from lfads_fast import export
+    from lfads_fast.errors import MissingOptionalPart
 
     def missing(*a, **k):
-        raise ImportError("exporting needs the safetensors package: pip install 'lfads_fast[realtime]'")
+        raise MissingOptionalPart("exporting needs the safetensors package: pip install 'lfads_fast[realtime]'")
 
     monkeypatch.setattr(export, "export_checkpoint", missing)
     ckpt = tmp_path / "c.h5"
@@ -471,10 +473,14 @@ def test_a_missing_optional_part_is_one_line_and_other_import_errors_are_bugs(tm
     assert err.strip().splitlines() == ["lfads-fast export: error: exporting needs the safetensors "
                                         "package: pip install 'lfads_fast[realtime]'"]
 
-    def broken(args):
+    def broken(*a, **k):
         raise ImportError("cannot import name 'x'")
 
     monkeypatch.setattr(cli, "_demo", broken)
     assert cli.main(["demo"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "this is a bug" in err
+    monkeypatch.setattr(export, "export_checkpoint", broken)
+    assert cli.main(["export", str(ckpt), "--out", str(tmp_path / "m.safetensors")]) == 3
     err = capsys.readouterr().err
     assert "Traceback" in err and "this is a bug" in err
