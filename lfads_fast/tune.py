@@ -56,8 +56,8 @@ from . import ops, posterior, stitching
 from .config import LFADSConfig
 from .errors import MissingOptionalPart
 from .model import LFADS
-from .train import (PERTURBABLE_FIELDS, Trainer, TrainConfig, check_sizes, load_checkpoint,
-                    load_model)
+from .train import (PERTURBABLE_FIELDS, Trainer, TrainConfig, _checksum, check_sizes,
+                    load_checkpoint, load_model)
 
 __all__ = [
     "METRIC",
@@ -562,14 +562,10 @@ def _data_summary(sessions: list) -> list[dict]:
     summary = []
     for ds in sessions:
         arrays = _arrays(ds)
-        crc = 0
-        for name, a in arrays:
-            crc = zlib.crc32(name.encode(), crc)
-            values = repr(a.tolist()).encode() if a.dtype.hasobject else \
-                np.ascontiguousarray(a).view(np.uint8).reshape(-1)
-            crc = zlib.crc32(values, crc)
         summary.append({"shapes": {name: list(a.shape) for name, a in arrays},
-                        "crc32": f"{crc:08x}"})
+                        "sha256": _checksum("".join(
+                            name + _checksum(repr(a.tolist()) if a.dtype.hasobject else a)
+                            for name, a in arrays))})
     return summary
 
 

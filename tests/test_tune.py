@@ -445,7 +445,7 @@ def test_resume_a_search_whose_driver_was_killed(data_file, config_file, tmp_pat
                                     train_per_condition=4, n_bins=20, max_firing_rate=60.0,
                                     n_neurons=20, seed=7), other)
     assert main([base[0], str(other)] + base[2:] + ["--resume"]) == 2
-    assert "data.0.crc32" in capsys.readouterr().err
+    assert "data.0.sha256" in capsys.readouterr().err
 
     done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
                           timeout=300)
