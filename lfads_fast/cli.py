@@ -48,7 +48,7 @@ from pathlib import Path
 import yaml
 
 from . import readout, rundir
-from .config import LFADSConfig
+from .config import LFADSConfig, read_yaml
 from .errors import MissingOptionalPart
 from .posterior import REFINE_LR, REFINE_STEPS
 from .presets import PRESETS, get_preset
@@ -126,7 +126,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (),
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path} does not exist")
-        raw = _yaml_file(path)
+        raw = read_yaml(path)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping with sections 'model' and 'train'")
         for name, values in raw.items():
@@ -897,7 +897,7 @@ def _serve(args) -> int:
 
     options = dict(SERVE_DEFAULTS)
     if args.config:
-        given = _yaml_file(_existing(args.config, "config"))
+        given = read_yaml(_existing(args.config, "config"))
         if not isinstance(given, dict):
             raise ValueError(f"{args.config} must hold a mapping of serve options")
         unknown = sorted(set(given) - set(options))
@@ -933,8 +933,7 @@ def _fit_decoder(args) -> int:
 
     model, _ = read_export(_existing(args.model, "model"))
     dataset = data.load_dataset(_existing(args.data, "data file"))
-    mode = args.mode or ("streaming" if Decoder(args.model).can_stream else "window")
-    dec = Decoder(args.model, mode=mode, window=args.window)
+    dec = Decoder(args.model, mode=args.mode, window=args.window)
     features, behaviour = [], []
     for name in [s.strip() for s in args.splits.split(",") if s.strip()]:
         split = getattr(dataset, name, None)
@@ -963,8 +962,8 @@ def _fit_decoder(args) -> int:
     penalty = "alpha" if fit.method == "ridge" else "lambda"
     export_model(model, args.out, decoder={"W": fit.W, "b": fit.b, "features": args.features,
                                            "lag": fit.lag, "method": fit.method, penalty: fit.alpha,
-                                           "cv_r2": fit.cv_r2, "mode": mode, "behavior": args.behavior})
-    print(f"Wrote {args.out}: {fit.method} from {args.features} ({mode} mode) to {fit.W.shape[0]} outputs "
+                                           "cv_r2": fit.cv_r2, "mode": dec.mode, "behavior": args.behavior})
+    print(f"Wrote {args.out}: {fit.method} from {args.features} ({dec.mode} mode) to {fit.W.shape[0]} outputs "
           f"of {args.behavior}; lag {fit.lag} bins, {penalty} {fit.alpha:g}, cross-validated R^2 "
           f"{fit.cv_r2:.4f} ({args.folds} folds over {len(features)} trials).")
     return 0
@@ -988,15 +987,6 @@ def _export(args) -> int:
     print(f"Wrote {args.out}: {dec.n_in} channels in, {dec.n_out} rates, {dec.n_factors} factors; "
           f"runs in {modes}.")
     return 0
-
-
-def _yaml_file(path: str):
-    """The contents of a YAML file ({} when empty); ValueError naming the file when not YAML."""
-    with open(path) as f:
-        try:
-            return yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
 
 
 def _resolve(key: str) -> tuple[str, str]:

@@ -8,6 +8,7 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+import yaml
 
 
 @dataclass
@@ -255,3 +256,16 @@ def check_batch(cfg: LFADSConfig, batch, dtype=None) -> None:
         if dtype is not None and a.dtype != dtype:
             raise ValueError(f"{name} is {a.dtype} but this model's parameters are "
                              f"{dtype}; build the batch with this model's make_batch")
+
+
+def read_yaml(path) -> object:
+    """The contents of a YAML file ({} when empty).
+
+    Raises:
+        ValueError: the file is not valid YAML (the message names it).
+    """
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e

@@ -26,7 +26,7 @@ import re
 import numpy as np
 import yaml
 
-from .config import LFADSConfig
+from .config import LFADSConfig, read_yaml
 from .errors import MissingOptionalPart
 
 __all__ = ["read_config", "import_checkpoint", "state_dict_to_params", "param_names",
@@ -431,11 +431,7 @@ def _load(source, what: str) -> dict:
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lfads-torch {what} config {path} does not exist")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from e
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of lfads-torch {what} options")
     return raw

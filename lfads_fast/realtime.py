@@ -16,6 +16,7 @@ negative or huge count raises RealtimeError and leaves the decoder's state as it
 from __future__ import annotations
 
 import ctypes
+import inspect
 import os
 import sys
 import time
@@ -124,7 +125,8 @@ class Decoder:
         path: a file of `lfads-fast export`.
         mode: "window" (re-run the offline forward over the last `window` bins every bin;
             exact parity with LFADS.forward) or "streaming" (O(1) per bin; needs a model
-            trained with ic_enc_seq_len and, with a controller, ci_enc_causal).
+            trained with ic_enc_seq_len and, with a controller, ci_enc_causal); None:
+            streaming when the model can, else window.
         window: bins per forward pass in window mode (None: the model's encod_seq_len).
         lookahead: window mode: report bin t - lookahead.
         max_count: counts above this are refused (default 1000).
@@ -135,15 +137,13 @@ class Decoder:
             ('argument').
     """
 
-    def __init__(self, path: str | os.PathLike, *, mode: str = "window", window: int | None = None,
+    def __init__(self, path: str | os.PathLike, *, mode: str | None = "window", window: int | None = None,
                  lookahead: int = 0, max_count: float = 1000.0):
         lib = _library()
         self._lib = lib
         self._model = None
-        if mode not in _MODES:
-            raise ValueError(f"mode must be 'window' or 'streaming', got {mode!r}")
-        if mode == "streaming" and (window is not None or lookahead):
-            raise ValueError("window and lookahead belong to window mode")
+        if mode is not None and mode not in _MODES:
+            raise ValueError(f"mode must be 'window', 'streaming' or None, got {mode!r}")
         err = ctypes.create_string_buffer(512)
         handle = ctypes.c_void_p()
         st = lib.lfrt_model_load(os.fsencode(os.fspath(path)), ctypes.byref(handle), err, len(err))
@@ -156,6 +156,10 @@ class Decoder:
         self.n_decoded, self.seq_len = info.n_decoded, info.seq_len
         self.ic_enc_seq_len, self.can_stream = info.ic_enc_seq_len, bool(info.streaming)
         self.format_version = info.format_version
+        if mode is None:
+            mode = "streaming" if self.can_stream else "window"
+        if mode == "streaming" and (window is not None or lookahead):
+            raise ValueError("window and lookahead belong to window mode")
         self.mode = mode
         self._opts = _Options(_MODES[mode], 0 if window is None else int(window), int(lookahead),
                               float(max_count))
@@ -234,11 +238,6 @@ class Decoder:
 
 # ---------------------------------------------------------------------------- Redis node
 
-SERVE_DEFAULTS = dict(host="127.0.0.1", port=6379, in_stream="spikes", out_stream="lfads",
-                      field="counts", mode=None, window=None, lookahead=0, max_count=1000.0,
-                      start_id="$", block_ms=100, maxlen=100000)
-
-
 def serve(model_path, *, host="127.0.0.1", port=6379, in_stream="spikes", out_stream="lfads",
           field="counts", mode=None, window=None, lookahead=0, max_count=1000.0, start_id="$",
           block_ms=100, maxlen=100000, stop=None, log=print) -> dict:
@@ -274,15 +273,18 @@ def serve(model_path, *, host="127.0.0.1", port=6379, in_stream="spikes", out_st
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise MissingOptionalPart("serve needs the redis package: pip install 'lfads_fast[realtime]'") from e
 
-    if mode is None:
-        mode = "streaming" if Decoder(model_path).can_stream else "window"
     dec = Decoder(model_path, mode=mode, window=window, lookahead=lookahead, max_count=max_count)
     r = redis.Redis(host=host, port=port)
     try:
-        return _serve_loop(r, dec, mode, host, port, in_stream, out_stream, field, start_id, block_ms,
+        return _serve_loop(r, dec, dec.mode, host, port, in_stream, out_stream, field, start_id, block_ms,
                            maxlen, stop, log)
     except redis.ConnectionError as e:
         raise ValueError(f"Redis at {host}:{port}: {e}") from e
+
+
+# serve's options and their defaults (what a serve config file may set).
+SERVE_DEFAULTS = {name: p.default for name, p in inspect.signature(serve).parameters.items()
+                  if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("stop", "log")}
 
 
 def _serve_loop(r, dec, mode, host, port, in_stream, out_stream, field, start_id, block_ms, maxlen,

@@ -53,7 +53,7 @@ import numpy as np
 import yaml
 
 from . import ops, posterior, stitching
-from .config import LFADSConfig
+from .config import LFADSConfig, read_yaml
 from .errors import MissingOptionalPart
 from .model import LFADS
 from .train import (PERTURBABLE_FIELDS, Trainer, TrainConfig, _checksum, check_sizes,
@@ -314,8 +314,7 @@ def load_search_settings(path: str | os.PathLike | None, **overrides) -> SearchS
     """
     section = {}
     if path is not None:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = read_yaml(path)
         section = raw.get("tune") or {} if isinstance(raw, dict) else {}
         if not isinstance(section, dict):
             raise ValueError(f"{path}: section 'tune' must be a mapping of settings")

@@ -101,6 +101,14 @@ def test_streaming_refuses_bidirectional_models(rng, tmp_path):
     path = export(make_model(rng, ci_enc_causal=True), tmp_path)
     with pytest.raises(RealtimeError, match="ic_enc_seq_len"):
         Decoder(path, mode="streaming")
+    assert Decoder(path, mode=None).mode == "window"  # None: the mode the model allows
+
+
+def test_mode_none_streams_a_causal_model(rng, tmp_path):
+    path = export(make_model(rng, ic_enc_seq_len=5, ci_enc_causal=True), tmp_path)
+    assert Decoder(path, mode=None).mode == "streaming"
+    with pytest.raises(ValueError, match="window and lookahead belong to window mode"):
+        Decoder(path, mode=None, lookahead=2)
 
 
 @pytest.mark.parametrize("mode", ["window", "streaming"])
