@@ -23,6 +23,18 @@ STREAM_RTOL = 1e-5
 # at most F roundings (6e-8 each) of the sum of the terms' magnitudes; F <= 16 here.
 DECODED_RTOL = 1e-6
 
+
+
+def assert_decoded(decoded, rates, W, b, lag):
+    """The step's decoded outputs [T, D] are the stored map applied to the rates lag bins
+    before (float64 reference, DECODED_RTOL of the terms' magnitudes); NaN until lag is filled."""
+    rates = np.asarray(rates[: len(rates) - lag], np.float64)
+    W, b = np.asarray(W, np.float64), np.asarray(b, np.float64)
+    bound = DECODED_RTOL * (np.abs(rates) @ np.abs(W).T + np.abs(b))
+    assert np.all(np.isnan(decoded[:lag]))
+    assert np.all(np.abs(decoded[lag:] - (rates @ W.T + b)) <= bound)
+
+
 SMALL = dict(encod_data_dim=12, encod_seq_len=20, ic_enc_dim=8, ci_enc_dim=6, con_dim=7, co_dim=3,
              ic_dim=5, gen_dim=10, fac_dim=4, ci_lag=2)
 NO_CON = dict(co_dim=0, con_dim=0, ci_enc_dim=0)
@@ -165,8 +177,7 @@ def test_decoded_outputs_are_the_lagged_linear_readout(rng, tmp_path, mode):
     b = rng.standard_normal(3).astype(np.float32)
     path = export(model, tmp_path, decoder={"W": W, "b": b, "features": "rates", "lag": 2})
     res = Decoder(path, mode=mode).run(counts(rng, 30, model.config.encod_data_dim))
-    assert np.all(np.isnan(res["decoded"][:2]))
-    np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ W.T + b, rtol=1e-5, atol=1e-5)
+    assert_decoded(res["decoded"], res["rates"], W, b, lag=2)
 
 
 def test_ole_decoder_output_is_its_map_applied_in_numpy(rng, tmp_path):
@@ -192,12 +203,7 @@ def test_ole_decoder_output_is_its_map_applied_in_numpy(rng, tmp_path):
     _, meta = read_export(path)
     assert meta["method"] == "ole" and meta["lambda"] == fit.alpha
     res = Decoder(path, mode="streaming").run(counts(rng, 30, N))
-    W, b = meta["W"].astype(np.float64), meta["b"].astype(np.float64)
-    rates = res["rates"][:-lag].astype(np.float64)
-    ref = rates @ W.T + b
-    bound = DECODED_RTOL * (np.abs(rates) @ np.abs(W).T + np.abs(b))
-    assert np.all(np.isnan(res["decoded"][:lag]))
-    assert np.all(np.abs(res["decoded"][lag:] - ref) <= bound)
+    assert_decoded(res["decoded"], res["rates"], meta["W"], meta["b"], lag)
 
 
 # ---------------------------------------------------------------------------- model files

@@ -14,6 +14,7 @@ pytest.importorskip("safetensors")
 from lfads_fast import cli, realtime, synth  # noqa: E402
 from lfads_fast.export import read_export  # noqa: E402
 from lfads_fast.train import load_model  # noqa: E402
+from test_realtime import assert_decoded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -147,7 +148,7 @@ def test_fit_decoder_recovers_a_lagged_readout(exported, tmp_path, capsys):
     assert d.n_decoded == 2
     res = d.run(enc[20])
     _, meta = read_export(out)
-    np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ meta["W"].T + meta["b"], rtol=1e-5, atol=1e-5)
+    assert_decoded(res["decoded"], res["rates"], meta["W"], meta["b"], lag=2)
     assert meta["lag"] == 2 and meta["mode"] == "streaming" and meta["method"] == "ridge" and "alpha" in meta
     # Bad requests name what is wrong.
     code = cli.main(["fit-decoder", str(model_path), str(path), "--out", str(out), "--behavior", "hand"])
@@ -169,7 +170,7 @@ def test_fit_decoder_ole(exported, tmp_path, capsys):
     assert meta["method"] == "ole" and meta["lambda"] in (1e-4, 1e-2, 1.0) and "alpha" not in meta
     assert meta["cv_r2"] > 0.9
     res = realtime.Decoder(out, mode="streaming").run(enc[21])
-    np.testing.assert_allclose(res["decoded"][2:], res["rates"][:-2] @ meta["W"].T + meta["b"], rtol=1e-5, atol=1e-5)
+    assert_decoded(res["decoded"], res["rates"], meta["W"], meta["b"], lag=2)
     # Bad requests name the argument.
     args = ["fit-decoder", str(model_path), str(path), "--out", str(tmp_path / "bad.safetensors")]
     with pytest.raises(SystemExit):
