@@ -31,11 +31,10 @@ struct lfrt_state {
   int32_t mode, W, L;
   float max_count;
   int64_t bin;       // bins accepted since reset
-  int64_t first_out; // bin of the first output (for the decoder's lag)
   // window: ring of W encoder projections [W][P], head = slot of the next bin
   // streaming: the first K bins' projections [K][P]
   float* xring;
-  int ring_rows, head;
+  int head;
   float *hf, *hb, *hnew, *tmp;      // [max H], [max H], [max H], [3 max H + max H]
   float *cf, *cb;                   // window: [W][Hc] each; streaming: cf ring [lag+1][Hc]
   float *ci_h;                      // streaming: forward CI-encoder state [Hc]
@@ -116,7 +115,7 @@ void encoder_run(const lfrt_state* s, int e, int col, int H, int p0, int p1, boo
   std::memcpy(last, m.enc_h0[e].data(), sizeof(float) * H);
   for (int k = 0; k < p1 - p0; ++k) {
     const int p = reverse ? p1 - 1 - k : p0 + k;
-    const int slot = s->mode == LFRT_MODE_WINDOW ? (s->head + p) % s->ring_rows : p;
+    const int slot = s->mode == LFRT_MODE_WINDOW ? (s->head + p) % s->W : p;
     const float* x = s->xring + static_cast<int64_t>(slot) * m.P + col;
     gru_step(H, x, m.enc_hh[e].data(), last, m.clip, h, s->tmp);
     std::memcpy(last, h, sizeof(float) * H);
@@ -477,6 +476,18 @@ struct Carver {
   }
 };
 
+// Why a model cannot stream, or nullptr when it can (the one rule for the options check and
+// lfrt_model_get_info).
+const char* streaming_problem(const Model& m) {
+  if (m.K < 1)
+    return "streaming needs a model trained with ic_enc_seq_len >= 1 (the initial condition from "
+           "the first bins); this one encodes it from the whole trial: use window mode";
+  if (m.C > 0 && !m.causal)
+    return "streaming needs a model trained with ci_enc_causal (a forward-only controller-input "
+           "encoder); this one has a bidirectional one: use window mode";
+  return nullptr;
+}
+
 bool check_options(const Model& m, const lfrt_options& o, lfrt_options* norm, std::string* err) {
   *norm = o;
   if (o.mode == LFRT_MODE_WINDOW) {
@@ -491,14 +502,8 @@ bool check_options(const Model& m, const lfrt_options& o, lfrt_options* norm, st
       return false;
     }
   } else if (o.mode == LFRT_MODE_STREAMING) {
-    if (m.K < 1) {
-      *err = "streaming needs a model trained with ic_enc_seq_len >= 1 (the initial condition from "
-             "the first bins); this one encodes it from the whole trial: use window mode";
-      return false;
-    }
-    if (m.C > 0 && !m.causal) {
-      *err = "streaming needs a model trained with ci_enc_causal (a forward-only controller-input "
-             "encoder); this one has a bidirectional one: use window mode";
+    if (const char* problem = streaming_problem(m)) {
+      *err = problem;
       return false;
     }
     if (o.window != 0 || o.lookahead != 0) {
@@ -528,7 +533,6 @@ size_t layout(const Model& m, const lfrt_options& o, char* mem, lfrt_state** out
   lfrt_state* s = mem ? reinterpret_cast<lfrt_state*>(mem) : &tmp;
   if (mem) std::memset(s, 0, sizeof(lfrt_state));
   s->xring = cv.take(static_cast<size_t>(rows) * m.P);
-  s->ring_rows = rows;
   s->hf = cv.take(Hmax);
   s->hb = cv.take(Hmax);
   s->hnew = cv.take(2 * Hmax);
@@ -583,7 +587,6 @@ void write_outputs(lfrt_state* s, int64_t out_bin, lfrt_output* out) {
   // The vectorisable exp of the training kernels (about 2 ulp), not glibc's scalar expf.
 #pragma omp simd
   for (int n = 0; n < m.Nr; ++n) s->rates[n] = lfads::lf_exp(s->rates[n]);
-  if (s->first_out < 0) s->first_out = out_bin;
   if (out->rates) std::memcpy(out->rates, s->rates, sizeof(float) * m.Nr);
   if (out->factors) std::memcpy(out->factors, s->f, sizeof(float) * m.F);
   if (m.D > 0) {
@@ -591,7 +594,9 @@ void write_outputs(lfrt_state* s, int64_t out_bin, lfrt_output* out) {
     const int R = m.dec_lag + 1;
     std::memcpy(s->feat + (out_bin % R) * nf, m.dec_on_rates ? s->rates : s->f, sizeof(float) * nf);
     if (out->decoded) {
-      if (out_bin - m.dec_lag >= s->first_out) {
+      // The first output is bin W - 1 - L (window) or K - 1 (streaming).
+      const int64_t first_out = s->mode == LFRT_MODE_WINDOW ? s->W - 1 - s->L : m.K - 1;
+      if (out_bin - m.dec_lag >= first_out) {
         std::memcpy(out->decoded, m.dec_b.data(), sizeof(float) * m.D);
         matvec_acc(nf, m.D, m.dec_Wt.data(), m.D, s->feat + ((out_bin - m.dec_lag) % R) * nf, out->decoded);
       } else {
@@ -653,7 +658,7 @@ lfrt_status lfrt_model_get_info(const lfrt_model* model, lfrt_model_info* info) 
   info->n_decoded = m.D;
   info->seq_len = m.Te;
   info->ic_enc_seq_len = m.K;
-  info->streaming = m.K >= 1 && (m.C == 0 || m.causal);
+  info->streaming = streaming_problem(m) == nullptr;
   info->format_version = m.format_version;
   return LFRT_OK;
 }
@@ -701,7 +706,6 @@ lfrt_status lfrt_reset(lfrt_state* s) {
   if (!s) return LFRT_ERR_ARGUMENT;
   s->bin = 0;
   s->head = 0;
-  s->first_out = -1;
   s->err[0] = '\0';
   return LFRT_OK;
 }
@@ -720,7 +724,7 @@ lfrt_status lfrt_step(lfrt_state* s, const float* counts, int32_t n_channels, lf
   float* row;
   if (s->mode == LFRT_MODE_WINDOW) {
     row = s->xring + static_cast<int64_t>(s->head) * m.P;
-    s->head = (s->head + 1) % s->ring_rows;  // now the slot of the oldest bin
+    s->head = (s->head + 1) % s->W;  // now the slot of the oldest bin
   } else {
     row = s->xring + (t < m.K ? t : 0) * m.P;
   }
