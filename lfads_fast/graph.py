@@ -163,7 +163,7 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     c: dict = {}
     # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
     # then dropout.
-    x = ws.buf("x", (Te, B, Ne))
+    x1, x = _with_ones(ws, "x", (Te, B, Ne))
     if batch.segments is None:
         x[...] = batch.encod
         cd_keep, cd_pass = (nz.get(key, (Te, B, Ne)) for key in ("cd_keep", "cd_pass"))
@@ -182,13 +182,13 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
         x *= drop_data
     c.update(x=x, drop_data=drop_data)
 
-    # One GEMM projects the input for all encoder GRUs.
+    # One GEMM projects the input for all encoder GRUs, the bias included ([x, 1] times
+    # [W, b]: no pass of its own over the projection, forward or backward).
     enc = encoders(P.config)
-    W_enc, b_enc = P.enc_input_weights()
-    xproj = ws.buf("xproj", (Te, B, W_enc.shape[0]))
-    ops.matmul(x.reshape(Te * B, Ne), W_enc.T, out=xproj.reshape(Te * B, -1))
-    xproj += b_enc
-    c["xproj"] = xproj
+    xproj = ws.buf("xproj", (Te, B, P.enc_input_weights()[0].shape[0]))
+    ops.matmul(x1.reshape(Te * B, Ne + 1), _stacked(ws, "W_enc1", *P.enc_input_weights()).T,
+               out=xproj.reshape(Te * B, -1))
+    c.update(xproj=xproj, x1=x1)
     c["enc"] = {}
     for name, H, off, rev, h0_name, h0_row in enc:
         t0, t1 = encoder_bins(cfg, name)
@@ -213,7 +213,7 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     # Controller input: the lagged CI, projected by one GEMM over all steps.
     if con:
         nci = cfg.ci_enc_dirs * Hc
-        ci = ws.buf("ci", (Tr, B, nci))
+        ci1, ci = _with_ones(ws, "ci", (Tr, B, nci))
         ci[...] = 0
         lag = cfg.ci_lag
         t0, _ = encoder_bins(cfg, "ci_enc_fwd")  # the CI encoder sees bins t0 .. Te-1
@@ -225,12 +225,11 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
         drop_ci = nz.get("drop_ci", (Tr, B, nci))
         if drop_ci is not None:
             ci *= drop_ci
-        ci_d = ci
         xcon = ws.buf("xcon", (Tr, B, 3 * cfg.con_dim))
-        ops.matmul(ci_d.reshape(Tr * B, nci), p["con_W_ih"][:, :nci].T,
+        ops.matmul(ci1.reshape(Tr * B, nci + 1),
+                   _stacked(ws, "W_con1", p["con_W_ih"][:, :nci], p["con_b_ih"]).T,
                    out=xcon.reshape(Tr * B, -1))
-        xcon += p["con_b_ih"]
-        c.update(ci_d=ci_d, drop_ci=drop_ci, xcon=xcon)
+        c.update(ci1=ci1, drop_ci=drop_ci, xcon=xcon)
 
     # Generator input from the external inputs (one GEMM over all steps).
     Ug = cfg.co_dim if con else 0
@@ -293,7 +292,7 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     g["gen_W_hh"][...] = d["d_W_gen_hh"]
     Ug = U if con else 0
     d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
-    g["gen_b_ih"][...] = d_xgen.sum(axis=0)
+    _column_sums(ws, d_xgen, g["gen_b_ih"])
     if E > 0:
         ops.matmul(d_xgen.T, c["ext_d"].reshape(Tr * B, E), out=g["gen_W_ih"][:, Ug:])
     if con:
@@ -303,10 +302,12 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         g["con_W_hh"][...] = d["d_W_con_hh"]
         g["con_h0"][...] = d["d_c0"].sum(axis=0)
         d_xcon = d["d_xcon"].reshape(Tr * B, -1)
-        g["con_b_ih"][...] = d_xcon.sum(axis=0)
         nci = cfg.ci_enc_dirs * Hc
         g["con_W_ih"][:, nci:] = d["d_W_con_f"]
-        ops.matmul(d_xcon.T, c["ci_d"].reshape(Tr * B, nci), out=g["con_W_ih"][:, :nci])
+        d_W1 = ws.buf("d_W_con1", (d_xcon.shape[1], nci + 1))
+        ops.matmul(d_xcon.T, c["ci1"].reshape(Tr * B, nci + 1), out=d_W1)
+        g["con_W_ih"][:, :nci] = d_W1[:, :nci]
+        g["con_b_ih"][...] = d_W1[:, nci]
         d_ci = ws.buf("d_ci", (Tr, B, nci))
         ops.matmul(d_xcon, p["con_W_ih"][:, :nci], out=d_ci.reshape(Tr * B, -1))
         if c["drop_ci"] is not None:
@@ -372,8 +373,10 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         g[h0_name][h0_row] = d_h0.sum(axis=0)
     d_W_enc, d_b_enc = P.enc_input_weights(grad)
     d_xp = d_xproj.reshape(Te * B, -1)
-    ops.matmul(d_xp.T, c["x"].reshape(Te * B, Ne), out=d_W_enc)
-    d_b_enc[...] = d_xp.sum(axis=0)
+    d_W1 = ws.buf("d_W_enc1", (d_xp.shape[1], Ne + 1))
+    ops.matmul(d_xp.T, c["x1"].reshape(Te * B, Ne + 1), out=d_W1)
+    d_W_enc[...] = d_W1[:, :Ne]
+    d_b_enc[...] = d_W1[:, Ne]
 
     # Session read-ins (frozen ones keep a zero gradient): x = dropout(readin(counts)).
     if batch.segments is not None and cfg.train_readin:
@@ -394,6 +397,31 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
             if scale > 0:
                 g[name] += dt.type(coef * scale) * p[name]
     return grad
+
+
+def _with_ones(ws: Workspace, name: str, shape: tuple):
+    """Scratch [..., n + 1] whose last column is 1, and the view of its first n columns: a
+    GEMM input that carries its bias (``_stacked``) and whose weight-gradient GEMM gives the
+    bias gradient in its last column."""
+    a = ws.buf(name + "1", (*shape[:-1], shape[-1] + 1))
+    a[..., -1] = 1
+    return a, a[..., :-1]
+
+
+def _stacked(ws: Workspace, name: str, W, b):
+    """Scratch [W, b] ([rows, k + 1]) for a GEMM with an input from _with_ones."""
+    Wb = ws.buf(name, (W.shape[0], W.shape[1] + 1))
+    Wb[:, :-1] = W
+    Wb[:, -1] = b
+    return Wb
+
+
+def _column_sums(ws: Workspace, a, out) -> None:
+    """out[...] = a.sum(axis=0) for a [M, N] as one GEMM (ones [1, M] times a) on the
+    kernels' threads; numpy's sum runs on one."""
+    ones = ws.buf("ones_rows", (1, a.shape[0]))
+    ones[...] = 1
+    ops.matmul(ones, a, out=out.reshape(1, -1))
 
 
 def _readin(P: Params, segments: list[Segment], cd_keep: list | None, x: np.ndarray) -> list:

@@ -69,6 +69,7 @@ __all__ = [
     "ImprovementRatioStopper",
     "SearchInterrupted",
     "SETUP_FILE",
+    "cv_fit",
     "load_search_settings",
     "require_ray",
     "run_search",
@@ -450,6 +451,8 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                                 f"{setup['experiment']}: resume it with lfads-fast tune ... "
                                 "--resume (run_search(..., resume=True))")
     trials = _collect(grid, space)
+    for t in trials:  # members' scratch runs that a stopped actor left on this node
+        shutil.rmtree(_member_scratch(t["trial"]), ignore_errors=True)
     finished = [t for t in trials
                 if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
     if not finished:
@@ -472,6 +475,46 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                "train": train_config.to_dict(), **dataclasses.asdict(result)}
     _write_text(out / "search.json", json.dumps(_plain(summary), indent=1) + "\n")
     return result
+
+
+@dataclass
+class _SearchFit:
+    """A search's result in the form nlb.cross_validate scores (train.FitResult's fields)."""
+
+    best_checkpoint: str
+    epochs: int
+    best_epoch: int
+    stop_reason: str
+    divergences: int
+    train_seconds: float
+    extra: dict
+
+
+def cv_fit(settings: SearchSettings | None = None, *, verbose: int = 0):
+    """A search as the way nlb.cross_validate fits each fold (its ``fit`` argument).
+
+    Each fold runs run_search on the fold's training and validation trials (ranked by the
+    validation split; the fold's test trials are never seen) into the fold's run directory,
+    with no posterior written; the fold is scored with the best member's best checkpoint.
+    The fold's scores carry the search's seconds, members, exploits, generations and the best
+    member's values.
+    """
+
+    def fit(dataset, model_config: LFADSConfig, train_config: TrainConfig, run_dir: str):
+        res = run_search(dataset, model_config, train_config, run_dir, settings,
+                         n_samples=0, verbose=verbose)
+        best = Path(run_dir) / "checkpoints" / "best.h5"
+        ckpt = load_checkpoint(best)
+        member = next(t for t in res.trials if t["trial"] == res.best_trial)
+        extra = {"search_members": len(res.trials), "search_exploits": len(res.exploits),
+                 "search_generations": len(res.generations),
+                 "member_epochs": sum(int(t["epochs"]) for t in res.trials),
+                 **{f"best_{k}": float(v) for k, v in res.best_values.items()}}
+        return _SearchFit(str(best), int(member["epochs"]), ckpt.epoch - 1, res.stop_reason,
+                          sum(int(row.get("divergences", 0) or 0)
+                                         for row in ckpt.state.get("history", [])), res.seconds, extra)
+
+    return fit
 
 
 def _new_tuner(tune, trainable, settings: SearchSettings, space: dict, train_config: TrainConfig,
@@ -742,7 +785,28 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
     ctx = tune.get_context()
     trial = ctx.get_trial_id()
     values = dict(config["member"]["values"])
-    run = Path(ctx.get_trial_dir()) / "lfads"
+    # The run lives outside the trial's directory: Ray uploads that directory to the
+    # experiment's storage while the member trains, and would copy checkpoint files
+    # half-written or renamed under it. The checkpoints Ray keeps are the tune.Checkpoint
+    # copies (_report); this directory is scratch, one per trial, removed when it stops.
+    run = _member_scratch(trial) / "lfads"
+    if run.exists():
+        shutil.rmtree(run)
+    try:
+        _train_member(run, config, trial, values, sessions=sessions, model_config=model_config,
+                      train_config=train_config, plan=plan)
+    finally:
+        shutil.rmtree(run.parent, ignore_errors=True)
+
+
+def _member_scratch(trial: str) -> Path:
+    return Path(tempfile.gettempdir()) / "lfads_fast_members" / trial
+
+
+def _train_member(run: Path, config: dict, trial: str, values: dict, *, sessions, model_config,
+                  train_config, plan: _Plan) -> None:
+    from ray import tune
+
     sessions = [_own_arrays(ds) for ds in sessions]
     data = sessions if model_config.multisession else sessions[0]
     checkpoint = tune.get_checkpoint()
@@ -755,8 +819,6 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
         lineage = [{"trial": trial, "epoch": 0, "source": None, "values": values}]
         resume, epoch = False, 0
     else:
-        if run.exists():
-            shutil.rmtree(run)
         with checkpoint.as_directory() as d:
             _copy_run_files(Path(d), run)
             meta = json.loads((Path(d) / _MEMBER_FILE).read_text())

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -295,7 +296,18 @@ def check_search(out: Path, population: int) -> dict:
     assert summary["best_metric"] == pytest.approx(min(t["best_metric"] for t in summary["trials"]))
     rows = (out / "search_trials.csv").read_text().splitlines()
     assert len(rows) == population + 1 and "kl_ic_scale" in rows[0]
+    check_no_member_runs_left(out, summary)
     return summary
+
+
+def check_no_member_runs_left(out: Path, summary: dict) -> None:
+    """Members train in a scratch directory outside Ray's trial directories (which Ray uploads
+    while they train) and remove it when they stop; Ray keeps only the tune.Checkpoints."""
+    experiment = Path(json.loads((out / SETUP_FILE).read_text())["experiment"])
+    trial_dirs = [d for d in experiment.iterdir() if d.is_dir()]
+    assert trial_dirs and not any((d / "lfads").exists() for d in trial_dirs)
+    for t in summary["trials"]:
+        assert not (Path(tempfile.gettempdir()) / "lfads_fast_members" / t["trial"]).exists()
 
 
 def test_pbt_search_on_local_ray(data_file, config_file, tmp_path, monkeypatch):
@@ -338,6 +350,44 @@ def test_random_search(data_file, config_file, tmp_path, monkeypatch):
     best = load_checkpoint(out / "checkpoints" / "best.h5")
     assert best.train_config.lr_scheduler is True  # random search keeps the trainer's schedules
     assert not (out / "posterior.h5").exists()  # --samples 0
+
+
+def test_search_per_fold_of_a_cross_validation(tmp_path, monkeypatch):
+    """nlb.cross_validate with tune.cv_fit: each fold's model is the best member of a search
+    on that fold's training and validation trials, scored on its test trials."""
+    from lfads_fast import nlb
+    from test_nlb_cli import _write_nlb
+
+    ray, _ = _ray_or_skip()
+    for k, v in RAY_ENV.items():
+        monkeypatch.setenv(k, v)
+    import numpy as np
+
+    path = tmp_path / "nlb.h5"
+    _write_nlb(path, np.random.default_rng(0), n_train=15)
+    tensors = nlb.read_nlb_tensors(path)["train"]
+    model = dict(ic_enc_dim=8, ci_enc_dim=4, con_dim=4, co_dim=1, ic_dim=4, gen_dim=8,
+                 fac_dim=4)
+    settings = SearchSettings(mode="random", population=2, seed=3)
+    try:
+        summary = nlb.cross_validate(tensors, 3, tmp_path / "cv", model_fields=model,
+                                     train_fields={"max_epochs": 2}, n_samples=2, folds=[1],
+                                     fit=tune_module.cv_fit(settings), log=lambda *a: None)
+    finally:
+        ray.shutdown()
+    fold = summary["folds"][0]
+    lfads = fold["scores"]["lfads"]
+    assert lfads["search_members"] == 2 and lfads["epochs"] == 2 and lfads["best_epoch"] <= 1
+    assert math.isfinite(lfads["co_bps"]) and lfads["search_exploits"] == 0
+    run = tmp_path / "cv" / "fold1"
+    searched = json.loads((run / "search.json").read_text())
+    assert lfads["best_kl_ic_scale"] == pytest.approx(searched["best_values"]["kl_ic_scale"])
+    # The search saw the fold's training and validation trials only (10 of 15).
+    setup = json.loads((run / SETUP_FILE).read_text())
+    shapes = setup["data"][0]["shapes"]
+    assert shapes["train.encod_data"][0] + shapes["valid.encod_data"][0] == 10, shapes
+    assert len(fold["test_trials"]) == 5
+    check_no_member_runs_left(run, searched)
 
 
 def _free_port() -> int:
