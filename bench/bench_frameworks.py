@@ -49,6 +49,7 @@ WORKLOADS = ("step", "sweep", "posterior", "neighbour")
 SWEEP_BATCH = (16, 64, 256, 1024)
 SWEEP_T = (50, 100, 200, 500)
 POSTERIOR_BATCH = 256  # trial-samples per forward pass
+AVG_SAMPLES = 16  # samples per trial of the sample_and_average row
 
 
 def main():
@@ -151,6 +152,14 @@ def child(args):
             r["samples_per_s"] = spec["batch"] / r["median"]
             rows.append(dict(workload="posterior", config="nlb5ms", threads=n, framework=fw,
                              batch=spec["batch"], T=spec["recon_seq_len"], **r))
+        if "lfads_fast" in frameworks:
+            # As shipped: posterior.sample_and_average runs the encoders once per trial and
+            # the rest of the pass per sample (the rows above run everything per row).
+            log("posterior sample_and_average lfads_fast")
+            r = time_sample_and_average(spec, repeats)
+            rows.append(dict(workload="posterior_avg", config="nlb5ms", threads=n,
+                             framework="lfads_fast", batch=spec["batch"],
+                             T=spec["recon_seq_len"], **r))
     if "neighbour" in workloads and "lfads_fast" in frameworks:
         spec = configs["nlb5ms"]
         log("neighbour: idle")
@@ -235,6 +244,19 @@ def time_posterior(fw, spec, repeats):
         def run():
             jax.block_until_ready(forward(p, inputs)["output_params"])
     return _timed(run, repeats)
+
+
+def time_sample_and_average(spec, repeats):
+    """Seconds of posterior.sample_and_average over spec['batch'] trial-samples:
+    AVG_SAMPLES samples of spec['batch'] / AVG_SAMPLES trials."""
+    from lfads_fast import posterior
+
+    cfg, encod, recon, model, noise = _setup(spec, dropout=False)
+    trials = encod[: max(spec["batch"] // AVG_SAMPLES, 1)]
+    r = _timed(lambda: posterior.sample_and_average(model, trials, n_samples=AVG_SAMPLES),
+               repeats)
+    r["samples_per_s"] = trials.shape[0] * AVG_SAMPLES / r["median"]
+    return r
 
 
 def _setup(spec, dropout=True):
@@ -390,6 +412,13 @@ def report(rows, meta, args) -> str:
             lines += ["", "Trial-samples per second: " + "; ".join(
                 f"{r['framework']} {r['threads']} thr {r['samples_per_s']:.0f}"
                 for r in rows if r["workload"] == "posterior")]
+            lines += ["", f"lfads_fast as shipped, posterior.sample_and_average ({AVG_SAMPLES} "
+                      "samples per trial, the encoders run once per trial and the rest per "
+                      "sample; the rows above run everything per row, as the frameworks' "
+                      "implementations do): " + "; ".join(
+                          f"{r['threads']} thr {r['median'] * 1e3:.1f} ms per "
+                          f"{r['batch']} trial-samples, {r['samples_per_s']:.0f} trial-samples/s"
+                          for r in rows if r["workload"] == "posterior_avg")]
         lines.append("")
     comp = [r for r in rows if r["framework"] in ("torch_compile", "jax") and r["workload"] == "step"]
     if comp:

@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--interval", type=int, default=25)
     p.add_argument("--cpus-per-trial", type=int, default=1)
     p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--reuse", action="store_true",
+                   help="score the finished searches already in the folds' directories")
     args = p.parse_args(argv)
     ops.set_num_threads(args.threads)
     model_fields, train_fields = load_config(None, args.set, args.preset)
@@ -56,16 +58,18 @@ def main(argv=None):
         if args.ray_cpus:
             import ray
 
-            ray.init(num_cpus=args.ray_cpus, include_dashboard=False, configure_logging=False)
+            # A Ray instance of its own ("local"), so that runs side by side do not share one.
+            ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
+                     configure_logging=False)
         fit = tune.cv_fit(tune.SearchSettings(
             mode=args.search, population=args.population, perturbation_interval=args.interval,
             cpus_per_trial=args.cpus_per_trial, time_budget=args.search_seconds,
-            seed=args.seed))
+            seed=args.seed), reuse=args.reuse)
     start = time.perf_counter()
     out = os.path.join(args.out, args.name)
     summary = nlb.cross_validate(tensors, args.kfold, out, model_fields=model_fields,
                                  train_fields=train_fields, seed=args.seed,
-                                 n_samples=args.samples, folds=folds, fit=fit)
+                                 n_samples=args.samples, folds=folds, fit_fold=fit)
     summary["config"] = {"preset": args.preset, "overrides": args.set, "epochs": args.epochs, "kfold": args.kfold,
                          "seed": args.seed, "samples": args.samples, "threads": args.threads,
                          "search": None if not args.search else {

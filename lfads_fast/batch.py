@@ -229,8 +229,8 @@ class BatchMaker:
         recon_data = as_array(label + "recon_data", recon_data, 3)
         expect_shape(label + "recon_data", recon_data, (B, cfg.recon_seq_len, n_r))
         if check_counts:
-            _check_counts(label + "encod_data", encod_data)
-            _check_counts(label + "recon_data", recon_data)
+            check_spike_counts(label + "encod_data", encod_data)
+            check_spike_counts(label + "recon_data", recon_data)
         encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
         recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
         n_valid = int(np.count_nonzero(~np.isnan(recon)))
@@ -299,15 +299,21 @@ def expect_shape(name: str, a: np.ndarray, shape: tuple) -> None:
                          f"got {list(a.shape)}")
 
 
-def _check_counts(name: str, a: np.ndarray) -> None:
+def check_spike_counts(name: str, a: np.ndarray) -> None:
+    """Raises ValueError naming `name` unless a holds spike counts: integers >= 0 (NaN marks
+    a missing bin)."""
     if a.dtype.kind in "iu":
         if a.size and a.min() < 0:
             raise ValueError(f"{name} has negative spike counts")
         return
-    finite = a[~np.isnan(a)]
-    if np.isinf(finite).any():
+    nan = np.isnan(a)
+    finite = a[~nan] if nan.any() else a  # no copy in the usual case, no NaN
+    if not finite.size:
+        return
+    lo, hi = finite.min(), finite.max()
+    if np.isinf(lo) or np.isinf(hi):
         raise ValueError(f"{name} has infinite values")
-    if finite.size and finite.min() < 0:
-        raise ValueError(f"{name} has negative spike counts (min {finite.min()})")
-    if not np.all(finite == np.round(finite)):
+    if lo < 0:
+        raise ValueError(f"{name} has negative spike counts (min {lo})")
+    if not np.array_equal(finite, np.rint(finite)):
         raise ValueError(f"{name} has non-integer spike counts")

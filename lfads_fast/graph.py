@@ -14,7 +14,7 @@ from .batch import Batch, Segment
 from .noise import NoiseReader
 from .params import Params, encoder_bins, encoders, l2_terms
 
-__all__ = ["Workspace", "forward", "encode", "backward"]
+__all__ = ["Workspace", "forward", "encode", "repeat_encoded", "backward"]
 
 
 class Workspace:
@@ -43,10 +43,13 @@ class Workspace:
 
 
 def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
-             outputs: bool, ic: np.ndarray | None = None, encoded: dict | None = None) -> dict:
+             outputs: bool, ic: np.ndarray | None = None, encoded: dict | None = None,
+             recon: bool = True) -> dict:
     """One pass; ic replaces the posterior's sample (refine_ic); encoded is the _encode
     result of an earlier pass of the same batch and noise, reused instead of encoding
-    again (its arrays live in this model's buffers, so no other pass may run between)."""
+    again (its arrays live in this model's buffers, so no other pass may run between).
+    recon=False (outputs only, no gradients): the batch has no targets, so only the
+    read-out runs (log-rates), not the Poisson likelihood; terms["recon"] is NaN."""
     cfg, p, dt = P.config, P.views, P.dtype
     xp = P.xp
     B = batch.size
@@ -101,7 +104,11 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
     # Reconstruction (read-out + Poisson NLL, fused with its gradient) and the KL terms.
     terms = {}
     d_factors = ws.buf("d_factors", (Tr, B, F)) if grads else None
-    if batch.segments is None:
+    if not recon:
+        if grads or not outputs:
+            raise ValueError("recon=False is for outputs without gradients")
+        elbos = [_readout(P, ws, out["factors"], batch.segments)]
+    elif batch.segments is None:
         recon_scale = 1.0 / (batch.n_valid if cfg.recon_reduce_mean else B)
         weight = None if batch.recon_weight is None else batch.recon_weight.reshape(Tr * B, Nr)
         elbo = ops.poisson_elbo(out["factors"].reshape(Tr * B, F), p["readout_W"], p["readout_b"],
@@ -244,6 +251,23 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
         xgen[...] = p["gen_b_ih"]
     c["xgen"] = xgen
     return c
+
+
+def repeat_encoded(P: Params, c: dict, reps: int, nz: NoiseReader, size: int) -> dict:
+    """An encode() result of B trials as that of a batch holding each trial reps times in a
+    row (size = B * reps rows, trial-major), for a pass without gradients: the posteriors
+    and the controller's and generator's input projections repeated, the initial
+    condition's sampling noise from nz (the repeated batch's). The encoders run once per
+    trial instead of once per row: they see the same data and, without dropout, give the
+    same result for every repeat.
+    """
+    if c["cd_keep"] is not None:
+        raise ValueError("repeat_encoded is for passes without coordinated dropout")
+    xp = P.xp
+    out = {k: xp.repeat(c[k], reps, axis=0) for k in ("ic_mean", "ic_logvar", "ic_std")}
+    out.update({k: xp.repeat(c[k], reps, axis=1) for k in ("xcon", "xgen", "ext_d") if k in c})
+    out.update(cd_keep=None, cd_pass=None, ic_eps=nz.get("ic_eps", (size, P.config.ic_dim)))
+    return out
 
 
 def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.ndarray:
@@ -446,6 +470,23 @@ def _readin(P: Params, segments: list[Segment], cd_keep: list | None, x: np.ndar
         x[:, seg.start : seg.stop] = proj.reshape(Te, seg.size, Ne)
         inputs.append(counts)
     return inputs
+
+
+def _readout(P: Params, ws: Workspace, factors, segments: list[Segment] | None) -> dict:
+    """The read-out alone: log-rates [T_r * B, n_r] of factors [T_r, B, F] (of the one
+    session in segments, if any), as poisson_elbo's result without its likelihood."""
+    p = P.views
+    Tr, B, F = factors.shape
+    if segments is None:
+        W, b = p["readout_W"], p["readout_b"]
+    elif len(segments) == 1:
+        W, b = p[f"readout_W_{segments[0].session}"], p[f"readout_b_{segments[0].session}"]
+    else:
+        raise ValueError("outputs without targets are for one session at a time")
+    log_rates = ws.buf("log_rates", (Tr * B, W.shape[0]))
+    ops.matmul(factors.reshape(Tr * B, F), W.T, out=log_rates)
+    log_rates += b
+    return {"loss": float("nan"), "log_rates": log_rates}
 
 
 def _session_elbos(P: Params, ws: Workspace, segments: list[Segment], cd_keep: list | None,

@@ -17,7 +17,8 @@ import functools
 import numpy as np
 
 from . import graph, noise as noise_mod, ops
-from .batch import Batch, BatchMaker, Segment, as_array, given_ic, session_index
+from .batch import (Batch, BatchMaker, Segment, as_array, check_spike_counts, given_ic,
+                    session_index)
 from .config import LFADSConfig, check_batch
 from .params import Params, init_params, param_layout
 
@@ -193,7 +194,7 @@ class LFADS:
     @_on_model_device
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
                 recon_data=None, session: int | None = None, sv_mask=None,
-                sv_rate: float = 0.0, ic=None) -> dict:
+                sv_rate: float = 0.0, ic=None, repeats: int = 1) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
@@ -210,6 +211,10 @@ class LFADS:
             ic: initial conditions [B, ic_dim] that replace the posterior's (its mean or
                 sample) in the generator, e.g. from refine.refine_ic; the output ic_mean is
                 then this array, ic_std stays the encoder's. None: the posterior's.
+            repeats: runs each trial this many times (posterior samples): the outputs have
+                B * repeats rows, trial 0's repeats first (as np.repeat(encod_data, repeats,
+                axis=0) would give), ic has B * repeats rows. The encoders run once per
+                trial, not per row; the results are those of the repeated data.
 
         Returns:
             dict of numpy arrays (whatever the device) with lfads-torch's output names,
@@ -217,22 +222,68 @@ class LFADS:
             sessions: that session's recon neurons), factors [B, T_r, F], gen_states
             [B, T_r, G], gen_init [B, G], gen_inputs [B, T_r, U + E], con_states [B, T_r, C],
             co_means, co_stds [B, T_r, U], ic_mean, ic_std [B, ic_dim]; and `terms` (loss
-            terms as floats, meaningful when recon_data is given).
+            terms as floats; without recon_data only the read-out runs, and recon and loss
+            are NaN).
         """
         cfg = self.config
         encod_data = as_array("encod_data", encod_data, 3)
-        if recon_data is None:
+        if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+            raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
+        if repeats > 1:
+            if recon_data is not None or sv_mask is not None or sv_rate:
+                raise ValueError("repeats > 1 is for outputs: recon_data and sample validation "
+                                 "are not taken with it")
+            return self._forward_repeated(encod_data, ext_input, repeats, sample=sample,
+                                          seed=seed, session=session, ic=ic)
+        targets = recon_data is not None
+        if not targets:
+            # No targets: the batch gets zeros in their place (not checked), and the pass
+            # runs the read-out without the likelihood.
             n_r = cfg.recon_data_dim
             if cfg.multisession and session is not None:
                 n_r = cfg.session_recon_neurons[session_index(cfg, session)]
             recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, n_r), np.float32)
         batch = self.make_batch(encod_data, recon_data, ext_input, session=session, sv_mask=sv_mask,
-                                sv_rate=sv_rate)
+                                sv_rate=sv_rate, check_counts=targets)
+        if not targets:
+            check_spike_counts("encod_data", encod_data)
         noise = noise_mod.draw_noise(cfg, self.dtype, batch, np.random.default_rng(seed), train=False,
                                      sample=sample)
         cache = graph.forward(self._params, self._workspace, batch, noise, grads=False, kl_ramp=1.0,
-                              l2_ramp=1.0, outputs=True,
+                              l2_ramp=1.0, outputs=True, recon=targets,
                               ic=given_ic(cfg, self.dtype, self.xp, ic, batch.size))
+        out = cache["outputs"]
+        host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
+        host["terms"] = {k: float(v) for k, v in out["terms"].items()}
+        return host
+
+    def _forward_repeated(self, encod_data, ext_input, reps: int, *, sample: bool, seed, session,
+                          ic) -> dict:
+        """forward(..., repeats=reps): the trials encoded once, the rest of the pass on
+        their repeats."""
+        cfg = self.config
+        encod_data = as_array("encod_data", encod_data, 3)
+        n_r = cfg.recon_data_dim
+        if cfg.multisession and session is not None:
+            n_r = cfg.session_recon_neurons[session_index(cfg, session)]
+
+        def batch_of(x, ext):
+            zeros = np.zeros((x.shape[0], cfg.recon_seq_len, n_r), np.float32)
+            return self.make_batch(x, zeros, ext, session=session, check_counts=False)
+
+        trials = batch_of(encod_data, ext_input)
+        check_spike_counts("encod_data", encod_data)
+        rep_ext = None if ext_input is None else np.repeat(np.asarray(ext_input), reps, axis=0)
+        rows = batch_of(np.repeat(encod_data, reps, axis=0), rep_ext)
+        rng = np.random.default_rng(seed)
+        noise = noise_mod.draw_noise(cfg, self.dtype, rows, rng, train=False, sample=sample)
+        P, ws = self._params, self._workspace
+        nz = noise_mod.NoiseReader(noise, self.dtype, self.xp)
+        encoded = graph.repeat_encoded(P, graph.encode(P, ws, trials, noise_mod.NoiseReader(
+            {}, self.dtype, self.xp)), reps, nz, rows.size)
+        cache = graph.forward(P, ws, rows, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0,
+                              outputs=True, recon=False, encoded=encoded,
+                              ic=given_ic(cfg, self.dtype, self.xp, ic, rows.size))
         out = cache["outputs"]
         host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
         host["terms"] = {k: float(v) for k, v in out["terms"].items()}

@@ -373,7 +373,7 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
                    seed: int = 0, n_samples: int = 50, smoothing: bool = True,
                    valid_fraction: float = 0.2, psth_sigma_bins: float | None = None,
                    folds: list[int] | None = None, progress: bool = False,
-                   log=print, fit=None) -> dict:
+                   log=print, fit_fold=None) -> dict:
     """K-fold cross-validation over trials: one LFADS model per fold, trained by the package
     (Trainer), scored on the fold's test trials with NLB's metrics; NLB's smoothing baseline
     in the same folds.
@@ -389,7 +389,7 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
         model_fields, train_fields: LFADSConfig / TrainConfig fields (data sizes come from
             the data).
         folds: which folds to run (None: all).
-        fit: how a fold's model is found: fit(dataset, model_config, train_config, run_dir)
+        fit_fold: how a fold's model is found: fit_fold(dataset, model_config, train_config, run_dir)
             returns an object with the attributes of train.FitResult that are scored here
             (best_checkpoint, epochs, best_epoch, stop_reason, divergences, train_seconds)
             and may carry more in its ``extra`` dict (stored with the fold's scores). None:
@@ -419,11 +419,11 @@ def cross_validate(tensors: NLBTensors, k: int, out_dir: str | os.PathLike, *,
         cfg = config_for_data(ds, **(model_fields or {}))
         tcfg = TrainConfig.from_dict({"seed": seed + i, **(train_fields or {})})
         run_dir = os.path.join(out_dir, f"fold{i}")
-        if fit is None:
+        if fit_fold is None:
             res = Trainer(LFADS(cfg, seed=tcfg.seed), ds, tcfg, run_dir,
                           progress=progress).fit()
         else:
-            res = fit(ds, cfg, tcfg, run_dir)
+            res = fit_fold(ds, cfg, tcfg, run_dir)
         model = load_model(res.best_checkpoint)
         rates = {name: sample_and_average(model, tensors.heldin[idx], n_samples=n_samples,
                                           seed=seed + i)["output_params"]

@@ -76,8 +76,8 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
     chunks = []
     for c, start in enumerate(range(0, n_trials, trials_per_chunk)):
         sl = slice(start, start + trials_per_chunk)
-        x = np.repeat(encod_data[sl], reps, axis=0)
-        ext = None if ext_input is None else np.repeat(np.asarray(ext_input)[sl], reps, axis=0)
+        x = encod_data[sl]
+        ext = None if ext_input is None else np.asarray(ext_input)[sl]
         chunk_seed = int(np.random.SeedSequence([seed, c]).generate_state(1)[0])
         ic = None
         if refine_steps > 0:
@@ -85,8 +85,10 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
             ic = refine_ic(model, encod_data[sl], ext_c, session=session, steps=int(refine_steps),
                            lr=refine_lr)["ic"]
             ic = np.repeat(ic, reps, axis=0)
-        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session, ic=ic)
-        n = x.shape[0] // reps
+        # Each trial's samples share one run of the encoders (repeats).
+        out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session, ic=ic,
+                            repeats=reps)
+        n = x.shape[0]
         chunks.append({k: out[k].reshape((n, reps) + out[k].shape[1:]).mean(axis=1)
                        for k in data_mod.POSTERIOR_FIELDS})
     if not chunks:

@@ -70,6 +70,7 @@ __all__ = [
     "SearchInterrupted",
     "SETUP_FILE",
     "cv_fit",
+    "search_fit_result",
     "load_search_settings",
     "require_ray",
     "run_search",
@@ -490,31 +491,40 @@ class _SearchFit:
     extra: dict
 
 
-def cv_fit(settings: SearchSettings | None = None, *, verbose: int = 0):
-    """A search as the way nlb.cross_validate fits each fold (its ``fit`` argument).
+def cv_fit(settings: SearchSettings | None = None, *, verbose: int = 0, reuse: bool = False):
+    """A search as the way nlb.cross_validate fits each fold (its ``fit_fold`` argument).
 
     Each fold runs run_search on the fold's training and validation trials (ranked by the
     validation split; the fold's test trials are never seen) into the fold's run directory,
     with no posterior written; the fold is scored with the best member's best checkpoint.
     The fold's scores carry the search's seconds, members, exploits, generations and the best
-    member's values.
+    member's values. reuse=True scores the finished search already in a fold's directory
+    (its search.json) instead of running one.
     """
 
     def fit(dataset, model_config: LFADSConfig, train_config: TrainConfig, run_dir: str):
-        res = run_search(dataset, model_config, train_config, run_dir, settings,
-                         n_samples=0, verbose=verbose)
-        best = Path(run_dir) / "checkpoints" / "best.h5"
-        ckpt = load_checkpoint(best)
-        member = next(t for t in res.trials if t["trial"] == res.best_trial)
-        extra = {"search_members": len(res.trials), "search_exploits": len(res.exploits),
-                 "search_generations": len(res.generations),
-                 "member_epochs": sum(int(t["epochs"]) for t in res.trials),
-                 **{f"best_{k}": float(v) for k, v in res.best_values.items()}}
-        return _SearchFit(str(best), int(member["epochs"]), ckpt.epoch - 1, res.stop_reason,
-                          sum(int(row.get("divergences", 0) or 0)
-                                         for row in ckpt.state.get("history", [])), res.seconds, extra)
+        if not (reuse and (Path(run_dir) / "search.json").is_file()):
+            run_search(dataset, model_config, train_config, run_dir, settings, n_samples=0,
+                       verbose=verbose)
+        return search_fit_result(run_dir)
 
     return fit
+
+
+def search_fit_result(out_dir: str | os.PathLike) -> _SearchFit:
+    """A finished search's outcome (its search.json and best checkpoint in out_dir) with the
+    fields of train.FitResult that nlb.cross_validate scores."""
+    res = json.loads((Path(out_dir) / "search.json").read_text())
+    best = Path(out_dir) / "checkpoints" / "best.h5"
+    ckpt = load_checkpoint(best)
+    member = next(t for t in res["trials"] if t["trial"] == res["best_trial"])
+    extra = {"search_members": len(res["trials"]), "search_exploits": len(res["exploits"]),
+             "search_generations": len(res["generations"]),
+             "member_epochs": sum(int(t["epochs"]) for t in res["trials"]),
+             **{f"best_{k}": float(v) for k, v in res["best_values"].items()}}
+    divergences = sum(int(row.get("divergences", 0) or 0) for row in ckpt.state.get("history", []))
+    return _SearchFit(str(best), int(member["epochs"]), ckpt.epoch - 1, res["stop_reason"],
+                      divergences, float(res["seconds"]), extra)
 
 
 def _new_tuner(tune, trainable, settings: SearchSettings, space: dict, train_config: TrainConfig,

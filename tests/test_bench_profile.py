@@ -46,8 +46,9 @@ def test_wrapped_step_gives_the_same_loss_gradient_and_update():
     for name, *_ in timer.calls:
         calls[name] = calls.get(name, 0) + 1
     # Four encoder GRUs; the projections: encoders and controller input forward, their weight
-    # gradients and the controller input's gradient backward.
-    assert calls == dict(matmul=5, gru_forward=4, gru_backward=4, decoder_forward=1,
+    # gradients and the controller input's gradient backward; the generator's input-bias
+    # gradient (a ones-GEMM).
+    assert calls == dict(matmul=6, gru_forward=4, gru_backward=4, decoder_forward=1,
                          decoder_backward=1, poisson_elbo=1, kl_ic=1, kl_co=1, adam_step=1)
     for name, fn in timer.originals.items():
         assert getattr(ops, name) is fn
@@ -57,5 +58,6 @@ def test_wrapped_step_gives_the_same_loss_gradient_and_update():
     assert summary[REST]["wall"] == 10.0 - timed
     B, Te, Ne = TINY["batch"], TINY["encod_seq_len"], TINY["encod_data_dim"]
     n_enc = 3 * 2 * (TINY["ic_enc_dim"] + TINY["ci_enc_dim"])
-    encoder_projection = f"matmul [{Te * B}x{Ne}]·[{Ne}x{n_enc}] (graph.encode)"
-    assert summary[encoder_projection]["flop"] == 2 * Te * B * Ne * n_enc
+    # The input with a column of ones, times the weights with the bias as a last column.
+    encoder_projection = f"matmul [{Te * B}x{Ne + 1}]·[{Ne + 1}x{n_enc}] (graph.encode)"
+    assert summary[encoder_projection]["flop"] == 2 * Te * B * (Ne + 1) * n_enc

@@ -85,6 +85,44 @@ def test_seed_and_chunking(model, spikes):
     assert d["factors"].shape == a["factors"].shape and np.all(np.isfinite(d["factors"]))
 
 
+@pytest.mark.parametrize("sample", [True, False])
+def test_repeats_encode_once_and_equal_the_repeated_data(model, spikes, sample):
+    """forward(x, repeats=r) runs the encoders once per trial; its rows are those of
+    forward(np.repeat(x, r, axis=0)) with the same seed (same samples, same outputs)."""
+    a = model.forward(np.repeat(spikes, 3, axis=0), sample=sample, seed=4)
+    b = model.forward(spikes, sample=sample, seed=4, repeats=3)
+    for k in data.POSTERIOR_FIELDS:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    if sample:  # the repeats of a trial are different samples
+        assert not np.allclose(b["factors"][0], b["factors"][1])
+    assert b["terms"]["kl_ic"] == pytest.approx(a["terms"]["kl_ic"], rel=1e-5)
+
+
+def test_outputs_without_targets(model, spikes):
+    """Without recon_data only the read-out runs: the same rates as with any targets, and
+    no reconstruction term (NaN) instead of the likelihood of made-up zeros."""
+    bare = model.forward(spikes, seed=1)
+    full = model.forward(spikes, seed=1, recon_data=spikes)
+    np.testing.assert_allclose(bare["output_params"], full["output_params"], rtol=1e-5)
+    assert np.isnan(bare["terms"]["recon"]) and np.isfinite(full["terms"]["recon"])
+    # The counts are still checked.
+    with pytest.raises(ValueError, match="encod_data has negative spike counts"):
+        model.forward(-spikes - 1)
+    with pytest.raises(ValueError, match="encod_data has non-integer"):
+        model.forward(spikes + 0.5, repeats=2)
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
+def test_bad_repeats(model, spikes, repeats):
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        model.forward(spikes, repeats=repeats)
+
+
+def test_repeats_refuse_targets(model, spikes):
+    with pytest.raises(ValueError, match="repeats > 1 is for outputs"):
+        model.forward(spikes, repeats=2, recon_data=spikes)
+
+
 def test_bad_arguments(model, spikes):
     with pytest.raises(ValueError, match="n_samples"):
         posterior.sample_and_average(model, spikes, n_samples=-1)

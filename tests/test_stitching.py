@@ -307,6 +307,15 @@ def test_forward_per_session(rng):
     assert "readout_W" not in names and "readin_W_2" in names
     assert model.params["readin_W_1"].shape == (5, 4)
     assert model.params["readout_W_2"].shape == (12, 3)
+    # Posterior samples of a session's trials: the encoders once per trial (repeats), the
+    # same rows as the repeated trials; with and without targets, the same rates.
+    rep = model.forward(encod, session=2, sample=True, seed=3, repeats=2)
+    ref = model.forward(np.repeat(encod, 2, axis=0), session=2, sample=True, seed=3)
+    for k in ("output_params", "factors", "ic_mean", "co_means"):
+        np.testing.assert_allclose(rep[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    with_targets = model.forward(encod, session=2, recon_data=rng.poisson(
+        1.0, size=(3, 10, 12)).astype(np.float32))
+    np.testing.assert_allclose(with_targets["output_params"], out["output_params"], rtol=1e-5)
 
 
 def test_config_round_trip_and_errors():

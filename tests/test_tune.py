@@ -372,7 +372,7 @@ def test_search_per_fold_of_a_cross_validation(tmp_path, monkeypatch):
     try:
         summary = nlb.cross_validate(tensors, 3, tmp_path / "cv", model_fields=model,
                                      train_fields={"max_epochs": 2}, n_samples=2, folds=[1],
-                                     fit=tune_module.cv_fit(settings), log=lambda *a: None)
+                                     fit_fold=tune_module.cv_fit(settings), log=lambda *a: None)
     finally:
         ray.shutdown()
     fold = summary["folds"][0]
