@@ -519,6 +519,42 @@ def test_resume_a_search_whose_driver_was_killed(data_file, config_file, tmp_pat
     assert "has finished" in capsys.readouterr().err
 
 
+def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(data_file, config_file, tmp_path):
+    """Ctrl-C (SIGINT to the command's process group, as a terminal sends it) in the second
+    generation: exit status 130, a hint to resume, no outputs of a finished search; --resume
+    then finishes it."""
+    _ray_or_skip()
+    out = tmp_path / "search"
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
+    cmd = [sys.executable, "-m", "lfads_fast.cli", "tune", str(data_file), "--out", str(out),
+           "--config", str(config_file), "--population", "2", "--generations", "3",
+           "--samples", "0", "--quiet"]
+    experiment = out / "ray" / "search"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while max(_checkpoint_epochs(experiment).values(), default=0) < 4:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no member reached its second generation"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        text = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, text[-3000:]
+    assert "--resume" in text and "interrupted" in text, text[-3000:]
+    assert not (out / "search.json").exists() and not (out / "checkpoints").exists()
+    done = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["stop_reason"] == "max_generations"
+    assert [t["epochs"] for t in summary["trials"]] == [6, 6]
+
+
 def test_resume_needs_a_search(data_file, config_file, tmp_path, capsys):
     _ray_or_skip()
     out = tmp_path / "empty"
