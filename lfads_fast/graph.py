@@ -7,6 +7,8 @@ equation implemented here.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import ops
@@ -196,14 +198,17 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     ops.matmul(x1.reshape(Te * B, Ne + 1), _stacked(ws, "W_enc1", *P.enc_input_weights()).T,
                out=xproj.reshape(Te * B, -1))
     c.update(xproj=xproj, x1=x1)
-    c["enc"] = {}
-    for name, H, off, rev, h0_name, h0_row in enc:
+
+    def run_encoder(spec):
+        name, H, off, rev, h0_name, h0_row = spec
         t0, t1 = encoder_bins(cfg, name)
         h0 = xp.ascontiguousarray(xp.broadcast_to(p[h0_name][h0_row], (B, H)))
         out = (ws.buf(f"{name}_hs", (t1 - t0, B, H)), ws.buf(f"{name}_gates", (t1 - t0, B, 3 * H)))
-        hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip,
-                                    out=out)
-        c["enc"][name] = (hs, gates, h0)
+        hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev,
+                                    clip=clip, out=out)
+        return name, (hs, gates, h0)
+
+    c["enc"] = dict(_each(P, B, run_encoder, enc))
 
     # Initial-condition posterior.
     hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
@@ -387,14 +392,19 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         d_xproj[t1:, :, off : off + 3 * H] = 0
     d_final = {"ic_enc_fwd": xp.ascontiguousarray(d_h_n[:, :Hi]),
                "ic_enc_bwd": xp.ascontiguousarray(d_h_n[:, Hi:])}
-    for name, H, off, rev, h0_name, h0_row in encoders(P.config):
+
+    def backprop_encoder(spec):
+        # Each encoder writes its own columns of d_xproj and its own gradients.
+        name, H, off, rev, h0_name, h0_row = spec
         hs, gates, h0 = c["enc"][name]
         t0, t1 = encoder_bins(cfg, name)
         d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                        d_final.get(name), d_xproj[t0:t1], off, reverse=rev, clip=clip,
-                                        work=ws.buf("gru_work", hs.shape))
+                                        d_final.get(name), d_xproj[t0:t1], off, reverse=rev,
+                                        clip=clip, work=ws.buf(f"{name}_work", hs.shape))
         g[f"{name}_W_hh"][...] = d_W_hh
         g[h0_name][h0_row] = d_h0.sum(axis=0)
+
+    list(_each(P, B, backprop_encoder, encoders(P.config)))
     d_W_enc, d_b_enc = P.enc_input_weights(grad)
     d_xp = d_xproj.reshape(Te * B, -1)
     d_W1 = ws.buf("d_W_enc1", (d_xp.shape[1], Ne + 1))
@@ -421,6 +431,32 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
             if scale > 0:
                 g[name] += dt.type(coef * scale) * p[name]
     return grad
+
+
+# Below this many batch rows per kernel thread, the encoders' GRUs run side by side, one
+# thread each, instead of one after the other with the batch split between the threads: a
+# GRU's per-step products on a few rows cost about as much as on twice as many.
+CONCURRENT_ROWS_PER_THREAD = 32
+_pool = {}
+
+
+def _each(P: Params, B: int, fn, items) -> list:
+    """[fn(item) for item in items], on the CPU with a small batch side by side on the
+    kernels' threads (one OpenMP thread per call, CONCURRENT_ROWS_PER_THREAD), else in order."""
+    items = list(items)
+    n = ops.get_num_threads() if P.xp is np else 1
+    if n < 2 or len(items) < 2 or B >= CONCURRENT_ROWS_PER_THREAD * n:
+        return [fn(item) for item in items]
+    workers = min(n, len(items))
+    key = (os.getpid(), workers)  # a forked child starts its own threads
+    pool = _pool.get(key)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = _pool[key] = ThreadPoolExecutor(
+            workers, thread_name_prefix="lfads-encoder",
+            initializer=ops.set_num_threads, initargs=(1,))
+    return list(pool.map(fn, items))
 
 
 def _with_ones(ws: Workspace, name: str, shape: tuple):
