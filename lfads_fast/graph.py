@@ -321,7 +321,7 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     g["gen_W_hh"][...] = d["d_W_gen_hh"]
     Ug = U if con else 0
     d_xgen = d["d_xgen"].reshape(Tr * B, 3 * G)
-    _column_sums(ws, d_xgen, g["gen_b_ih"])
+    g["gen_b_ih"][...] = d_xgen.sum(axis=0)
     if E > 0:
         ops.matmul(d_xgen.T, c["ext_d"].reshape(Tr * B, E), out=g["gen_W_ih"][:, Ug:])
     if con:
@@ -474,14 +474,6 @@ def _stacked(ws: Workspace, name: str, W, b):
     Wb[:, :-1] = W
     Wb[:, -1] = b
     return Wb
-
-
-def _column_sums(ws: Workspace, a, out) -> None:
-    """out[...] = a.sum(axis=0) for a [M, N] as one GEMM (ones [1, M] times a) on the
-    kernels' threads; numpy's sum runs on one."""
-    ones = ws.buf("ones_rows", (1, a.shape[0]))
-    ones[...] = 1
-    ops.matmul(ones, a, out=out.reshape(1, -1))
 
 
 def _readin(P: Params, segments: list[Segment], cd_keep: list | None, x: np.ndarray) -> list:
