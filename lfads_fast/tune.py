@@ -668,7 +668,11 @@ def _stop_reason(trials: list, settings: SearchSettings, plan: _Plan, seconds: f
         if settings.time_budget is not None and any(t["epochs"] < plan.max_epochs
                                                     for t in trials):
             return "time_budget"
-    elif settings.time_budget is not None and seconds >= settings.time_budget:
+    elif settings.time_budget is not None and (
+            seconds >= settings.time_budget
+            or any(t["stop_reason"] == "time_budget" for t in trials)):
+        # A member's trainer stops at its share of the budget; the search's own seconds count
+        # only since its last start (resume).
         return "time_budget"
     return "finished"
 
@@ -1028,6 +1032,7 @@ def _collect(grid, space: dict) -> list[dict]:
             "exploits": len(meta["lineage"]) - 1 if meta else 0,
             "values": {k: float(values[k]) for k in space if k in values},
             "lineage": meta["lineage"] if meta else [],
+            "stop_reason": (meta or {}).get("stop_reason") or "",
             "checkpoint": r.checkpoint, "rows": rows})
     trials.sort(key=lambda t: (not math.isfinite(t["best_metric"]), t["best_metric"]))
     return trials

@@ -582,3 +582,19 @@ def test_the_resume_boundary_counts_only_members_that_train_again(tmp_path):
             SimpleNamespace(checkpoint=None)]  # no checkpoint yet: starts from epoch 0
     assert sorted(tune_module._resuming_epochs(grid, plan)) == [0, 6, 8]
     assert tune_module._resuming_epochs(grid[:4], plan) == [6, 8]
+
+
+def test_random_search_stop_reason_counts_the_members_budgets():
+    """A random search under a time budget ended by it when a member's trainer stopped at its
+    share, even where the search's own seconds (since its last start, after a resume) are
+    fewer than the budget."""
+    settings = SearchSettings(mode="random", population=2, time_budget=100.0)
+    plan = tune_module._Plan.of(settings, TrainConfig(max_epochs=50))
+    members = [{"trial": "a", "epochs": 50, "stop_reason": "max_epochs", "rows": []},
+               {"trial": "b", "epochs": 20, "stop_reason": "time_budget", "rows": []}]
+    assert tune_module._stop_reason(members, settings, plan, seconds=30.0) == "time_budget"
+    members[1]["stop_reason"] = "early_stopping"
+    assert tune_module._stop_reason(members, settings, plan, seconds=30.0) == "finished"
+    assert tune_module._stop_reason(members, settings, plan, seconds=100.0) == "time_budget"
+    no_budget = SearchSettings(mode="random", population=2)
+    assert tune_module._stop_reason(members, no_budget, plan, seconds=1e6) == "finished"
