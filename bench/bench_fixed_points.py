@@ -1,5 +1,6 @@
 """Fixed points of a 100-unit clipped GRU from 10,000 initial states: lfads_fast's batched
-Newton solver against an Adam loop in PyTorch, both to q < tol on every point they can.
+Newton solver against an Adam loop in PyTorch and the same loop compiled by JAX, each to
+q < tol on every point it can.
 
 The GRU: LFADS's initialisation for the z and r weights, and n weights with a rank-3 "memory"
 part (three random +-1 patterns, gain beta) plus random weights (gain g), which gives a
@@ -102,6 +103,58 @@ def torch_adam(W_hh, b_ih, h0, tol, lr, max_iters, threads):
     return seconds, conv.float().mean().item(), it, iters_at[conv].float().mean().item()
 
 
+def jax_adam(W_hh, b_ih, h0, tol, lr, max_iters):
+    """The same Adam loop in JAX, compiled whole (jit of a lax.while_loop): fixed shapes, so
+    converged points stay in the batch and are masked out of the update instead of leaving
+    it. Returns (seconds of a compiled run, compile seconds, fraction converged, loop
+    iterations, mean iterations per converged point)."""
+    import jax
+    import jax.numpy as jnp
+
+    H = W_hh.shape[1]
+    W, x_proj = jnp.asarray(W_hh), jnp.asarray(b_ih)
+
+    def q_of(h):
+        zr = jax.nn.sigmoid(x_proj[: 2 * H] + h @ W[: 2 * H].T)
+        z, r = zr[:, :H], zr[:, H:]
+        n = jnp.tanh(x_proj[2 * H:] + (r * h) @ W[2 * H:].T)
+        return 0.5 * ((jnp.clip(z * h + (1 - z) * n, -CLIP, CLIP) - h) ** 2).sum(1)
+
+    def cond(state):
+        it, _, _, _, iters_at = state
+        return (it <= max_iters) & jnp.any(iters_at < 0)
+
+    def body(state):
+        it, x, m, v, iters_at = state
+        q, vjp = jax.vjp(q_of, x)
+        (g,) = vjp(jnp.ones_like(q))
+        iters_at = jnp.where((q < tol) & (iters_at < 0), it - 1, iters_at)
+        active = (iters_at < 0)[:, None]
+        m = jnp.where(active, 0.9 * m + 0.1 * g, m)
+        v = jnp.where(active, 0.999 * v + 0.001 * g * g, v)
+        t = it.astype(x.dtype)
+        step = lr * (m / (1 - 0.9**t)) / (jnp.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        return it + 1, jnp.where(active, x - step, x), m, v, iters_at
+
+    @jax.jit
+    def solve(x):
+        init = (jnp.int32(1), x, jnp.zeros_like(x), jnp.zeros_like(x),
+                jnp.full(x.shape[0], -1, jnp.int32))
+        return jax.lax.while_loop(cond, body, init)
+
+    x0 = jnp.asarray(np.array(h0, np.float32))
+    t0 = time.perf_counter()
+    jax.block_until_ready(solve(x0))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    it, _, _, _, iters_at = jax.block_until_ready(solve(x0))
+    seconds = time.perf_counter() - t0
+    iters_at = np.asarray(iters_at)
+    conv = iters_at >= 0
+    return (seconds, max(first - seconds, 0.0), conv.mean(), int(it) - 1,
+            iters_at[conv].mean() if conv.any() else float("nan"))
+
+
 def header(args):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -124,11 +177,12 @@ def header(args):
     import torch
 
     return [
-        "# Fixed points: batched Newton (lfads_fast) vs Adam (PyTorch), CPU",
+        "# Fixed points: batched Newton (lfads_fast) vs Adam (PyTorch, JAX), CPU",
         "",
         f"- machine: {cpu_name}, {os.cpu_count()} cores, {args.threads} threads used; "
         f"load average at start {load}",
-        f"- commit: {commit}; numpy {np.__version__}, torch {torch.__version__}",
+        f"- commit: {commit}; numpy {np.__version__}, torch {torch.__version__}"
+        + (f", jax {args.jax_version}" if args.jax else ""),
         f"- dtype float32; GRU units H = {args.units}, clip {CLIP}; initial states K = "
         f"{args.points} (noise {args.noise}); tolerance q < {args.tol}",
         f"- timing: median of {args.repeats} runs after one warm-up (Newton: find_fixed_points "
@@ -165,12 +219,21 @@ def run(args, seed):
         f"| {seed} | Adam (PyTorch, batched) | {t_adam:.2f} | {frac_adam:.4f} | {it_adam:.0f} | "
         f"{loop_adam} | {ratio:.1f}{'+' if frac_adam < 1 else ''} |",
     ]
+    jax_note = []
+    if args.jax:
+        t_jax, compile_jax, frac_jax, loop_jax, it_jax = jax_adam(W_hh, b_ih, h0, args.tol,
+                                                                  args.lr, args.adam_iters)
+        rows.append(f"| {seed} | Adam (JAX, jit + while_loop) | {t_jax:.2f} | {frac_jax:.4f} | "
+                    f"{it_jax:.0f} | {loop_jax} | {t_jax / t_newton:.1f}"
+                    f"{'+' if frac_jax < 1 else ''} |")
+        jax_note = [f"- seed {seed}: JAX compile {compile_jax:.1f} s (first call minus a "
+                    "compiled one), not in its time"]
     notes = [
         f"- seed {seed}: Newton runs {', '.join('%.3f' % t for t in times)} s; full "
         f"find_fixed_points at its default tol_q 1e-12 (solve, unique points, Jacobians, "
         f"eigen-decompositions) {t_full:.3f} s: {int(unique.is_stable.sum())} stable and "
         f"{int((~unique.is_stable).sum())} unstable fixed points",
-    ]
+    ] + jax_note
     return rows, notes
 
 
@@ -186,9 +249,18 @@ def main():
     ap.add_argument("--lr", type=float, default=0.01, help="PyTorch Adam learning rate")
     ap.add_argument("--adam-iters", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--no-jax", dest="jax", action="store_false",
+                    help="leave out the JAX Adam loop (run when jax is installed)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "fixed_points_cpu.md"))
     args = ap.parse_args()
+    if args.jax:
+        try:
+            import jax
+
+            args.jax_version = jax.__version__
+        except ImportError:
+            args.jax = False
     cpu.set_num_threads(args.threads)
 
     lines = header(args) + [
