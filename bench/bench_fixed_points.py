@@ -227,7 +227,8 @@ def run(args, seed):
                     f"{it_jax:.0f} | {loop_jax} | {t_jax / t_newton:.1f}"
                     f"{'+' if frac_jax < 1 else ''} |")
         jax_note = [f"- seed {seed}: JAX compile {compile_jax:.1f} s (first call minus a "
-                    "compiled one), not in its time"]
+                    "compiled one), not in its time; JAX runs on XLA's own thread pool (all "
+                    f"{os.cpu_count()} cores), not limited by --threads"]
     notes = [
         f"- seed {seed}: Newton runs {', '.join('%.3f' % t for t in times)} s; full "
         f"find_fixed_points at its default tol_q 1e-12 (solve, unique points, Jacobians, "

@@ -158,7 +158,8 @@ def child(args):
             log("posterior sample_and_average lfads_fast")
             r = time_sample_and_average(spec, repeats)
             rows.append(dict(workload="posterior_avg", config="nlb5ms", threads=n,
-                             framework="lfads_fast", batch=spec["batch"],
+                             framework="lfads_fast",
+                             batch=max(spec["batch"] // AVG_SAMPLES, 1) * AVG_SAMPLES,
                              T=spec["recon_seq_len"], **r))
     if "neighbour" in workloads and "lfads_fast" in frameworks:
         spec = configs["nlb5ms"]

@@ -433,30 +433,36 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     return grad
 
 
-# Below this many batch rows per kernel thread, the encoders' GRUs run side by side, one
-# thread each, instead of one after the other with the batch split between the threads: a
-# GRU's per-step products on a few rows cost about as much as on twice as many.
+# Below this many batch rows per kernel thread, the encoders' GRUs run side by side, each on
+# its share of the threads, instead of one after the other with the batch split between all
+# the threads: a GRU's per-step products on a few rows cost about as much as on twice as many.
 CONCURRENT_ROWS_PER_THREAD = 32
 _pool = {}
 
 
 def _each(P: Params, B: int, fn, items) -> list:
-    """[fn(item) for item in items], on the CPU with a small batch side by side on the
-    kernels' threads (one OpenMP thread per call, CONCURRENT_ROWS_PER_THREAD), else in order."""
+    """[fn(item) for item in items]: on the CPU with few batch rows per kernel thread
+    (CONCURRENT_ROWS_PER_THREAD) side by side, each call on its share of the kernels'
+    threads; else one after the other, each call on all of them. All calls have ended when
+    it returns or raises."""
     items = list(items)
     n = ops.get_num_threads() if P.xp is np else 1
     if n < 2 or len(items) < 2 or B >= CONCURRENT_ROWS_PER_THREAD * n:
         return [fn(item) for item in items]
     workers = min(n, len(items))
-    key = (os.getpid(), workers)  # a forked child starts its own threads
+    key = (os.getpid(), workers, n // workers)  # a forked child starts its own threads
     pool = _pool.get(key)
     if pool is None:
         from concurrent.futures import ThreadPoolExecutor
 
         pool = _pool[key] = ThreadPoolExecutor(
             workers, thread_name_prefix="lfads-encoder",
-            initializer=ops.set_num_threads, initargs=(1,))
-    return list(pool.map(fn, items))
+            initializer=ops.set_num_threads, initargs=(n // workers,))
+    from concurrent.futures import wait
+
+    futures = [pool.submit(fn, item) for item in items]
+    wait(futures)  # no call still writing into the buffers when an error propagates
+    return [f.result() for f in futures]
 
 
 def _with_ones(ws: Workspace, name: str, shape: tuple):

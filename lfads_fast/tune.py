@@ -36,6 +36,7 @@ Ray is imported only here and only when a search runs: ``pip install 'lfads_fast
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -423,7 +424,8 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                  log_to_driver=verbose > 1, configure_logging=verbose > 0)
     _check_population(ray, settings, model_config, train_config, sessions)
     _write_text(out / SETUP_FILE, json.dumps(_plain(setup), indent=1) + "\n")
-    plan = dataclasses.replace(_Plan.of(settings, train_config), session=setup["resumes"])
+    plan = dataclasses.replace(_Plan.of(settings, train_config), session=setup["resumes"],
+                               scratch=str(_scratch_root(storage)))
 
     def trainable(plan: _Plan, sessions: list):
         return tune.with_resources(
@@ -452,8 +454,7 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
                                 f"{setup['experiment']}: resume it with lfads-fast tune ... "
                                 "--resume (run_search(..., resume=True))")
     trials = _collect(grid, space)
-    for t in trials:  # members' scratch runs that a stopped actor left on this node
-        shutil.rmtree(_member_scratch(t["trial"]), ignore_errors=True)
+    shutil.rmtree(plan.scratch, ignore_errors=True)  # runs a stopped member left on this node
     finished = [t for t in trials
                 if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
     if not finished:
@@ -761,6 +762,7 @@ class _Plan:
     member_budget: float | None
     session: int = 0
     time_offset: int = 0
+    scratch: str = ""
 
     @classmethod
     def of(cls, settings: SearchSettings, train_config: TrainConfig) -> "_Plan":
@@ -803,7 +805,7 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
     # experiment's storage while the member trains, and would copy checkpoint files
     # half-written or renamed under it. The checkpoints Ray keeps are the tune.Checkpoint
     # copies (_report); this directory is scratch, one per trial, removed when it stops.
-    run = _member_scratch(trial) / "lfads"
+    run = Path(plan.scratch) / trial / "lfads"
     if run.exists():
         shutil.rmtree(run)
     try:
@@ -813,8 +815,12 @@ def _member(config: dict, *, sessions, model_config, train_config, plan: _Plan) 
         shutil.rmtree(run.parent, ignore_errors=True)
 
 
-def _member_scratch(trial: str) -> Path:
-    return Path(tempfile.gettempdir()) / "lfads_fast_members" / trial
+def _scratch_root(storage: str) -> Path:
+    """Where this search's members keep their runs on a node: the node's temporary
+    directory (TMPDIR), per user and per experiment (storage)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    digest = hashlib.sha256(storage.rstrip("/").encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"lfads_fast-{user}" / f"search-{digest}"
 
 
 def _train_member(run: Path, config: dict, trial: str, values: dict, *, sessions, model_config,
