@@ -458,8 +458,15 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     finished = [t for t in trials
                 if t["checkpoint"] is not None and math.isfinite(t["best_metric"])]
     if not finished:
-        errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"]) or "none"
-        raise RuntimeError(f"no member of the search finished an epoch (errors: {errors})")
+        errors = "; ".join(f"{t['trial']}: {t['error']}" for t in trials if t["error"])
+        if not errors and settings.time_budget is not None:
+            raise RuntimeError(
+                f"the time budget ({settings.time_budget:g} s) ran out before any member "
+                f"reported its first checkpoint (after {plan.first} epochs): give the search "
+                "more time, or fewer epochs before its first report (burn_in, "
+                "perturbation_interval)")
+        raise RuntimeError(f"no member of the search finished an epoch (errors: "
+                           f"{errors or 'none'})")
     best = min(finished, key=lambda t: t["best_metric"])
     _write_best(best, sessions, model_config, out, n_samples)
     exploits = _exploits(trials)
