@@ -7,8 +7,6 @@ equation implemented here.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import ops
@@ -46,12 +44,14 @@ class Workspace:
 
 def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
              outputs: bool, ic: np.ndarray | None = None, encoded: dict | None = None,
-             recon: bool = True) -> dict:
+             recon: bool = True, average: int = 1) -> dict:
     """One pass; ic replaces the posterior's sample (refine_ic); encoded is the _encode
     result of an earlier pass of the same batch and noise, reused instead of encoding
     again (its arrays live in this model's buffers, so no other pass may run between).
     recon=False (outputs only, no gradients): the batch has no targets, so only the
-    read-out runs (log-rates), not the Poisson likelihood; terms["recon"] is NaN."""
+    read-out runs (log-rates), not the Poisson likelihood; terms["recon"] is NaN.
+    average > 1: the batch holds each trial `average` times in a row, and the outputs are
+    the per-trial means over them (averaged before the arrays are made batch-major)."""
     cfg, p, dt = P.config, P.views, P.dtype
     xp = P.xp
     B = batch.size
@@ -155,7 +155,7 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
         cfg.kl_ic_scale * terms["kl_ic"] + cfg.kl_co_scale * terms["kl_co"]))
     c["terms"] = terms
     if outputs:
-        c["outputs"] = _outputs(P, c, terms)
+        c["outputs"] = _outputs(P, c, terms, average)
     return c
 
 
@@ -198,17 +198,14 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     ops.matmul(x1.reshape(Te * B, Ne + 1), _stacked(ws, "W_enc1", *P.enc_input_weights()).T,
                out=xproj.reshape(Te * B, -1))
     c.update(xproj=xproj, x1=x1)
-
-    def run_encoder(spec):
-        name, H, off, rev, h0_name, h0_row = spec
+    c["enc"] = {}
+    for name, H, off, rev, h0_name, h0_row in enc:
         t0, t1 = encoder_bins(cfg, name)
         h0 = xp.ascontiguousarray(xp.broadcast_to(p[h0_name][h0_row], (B, H)))
         out = (ws.buf(f"{name}_hs", (t1 - t0, B, H)), ws.buf(f"{name}_gates", (t1 - t0, B, 3 * H)))
-        hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev,
-                                    clip=clip, out=out)
-        return name, (hs, gates, h0)
-
-    c["enc"] = dict(_each(P, B, run_encoder, enc))
+        hs, gates = ops.gru_forward(xproj[t0:t1], off, p[f"{name}_W_hh"], h0, reverse=rev, clip=clip,
+                                    out=out)
+        c["enc"][name] = (hs, gates, h0)
 
     # Initial-condition posterior.
     hs_f, hs_b = c["enc"]["ic_enc_fwd"][0], c["enc"]["ic_enc_bwd"][0]
@@ -392,19 +389,14 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
         d_xproj[t1:, :, off : off + 3 * H] = 0
     d_final = {"ic_enc_fwd": xp.ascontiguousarray(d_h_n[:, :Hi]),
                "ic_enc_bwd": xp.ascontiguousarray(d_h_n[:, Hi:])}
-
-    def backprop_encoder(spec):
-        # Each encoder writes its own columns of d_xproj and its own gradients.
-        name, H, off, rev, h0_name, h0_row = spec
+    for name, H, off, rev, h0_name, h0_row in encoders(P.config):
         hs, gates, h0 = c["enc"][name]
         t0, t1 = encoder_bins(cfg, name)
         d_W_hh, d_h0 = ops.gru_backward(p[f"{name}_W_hh"], h0, hs, gates, d_seq.get(name),
-                                        d_final.get(name), d_xproj[t0:t1], off, reverse=rev,
-                                        clip=clip, work=ws.buf(f"{name}_work", hs.shape))
+                                        d_final.get(name), d_xproj[t0:t1], off, reverse=rev, clip=clip,
+                                        work=ws.buf("gru_work", hs.shape))
         g[f"{name}_W_hh"][...] = d_W_hh
         g[h0_name][h0_row] = d_h0.sum(axis=0)
-
-    list(_each(P, B, backprop_encoder, encoders(P.config)))
     d_W_enc, d_b_enc = P.enc_input_weights(grad)
     d_xp = d_xproj.reshape(Te * B, -1)
     d_W1 = ws.buf("d_W_enc1", (d_xp.shape[1], Ne + 1))
@@ -431,38 +423,6 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
             if scale > 0:
                 g[name] += dt.type(coef * scale) * p[name]
     return grad
-
-
-# Below this many batch rows per kernel thread, the encoders' GRUs run side by side, each on
-# its share of the threads, instead of one after the other with the batch split between all
-# the threads: a GRU's per-step products on a few rows cost about as much as on twice as many.
-CONCURRENT_ROWS_PER_THREAD = 32
-_pool = {}
-
-
-def _each(P: Params, B: int, fn, items) -> list:
-    """[fn(item) for item in items]: on the CPU with few batch rows per kernel thread
-    (CONCURRENT_ROWS_PER_THREAD) side by side, each call on its share of the kernels'
-    threads; else one after the other, each call on all of them. All calls have ended when
-    it returns or raises."""
-    items = list(items)
-    n = ops.get_num_threads() if P.xp is np else 1
-    if n < 2 or len(items) < 2 or B >= CONCURRENT_ROWS_PER_THREAD * n:
-        return [fn(item) for item in items]
-    workers = min(n, len(items))
-    key = (os.getpid(), workers, n // workers)  # a forked child starts its own threads
-    pool = _pool.get(key)
-    if pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        pool = _pool[key] = ThreadPoolExecutor(
-            workers, thread_name_prefix="lfads-encoder",
-            initializer=ops.set_num_threads, initargs=(n // workers,))
-    from concurrent.futures import wait
-
-    futures = [pool.submit(fn, item) for item in items]
-    wait(futures)  # no call still writing into the buffers when an error propagates
-    return [f.result() for f in futures]
 
 
 def _with_ones(ws: Workspace, name: str, shape: tuple):
@@ -588,14 +548,23 @@ def _recon_grad_mask(P: Params, ws: Workspace, cd_keep: np.ndarray | None, cd_pa
     return mask.reshape(Tr * B, n_r)
 
 
-def _outputs(P: Params, c: dict, terms: dict) -> dict:
+def _outputs(P: Params, c: dict, terms: dict, average: int = 1) -> dict:
     cfg = P.config
     xp = P.xp
     out = c["dec_out"]
     Tr, B = out["factors"].shape[:2]
+    n = B // average
 
-    def bm(a):  # time-major -> batch-major
-        return xp.ascontiguousarray(a.transpose(1, 0, 2))
+    def mean(a, axis):  # mean over each trial's `average` consecutive rows along axis
+        if average == 1:
+            return a
+        return a.reshape(a.shape[:axis] + (n, average) + a.shape[axis + 1:]).mean(axis=axis + 1)
+
+    def bm(a):  # time-major -> batch-major (averaged first: less to move)
+        return xp.ascontiguousarray(mean(a, 1).transpose(1, 0, 2))
+
+    def rows(a):
+        return mean(a, 0).copy() if average == 1 else mean(a, 0)
 
     # forward() runs one session at a time, so there is one read-out here.
     log_rates = c["elbos"][0]["log_rates"].reshape(Tr, B, -1)
@@ -607,12 +576,12 @@ def _outputs(P: Params, c: dict, terms: dict) -> dict:
         "output_params": bm(xp.exp(log_rates)),
         "factors": bm(out["factors"]),
         "gen_states": bm(out["gen_states"]),
-        "gen_init": c["g0"].copy(),
+        "gen_init": rows(c["g0"]),
         "gen_inputs": bm(gi),
         "con_states": bm(out["con_states"]),
         "co_means": bm(out["co_mean"]),
         "co_stds": bm(xp.exp(out["co_logvar"] / 2)),
-        "ic_mean": c["ic_samp"].copy() if c["ic_given"] else c["ic_mean"].copy(),
-        "ic_std": c["ic_std"].copy(),
+        "ic_mean": rows(c["ic_samp"]) if c["ic_given"] else rows(c["ic_mean"]),
+        "ic_std": rows(c["ic_std"]),
         "terms": dict(terms),
     }

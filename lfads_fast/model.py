@@ -194,7 +194,7 @@ class LFADS:
     @_on_model_device
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
                 recon_data=None, session: int | None = None, sv_mask=None,
-                sv_rate: float = 0.0, ic=None, repeats: int = 1) -> dict:
+                sv_rate: float = 0.0, ic=None, repeats: int = 1, average: bool = False) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
@@ -215,6 +215,8 @@ class LFADS:
                 B * repeats rows, trial 0's repeats first (as np.repeat(encod_data, repeats,
                 axis=0) would give), ic has B * repeats rows. The encoders run once per
                 trial, not per row; the results are those of the repeated data.
+            average: with repeats, return each trial's mean over its repeats (B rows; the
+                posterior average of sample_and_average) instead of every row.
 
         Returns:
             dict of numpy arrays (whatever the device) with lfads-torch's output names,
@@ -234,7 +236,7 @@ class LFADS:
                 raise ValueError("repeats > 1 is for outputs: recon_data and sample validation "
                                  "are not taken with it")
             return self._forward_repeated(encod_data, ext_input, repeats, sample=sample,
-                                          seed=seed, session=session, ic=ic)
+                                          seed=seed, session=session, ic=ic, average=average)
         targets = recon_data is not None
         if not targets:
             # No targets: the batch gets zeros in their place (not checked), and the pass
@@ -258,7 +260,7 @@ class LFADS:
         return host
 
     def _forward_repeated(self, encod_data, ext_input, reps: int, *, sample: bool, seed, session,
-                          ic) -> dict:
+                          ic, average: bool) -> dict:
         """forward(..., repeats=reps): the trials encoded once, the rest of the pass on
         their repeats."""
         cfg = self.config
@@ -283,7 +285,8 @@ class LFADS:
             {}, self.dtype, self.xp)), reps, nz, rows.size)
         cache = graph.forward(P, ws, rows, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0,
                               outputs=True, recon=False, encoded=encoded,
-                              ic=given_ic(cfg, self.dtype, self.xp, ic, rows.size))
+                              ic=given_ic(cfg, self.dtype, self.xp, ic, rows.size),
+                              average=reps if average else 1)
         out = cache["outputs"]
         host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
         host["terms"] = {k: float(v) for k, v in out["terms"].items()}

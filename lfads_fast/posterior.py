@@ -85,12 +85,11 @@ def sample_and_average(model: LFADS, encod_data: np.ndarray, ext_input: np.ndarr
             ic = refine_ic(model, encod_data[sl], ext_c, session=session, steps=int(refine_steps),
                            lr=refine_lr)["ic"]
             ic = np.repeat(ic, reps, axis=0)
-        # Each trial's samples share one run of the encoders (repeats).
+        # Each trial's samples share one run of the encoders (repeats) and are averaged
+        # before the outputs are made batch-major (average).
         out = model.forward(x, ext, sample=n_samples > 0, seed=chunk_seed, session=session, ic=ic,
-                            repeats=reps)
-        n = x.shape[0]
-        chunks.append({k: out[k].reshape((n, reps) + out[k].shape[1:]).mean(axis=1)
-                       for k in data_mod.POSTERIOR_FIELDS})
+                            repeats=reps, average=True)
+        chunks.append({k: out[k] for k in data_mod.POSTERIOR_FIELDS})
     if not chunks:
         raise ValueError("encod_data has no trials")
     return {k: np.concatenate([c[k] for c in chunks], axis=0) for k in data_mod.POSTERIOR_FIELDS}

@@ -78,32 +78,6 @@ def test_float32_matches_torch_reference(rng, case):
         assert err < F32_GRAD_RTOL, (k, err)
 
 
-@pytest.mark.parametrize("case", ["controller", "all_at_once"])
-def test_encoders_side_by_side_match_the_reference(case):
-    """With two kernel threads and a small batch the encoders' GRUs run side by side (one
-    thread each, forward and backward): the same loss and gradients as the reference, and
-    as one after the other on one thread."""
-    import os
-
-    from lfads_fast import graph, ops
-
-    before = ops.get_num_threads()
-    results = {}
-    for n in (1, 2):
-        ops.set_num_threads(n)
-        try:
-            results[n] = run_both(case, np.random.default_rng(11), np.float64)
-        finally:
-            ops.set_num_threads(before)
-    assert any(key[0] == os.getpid() for key in graph._pool), "the side-by-side path did not run"
-    _, terms, grads, ref_terms, ref_grads = results[2]
-    for k in ("loss", "recon", "kl_ic", "kl_co", "l2"):
-        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=F64_RTOL, atol=1e-12, err_msg=k)
-    for k in grads:
-        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=F64_RTOL, atol=1e-10, err_msg=k)
-        np.testing.assert_allclose(grads[k], results[1][2][k], rtol=1e-12, atol=1e-14, err_msg=k)
-
-
 def test_posterior_means_match_reference(rng):
     model, terms, grads, ref_terms, ref_grads = run_both("controller", rng, np.float64, sample=False)
     for k in grads:

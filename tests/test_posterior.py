@@ -96,6 +96,13 @@ def test_repeats_encode_once_and_equal_the_repeated_data(model, spikes, sample):
     if sample:  # the repeats of a trial are different samples
         assert not np.allclose(b["factors"][0], b["factors"][1])
     assert b["terms"]["kl_ic"] == pytest.approx(a["terms"]["kl_ic"], rel=1e-5)
+    # average=True: each trial's mean over its repeats, averaged before the outputs are made
+    # batch-major.
+    m = model.forward(spikes, sample=sample, seed=4, repeats=3, average=True)
+    for k in data.POSTERIOR_FIELDS:
+        expected = b[k].reshape((len(spikes), 3) + b[k].shape[1:]).mean(axis=1)
+        assert m[k].shape == expected.shape and m[k].flags.c_contiguous, k
+        np.testing.assert_allclose(m[k], expected, rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_outputs_without_targets(model, spikes):
