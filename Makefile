@@ -28,6 +28,7 @@ bench: $(PY)
 	$(PY) -m pip install -q ".[bench]"
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_frameworks.py
+	$(PY) bench/bench_fixed_points.py
 
 # Development: build the extension modules into lfads_fast/ of this checkout (no install),
 # with the build tools of $(PY); then PYTHONPATH=. runs the tests against the working tree.
