@@ -58,7 +58,7 @@ def run_fixed(ds, model_cfg, budget: float, threads: int, out: Path) -> dict:
 
 
 def run_pbt(ds, model_cfg, budget: float, population: int, interval: int, ray_cpus: int | None,
-            out: Path) -> dict:
+            out: Path, resume: bool = False) -> dict:
     if ray_cpus:
         import ray
 
@@ -69,8 +69,8 @@ def run_pbt(ds, model_cfg, budget: float, population: int, interval: int, ray_cp
     result = run_search(ds, model_cfg, TrainConfig(**train), out / "pbt",
                         SearchSettings(population=population, time_budget=budget,
                                        perturbation_interval=interval, burn_in=None),
-                        n_samples=0, verbose=0)
-    return {"wall_s": time.perf_counter() - t0, "ray_cpus": ray_cpus or os.cpu_count(),
+                        n_samples=0, verbose=0, resume=resume)
+    return {"wall_s": time.perf_counter() - t0, "resumed": resume, "ray_cpus": ray_cpus or os.cpu_count(),
             "population": population, "interval": interval,
             "generations": len(result.generations), "exploits": len(result.exploits),
             "member_epochs": sum(t["epochs"] for t in result.trials),
@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="fixed arm")
     p.add_argument("--ray-cpus", type=int, help="PBT arm: CPUs of its own Ray instance")
     p.add_argument("--report", action="store_true", help="only write the report")
+    p.add_argument("--resume", action="store_true",
+                   help="PBT arm: go on with an interrupted search in DIR/pbt")
     p.add_argument("--out", default="tune_quality_out")
     args = p.parse_args()
     out = Path(args.out)
@@ -142,7 +144,7 @@ def main() -> None:
                 r = run_fixed(ds, model_cfg, budget, args.threads, out)
             elif arm == "pbt":
                 r = run_pbt(ds, model_cfg, budget, args.population, args.interval,
-                            args.ray_cpus, out)
+                            args.ray_cpus, out, resume=args.resume)
             else:
                 raise SystemExit(f"--arms: fixed or pbt, got {arm!r}")
             (out / f"arm_{arm}.json").write_text(json.dumps(dict(r, minutes=args.minutes),
