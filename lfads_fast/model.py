@@ -254,10 +254,7 @@ class LFADS:
         cache = graph.forward(self._params, self._workspace, batch, noise, grads=False, kl_ramp=1.0,
                               l2_ramp=1.0, outputs=True, recon=targets,
                               ic=given_ic(cfg, self.dtype, self.xp, ic, batch.size))
-        out = cache["outputs"]
-        host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
-        host["terms"] = {k: float(v) for k, v in out["terms"].items()}
-        return host
+        return _host_outputs(cache["outputs"])
 
     def _forward_repeated(self, encod_data, ext_input, reps: int, *, sample: bool, seed, session,
                           ic, average: bool) -> dict:
@@ -287,10 +284,7 @@ class LFADS:
                               outputs=True, recon=False, encoded=encoded,
                               ic=given_ic(cfg, self.dtype, self.xp, ic, rows.size),
                               average=reps if average else 1)
-        out = cache["outputs"]
-        host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
-        host["terms"] = {k: float(v) for k, v in out["terms"].items()}
-        return host
+        return _host_outputs(cache["outputs"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -298,3 +292,10 @@ class LFADS:
         self._params = Params(self.config, flat)
         self._workspace = graph.Workspace(self._params.xp, self.dtype)
         self._batches = BatchMaker(self.config, self.dtype, self._params.xp)
+
+
+def _host_outputs(out: dict) -> dict:
+    """graph's outputs as numpy arrays, the terms as floats."""
+    host = {k: ops.to_host(v) for k, v in out.items() if k != "terms"}
+    host["terms"] = {k: float(v) for k, v in out["terms"].items()}
+    return host

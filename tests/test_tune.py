@@ -456,29 +456,40 @@ def _reported_epochs(experiment: Path) -> dict:
     return out
 
 
+def _search_in_its_second_generation(data_file, config_file, out: Path, generations: int,
+                                     samples: int):
+    """Starts `lfads-fast tune` (population 2) in a session of its own (the driver and the Ray
+    processes it starts get a signal together) and returns (cmd, env, proc) once a member has
+    checkpointed its second generation; the process is killed if that does not happen."""
+    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
+    cmd = [sys.executable, "-m", "lfads_fast.cli", "tune", str(data_file), "--out", str(out),
+           "--config", str(config_file), "--population", "2", "--generations",
+           str(generations), "--samples", str(samples), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while max(_checkpoint_epochs(out / "ray" / "search").values(), default=0) < 4:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no member reached its second generation"
+            time.sleep(0.2)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return cmd, env, proc
+
+
 def test_resume_a_search_whose_driver_was_killed(data_file, config_file, tmp_path, capsys):
     """A search whose driver is killed (SIGKILL, no chance to save anything) in its second
     generation goes on with --resume from the members' checkpoints to the end."""
     _ray_or_skip()
     out = tmp_path / "search"
-    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
-    cmd = [sys.executable, "-m", "lfads_fast.cli", "tune", str(data_file), "--out", str(out),
-           "--config", str(config_file), "--population", "2", "--generations", "4",
-           "--samples", "2", "--quiet"]
+    cmd, env, proc = _search_in_its_second_generation(data_file, config_file, out, 4, 2)
     experiment = out / "ray" / "search"
-    # Its own session: the driver and the Ray processes it starts are killed together.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
-    try:
-        while max(_checkpoint_epochs(experiment).values(), default=0) < 4:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no member reached its second generation"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
     before = _checkpoint_epochs(experiment)
     assert len(before) == 2 and min(before.values()) >= 2, before
     assert not (out / "search.json").exists()
@@ -527,19 +538,8 @@ def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(data_file, config_f
     then finishes it."""
     _ray_or_skip()
     out = tmp_path / "search"
-    env = dict(os.environ, PYTHONPATH=str(PACKAGE_PARENT), OMP_NUM_THREADS="1", **RAY_ENV)
-    cmd = [sys.executable, "-m", "lfads_fast.cli", "tune", str(data_file), "--out", str(out),
-           "--config", str(config_file), "--population", "2", "--generations", "3",
-           "--samples", "0", "--quiet"]
-    experiment = out / "ray" / "search"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 300
+    cmd, env, proc = _search_in_its_second_generation(data_file, config_file, out, 3, 0)
     try:
-        while max(_checkpoint_epochs(experiment).values(), default=0) < 4:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "no member reached its second generation"
-            time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGINT)
         text = proc.communicate(timeout=120)[0].decode()
     finally:
