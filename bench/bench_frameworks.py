@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 # numpy's own BLAS single-threaded, as in make demo; set before bench_step imports numpy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(HERE))
-from bench_step import CONFIGS  # noqa: E402  (the sizes of bench_step.py)
+from bench_step import CONFIGS, SPIKE_RATE, spikes  # noqa: E402  (the sizes of bench_step.py)
 from machine import commit, cpu_name  # noqa: E402
 
 FRAMEWORKS = ("lfads_fast", "torch", "torch_compile", "jax")
@@ -50,6 +50,7 @@ SWEEP_BATCH = (16, 64, 256, 1024)
 SWEEP_T = (50, 100, 200, 500)
 POSTERIOR_BATCH = 256  # trial-samples per forward pass
 AVG_SAMPLES = 16  # samples per trial of the sample_and_average row
+DATA_RATE = SPIKE_RATE  # mean spike count per bin of the data (a child sets --rate)
 
 
 def main():
@@ -58,6 +59,8 @@ def main():
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=SPIKE_RATE,
+                    help="mean spike count per bin of the data (default: MC_Maze_Small's at 5 ms)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny sizes and one repeat: checks that every path runs")
     ap.add_argument("--out", default=str(HERE / "results" / "frameworks_cpu.md"))
@@ -75,7 +78,7 @@ def main():
     rows, meta = [], None
     for n in (int(t) for t in args.threads.split(",")):
         cmd = [sys.executable, __file__, "--child", str(n), "--workloads", args.workloads,
-               "--frameworks", args.frameworks, "--repeats", str(args.repeats)]
+               "--frameworks", args.frameworks, "--repeats", str(args.repeats), "--rate", str(args.rate)]
         if args.quick:
             cmd.append("--quick")
         # Progress (stderr) shows as it happens; a child that dies names its thread count.
@@ -117,6 +120,8 @@ def child(args):
     workloads = args.workloads.split(",")
     repeats = 1 if args.quick else args.repeats
     rows = []
+    global DATA_RATE
+    DATA_RATE = args.rate
 
     def log(msg):
         print(f"[{n} thread{'s' if n > 1 else ''}] {msg}", file=sys.stderr, flush=True)
@@ -178,7 +183,7 @@ def child(args):
                          idle_median=idle["median"]))
     meta = dict(cpu=cpu_name(), cores=os.cpu_count(), commit=commit(),
                 python=platform.python_version(), numpy=np.__version__, torch=torch.__version__,
-                jax=_version("jax"), repeats=repeats, quick=bool(args.quick),
+                jax=_version("jax"), repeats=repeats, quick=bool(args.quick), rate=args.rate,
                 load=os.getloadavg()[0])
     print(json.dumps(dict(rows=rows, meta=meta)))
 
@@ -212,8 +217,8 @@ def time_posterior(fw, spec, repeats):
     cfg, encod, recon, model, noise = _setup(spec, dropout=False)
     sample_noise = {k: noise[k] for k in ("ic_eps", "co_eps") if noise.get(k) is not None}
     if fw == "lfads_fast":
-        def run():
-            model.forward(encod, sample=True, seed=0)
+        def run():  # the rates, as the frameworks' passes return
+            model.forward(encod, sample=True, seed=0, outputs="output_params")
     elif fw in ("torch", "torch_compile"):
         import torch
 
@@ -260,7 +265,7 @@ def time_sample_and_average(spec, repeats):
     return r
 
 
-def _setup(spec, dropout=True):
+def _setup(spec, dropout=True, rate=None):
     import numpy as np
 
     from lfads_fast import LFADS, LFADSConfig
@@ -269,10 +274,7 @@ def _setup(spec, dropout=True):
     B = spec.pop("batch")
     cfg = LFADSConfig(**spec, dropout_rate=0.05 if dropout else 0.0, l2_gen_scale=1e-4,
                       l2_con_scale=1e-4)
-    rng = np.random.default_rng(0)
-    encod = rng.poisson(0.3, (B, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float32)
-    recon = rng.poisson(0.3, (B, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float32)
-    recon[:, : cfg.encod_seq_len, : cfg.encod_data_dim] = encod
+    encod, recon = spikes(cfg, B, DATA_RATE if rate is None else rate, np.random.default_rng(0))
     model = LFADS(cfg, seed=0)
     noise = model.draw_noise(B, np.random.default_rng(1))
     return cfg, encod, recon, model, noise
@@ -378,6 +380,7 @@ def report(rows, meta, args) -> str:
         "pinned to that many cores, every framework on that many threads",
         f"- commit: {meta['commit']}; python {meta['python']}, numpy {meta['numpy']}, "
         f"torch {meta['torch']}, jax {meta['jax']}",
+        f"- data: Poisson spike counts, mean {meta.get('rate', 0.3)} per bin (MC_Maze_Small at 5 ms: 0.022)",
         f"- float32; median of {meta['repeats']} timed calls after one warm-up call (spread: "
         "min-max); compile = first call minus the median",
         f"- 1-minute load average at the end of the last process: {meta['load']:.2f} (it counts the "
@@ -450,6 +453,8 @@ def _cli_args(args):
         out.append(f"--workloads {args.workloads}")
     if args.frameworks != ",".join(FRAMEWORKS):
         out.append(f"--frameworks {args.frameworks}")
+    if args.rate != SPIKE_RATE:
+        out.append(f"--rate {args.rate}")
     if args.quick:
         out.append("--quick")
     return out

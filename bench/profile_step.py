@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # bench_frameworks sets numpy's own BLAS single-threaded (as make demo does) before numpy loads.
 from bench_frameworks import _setup  # noqa: E402
-from bench_step import CONFIGS, measure_sgemm_gflops, step_gflop  # noqa: E402
+from bench_step import CONFIGS, SPIKE_RATE, measure_sgemm_gflops, step_gflop  # noqa: E402
 from machine import commit, cpu_name  # noqa: E402
 
 # The functions of lfads_fast.ops that call the compiled kernels.
@@ -50,18 +50,20 @@ def main():
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (each wrapped and unwrapped)")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=SPIKE_RATE,
+                    help="mean spike count per bin of the data (default: MC_Maze_Small's at 5 ms)")
     ap.add_argument("--out", default=str(HERE / "results" / "profile_step_cpu.md"))
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.config, args.steps, args.warmup)))
+        print(json.dumps(child(args.child, args.config, args.steps, args.warmup, args.rate)))
         return
     env = {k: os.environ.get(k, "(unset)") for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
     results = {}
     for n in (int(t) for t in args.threads.split(",")):
         print(f"[{n} thread{'s' if n > 1 else ''}] profiling {args.config}", file=sys.stderr, flush=True)
         cmd = [sys.executable, __file__, "--child", str(n), "--config", args.config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--rate", str(args.rate)]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if out.returncode != 0:
             sys.exit(f"the {n}-thread run failed (exit code {out.returncode})")
@@ -76,7 +78,7 @@ def main():
 # One thread count, in its own process
 
 
-def child(n: int, config: str, steps: int, warmup: int) -> dict:
+def child(n: int, config: str, steps: int, warmup: int, rate: float) -> dict:
     cores = sorted(os.sched_getaffinity(0))[:n]
     os.sched_setaffinity(0, cores)
     load_at_start = os.getloadavg()
@@ -86,7 +88,7 @@ def child(n: int, config: str, steps: int, warmup: int) -> dict:
 
     ops.set_num_threads(n)
     spec = CONFIGS[config]
-    _, encod, recon, model, noise = _setup(spec)
+    _, encod, recon, model, noise = _setup(spec, rate=rate)
     batch = model.make_batch(encod, recon)
     m, v = np.zeros_like(model.flat), np.zeros_like(model.flat)
     count = {"step": 0}
@@ -240,9 +242,10 @@ def report(results: dict, args, env: dict) -> str:
         + ", ".join(f"{results[n]['load_at_start'][0]:.2f} ({n} thr)" for n in threads),
         "- dtype: float32; step = model.loss_and_grads + ops.adam_step (bench/bench_step.py's step)",
         "- sizes: " + ", ".join(f"{k}={v}" for k, v in spec.items()),
+        f"- data: Poisson spike counts, mean {args.rate} per bin (MC_Maze_Small at 5 ms: 0.022)",
         f"- {args.warmup} warm-up step(s), then medians over {args.steps} steps per thread count; "
         f"command: `python bench/profile_step.py --config {args.config} --threads {args.threads} "
-        f"--steps {args.steps} --warmup {args.warmup}`",
+        f"--steps {args.steps} --warmup {args.warmup} --rate {args.rate}`",
         "- SGEMM rate (2048^3 through ops.matmul): " + ", ".join(
             f"{results[n]['sgemm_gflops']:.1f} GFLOP/s on {n} thr" for n in threads),
         "",

@@ -2,6 +2,7 @@
 // does outside the kernels: the input projections of all time steps and their gradients.
 #include "bindings_util.h"
 #include "common.h"
+#include "sparse.h"
 
 namespace lfads {
 namespace {
@@ -42,7 +43,8 @@ py::array as_matrix(const py::handle& obj, const char* name) {
 }
 
 template <typename S>
-void matmul(const py::array& a, const py::array& b, py::array& out, double beta) {
+bool matmul(const py::array& a, const py::array& b, py::array& out, double beta, const std::string& sparse,
+            double max_density) {
   for (auto [arr, name] : {std::pair{a, "a"}, std::pair{b, "b"}, std::pair{out, "out"}})
     if (!arr.dtype().equal(py::dtype::of<S>()))
       throw py::value_error(std::string(name) + " must be " + dtype_name<S>() + " like out, got " +
@@ -58,8 +60,19 @@ void matmul(const py::array& a, const py::array& b, py::array& out, double beta)
   const S* B = static_cast<const S*>(b.data());
   S* C = static_cast<S*>(out.mutable_data());
   py::gil_scoped_release nogil;
+  // A sparse operand is gathered when its layout suits and it is sparse enough; otherwise
+  // (and for an empty one) the dense product runs.
+  if (sparse == "a" && !la.trans &&
+      sparse_a_gemm<S>(int(M), int(N), int(K), A, int(la.ld), lb.trans, B, int(lb.ld), S(beta), C,
+                       int(lc.ld), max_density))
+    return true;
+  if (sparse == "b" && la.trans && !lb.trans &&
+      sparse_b_gemm_at<S>(int(M), int(N), int(K), A, int(la.ld), B, int(lb.ld), S(beta), C,
+                          int(lc.ld), max_density))
+    return true;
   par_gemm<S>(la.trans, lb.trans, int(M), int(N), int(K), S(1), A, int(la.ld), B, int(lb.ld),
               S(beta), C, int(lc.ld));
+  return false;
 }
 
 }  // namespace
@@ -67,15 +80,22 @@ void matmul(const py::array& a, const py::array& b, py::array& out, double beta)
 void register_blas(py::module_& m) {
   m.def(
       "matmul",
-      [](py::object a, py::object b, py::object out, double beta) {
+      [](py::object a, py::object b, py::object out, double beta, const std::string& sparse,
+         double max_density) {
+        if (sparse != "" && sparse != "a" && sparse != "b")
+          throw py::value_error("sparse must be '', 'a' or 'b', got '" + sparse + "'");
+        if (!(max_density >= 0.0 && max_density <= 1.0))
+          throw py::value_error("max_density must be in [0, 1], got " + std::to_string(max_density));
         py::array A = as_matrix(a, "a"), Bm = as_matrix(b, "b"), C = as_matrix(out, "out");
-        if (is_double(out, "out"))
-          matmul<double>(A, Bm, C, beta);
-        else
-          matmul<float>(A, Bm, C, beta);
+        return is_double(out, "out") ? matmul<double>(A, Bm, C, beta, sparse, max_density)
+                                     : matmul<float>(A, Bm, C, beta, sparse, max_density);
       },
-      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("beta") = 0.0,
-      "out = a @ b + beta * out on the kernels' threads; a and b may be transposed views.");
+      py::arg("a"), py::arg("b"), py::arg("out"), py::arg("beta") = 0.0, py::arg("sparse") = "",
+      py::arg("max_density") = 0.0,
+      "out = a @ b + beta * out on the kernels' threads; a and b may be transposed views. "
+      "sparse='a' or 'b': that operand is mostly zeros, and when at most max_density of its "
+      "entries are nonzero (and a row-major a, or a transposed a with a row-major b, for 'b') "
+      "only its nonzeros are multiplied. Returns whether they were (the sparse product ran).");
 }
 
 }  // namespace lfads

@@ -125,6 +125,39 @@ class BatchMaker:
         return self._placed(Batch(encod, recon, self._time_major_ext("ext_input", ext_input, B),
                                   n_valid, recon_weight=recon_weight))
 
+    def make_inputs_batch(self, encod_data, ext_input=None, *, session: int | None = None) -> Batch:
+        """A batch of encoder inputs without reconstruction targets (recon None, n_valid 0),
+        for passes that only compute outputs: the counts are checked (NaN = missing bin)."""
+        cfg = self.config
+        encod_data = as_array("encod_data", encod_data, 3)
+        B = encod_data.shape[0]
+        n_e = cfg.encod_data_dim
+        if cfg.multisession:
+            if session is None:
+                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
+                                 "(make_session_batch mixes several)")
+            s = session_index(cfg, session)
+            n_e = cfg.session_neurons[s]
+        elif session is not None:
+            raise ValueError("session= needs a config with session_neurons")
+        if B == 0:
+            raise ValueError("encod_data has no trials")
+        expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, n_e))
+        check_spike_counts("encod_data", encod_data)
+        encod = self._time_major_encod(encod_data)
+        ext = self._time_major_ext("ext_input", ext_input, B)
+        if cfg.multisession:
+            return self._placed(Batch(None, None, ext, 0, [Segment(s, 0, B, encod, None, 0)]))
+        return self._placed(Batch(encod, None, ext, 0))
+
+    def _time_major_encod(self, encod_data: np.ndarray) -> np.ndarray:
+        """encod_data [B, T, n] as time-major [T, B, n] of the model's dtype, NaN -> 0 (the
+        counts are checked, so there is no infinity to replace)."""
+        encod = np.ascontiguousarray(encod_data.transpose(1, 0, 2), dtype=self.dtype)
+        if encod_data.dtype.kind == "f":
+            np.copyto(encod, 0, where=np.isnan(encod))
+        return encod
+
     def make_session_batch(self, parts, *, check_counts=True, sv_masks=None,
                            sv_rate: float = 0.0) -> Batch:
         """A batch mixing the trials of several sessions (a model with session_neurons).
@@ -231,7 +264,8 @@ class BatchMaker:
         if check_counts:
             check_spike_counts(label + "encod_data", encod_data)
             check_spike_counts(label + "recon_data", recon_data)
-        encod = np.ascontiguousarray(np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
+        encod = self._time_major_encod(encod_data) if check_counts else np.ascontiguousarray(
+            np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
         recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
         n_valid = int(np.count_nonzero(~np.isnan(recon)))
         if n_valid == 0:

@@ -14,7 +14,24 @@ from .batch import Batch, Segment
 from .noise import NoiseReader
 from .params import Params, encoder_bins, encoders, l2_terms
 
-__all__ = ["Workspace", "forward", "encode", "repeat_encoded", "backward"]
+__all__ = ["Workspace", "forward", "encode", "repeat_encoded", "backward", "OUTPUTS", "output_names"]
+
+# The outputs of a pass (lfads-torch's names), in the order LFADS.forward documents them.
+OUTPUTS = ("output_params", "factors", "gen_states", "gen_init", "gen_inputs", "con_states",
+           "co_means", "co_stds", "ic_mean", "ic_std")
+
+
+def output_names(names) -> tuple:
+    """The outputs asked for (None: all) as a tuple of OUTPUTS, checked."""
+    if names is None:
+        return OUTPUTS
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(names)
+    bad = [n for n in names if n not in OUTPUTS]
+    if bad or not names:
+        raise ValueError(f"outputs must name some of {list(OUTPUTS)}, got {list(names)}")
+    return names
 
 
 class Workspace:
@@ -44,14 +61,15 @@ class Workspace:
 
 def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool, kl_ramp: float, l2_ramp: float,
              outputs: bool, ic: np.ndarray | None = None, encoded: dict | None = None,
-             recon: bool = True, average: int = 1) -> dict:
+             recon: bool = True, average: int = 1, keep: tuple = OUTPUTS) -> dict:
     """One pass; ic replaces the posterior's sample (refine_ic); encoded is the _encode
     result of an earlier pass of the same batch and noise, reused instead of encoding
     again (its arrays live in this model's buffers, so no other pass may run between).
     recon=False (outputs only, no gradients): the batch has no targets, so only the
     read-out runs (log-rates), not the Poisson likelihood; terms["recon"] is NaN.
     average > 1: the batch holds each trial `average` times in a row, and the outputs are
-    the per-trial means over them (averaged before the arrays are made batch-major)."""
+    the per-trial means over them (averaged before the arrays are made batch-major).
+    keep: the outputs to make (output_names)."""
     cfg, p, dt = P.config, P.views, P.dtype
     xp = P.xp
     B = batch.size
@@ -155,7 +173,7 @@ def forward(P: Params, ws: Workspace, batch: Batch, noise: dict, *, grads: bool,
         cfg.kl_ic_scale * terms["kl_ic"] + cfg.kl_co_scale * terms["kl_co"]))
     c["terms"] = terms
     if outputs:
-        c["outputs"] = _outputs(P, c, terms, average)
+        c["outputs"] = _outputs(P, c, terms, average, keep)
     return c
 
 
@@ -192,11 +210,13 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     c.update(x=x, drop_data=drop_data)
 
     # One GEMM projects the input for all encoder GRUs, the bias included ([x, 1] times
-    # [W, b]: no pass of its own over the projection, forward or backward).
+    # [W, b]: no pass of its own over the projection, forward or backward). Spike counts
+    # are mostly zeros: without read-ins, only their nonzeros are multiplied (ops.matmul).
     enc = encoders(P.config)
     xproj = ws.buf("xproj", (Te, B, P.enc_input_weights()[0].shape[0]))
+    sparse = "a" if batch.segments is None else None
     ops.matmul(x1.reshape(Te * B, Ne + 1), _stacked(ws, "W_enc1", *P.enc_input_weights()).T,
-               out=xproj.reshape(Te * B, -1))
+               out=xproj.reshape(Te * B, -1), sparse=sparse)
     c.update(xproj=xproj, x1=x1)
     c["enc"] = {}
     for name, H, off, rev, h0_name, h0_row in enc:
@@ -400,7 +420,8 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
     d_W_enc, d_b_enc = P.enc_input_weights(grad)
     d_xp = d_xproj.reshape(Te * B, -1)
     d_W1 = ws.buf("d_W_enc1", (d_xp.shape[1], Ne + 1))
-    ops.matmul(d_xp.T, c["x1"].reshape(Te * B, Ne + 1), out=d_W1)
+    ops.matmul(d_xp.T, c["x1"].reshape(Te * B, Ne + 1), out=d_W1,
+               sparse="b" if batch.segments is None else None)
     d_W_enc[...] = d_W1[:, :Ne]
     d_b_enc[...] = d_W1[:, Ne]
 
@@ -548,7 +569,7 @@ def _recon_grad_mask(P: Params, ws: Workspace, cd_keep: np.ndarray | None, cd_pa
     return mask.reshape(Tr * B, n_r)
 
 
-def _outputs(P: Params, c: dict, terms: dict, average: int = 1) -> dict:
+def _outputs(P: Params, c: dict, terms: dict, average: int = 1, keep: tuple = OUTPUTS) -> dict:
     cfg = P.config
     xp = P.xp
     out = c["dec_out"]
@@ -566,22 +587,26 @@ def _outputs(P: Params, c: dict, terms: dict, average: int = 1) -> dict:
     def rows(a):
         return mean(a, 0).copy() if average == 1 else mean(a, 0)
 
-    # forward() runs one session at a time, so there is one read-out here.
-    log_rates = c["elbos"][0]["log_rates"].reshape(Tr, B, -1)
-    gen_inputs = [out["u"]] if cfg.use_con else []
-    if cfg.ext_input_dim > 0:
-        gen_inputs.append(c["ext_d"])
-    gi = xp.concatenate(gen_inputs, axis=2) if gen_inputs else xp.zeros((Tr, B, 0), P.dtype)
-    return {
-        "output_params": bm(xp.exp(log_rates)),
-        "factors": bm(out["factors"]),
-        "gen_states": bm(out["gen_states"]),
-        "gen_init": rows(c["g0"]),
-        "gen_inputs": bm(gi),
-        "con_states": bm(out["con_states"]),
-        "co_means": bm(out["co_mean"]),
-        "co_stds": bm(xp.exp(out["co_logvar"] / 2)),
-        "ic_mean": rows(c["ic_samp"]) if c["ic_given"] else rows(c["ic_mean"]),
-        "ic_std": rows(c["ic_std"]),
-        "terms": dict(terms),
+    def gen_inputs():
+        parts = [out["u"]] if cfg.use_con else []
+        if cfg.ext_input_dim > 0:
+            parts.append(c["ext_d"])
+        return xp.concatenate(parts, axis=2) if parts else xp.zeros((Tr, B, 0), P.dtype)
+
+    # forward() runs one session at a time, so there is one read-out here. Each output is
+    # made only when asked for.
+    make = {
+        "output_params": lambda: bm(xp.exp(c["elbos"][0]["log_rates"].reshape(Tr, B, -1))),
+        "factors": lambda: bm(out["factors"]),
+        "gen_states": lambda: bm(out["gen_states"]),
+        "gen_init": lambda: rows(c["g0"]),
+        "gen_inputs": lambda: bm(gen_inputs()),
+        "con_states": lambda: bm(out["con_states"]),
+        "co_means": lambda: bm(out["co_mean"]),
+        "co_stds": lambda: bm(xp.exp(out["co_logvar"] / 2)),
+        "ic_mean": lambda: rows(c["ic_samp"]) if c["ic_given"] else rows(c["ic_mean"]),
+        "ic_std": lambda: rows(c["ic_std"]),
     }
+    result = {k: make[k]() for k in keep}
+    result["terms"] = dict(terms)
+    return result

@@ -13,6 +13,7 @@ sampling) are functions of a model in the modules above this one.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 
@@ -194,7 +195,8 @@ class LFADS:
     @_on_model_device
     def forward(self, encod_data, ext_input=None, *, sample: bool = False, seed: int | None = None,
                 recon_data=None, session: int | None = None, sv_mask=None,
-                sv_rate: float = 0.0, ic=None, repeats: int = 1, average: bool = False) -> dict:
+                sv_rate: float = 0.0, ic=None, repeats: int = 1, average: bool = False,
+                outputs=None) -> dict:
         """Runs the model on batch-major data without dropout.
 
         Args:
@@ -217,6 +219,8 @@ class LFADS:
                 trial, not per row; the results are those of the repeated data.
             average: with repeats, return each trial's mean over its repeats (B rows; the
                 posterior average of sample_and_average) instead of every row.
+            outputs: the names of the outputs to return (below), e.g. ("output_params",);
+                None: all. Outputs not asked for are not copied out of the pass.
 
         Returns:
             dict of numpy arrays (whatever the device) with lfads-torch's output names,
@@ -229,6 +233,7 @@ class LFADS:
         """
         cfg = self.config
         encod_data = as_array("encod_data", encod_data, 3)
+        keep = graph.output_names(outputs)
         if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
             raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}")
         if repeats > 1:
@@ -236,44 +241,37 @@ class LFADS:
                 raise ValueError("repeats > 1 is for outputs: recon_data and sample validation "
                                  "are not taken with it")
             return self._forward_repeated(encod_data, ext_input, repeats, sample=sample,
-                                          seed=seed, session=session, ic=ic, average=average)
+                                          seed=seed, session=session, ic=ic, average=average,
+                                          keep=keep)
         targets = recon_data is not None
-        if not targets:
-            # No targets: the batch gets zeros in their place (not checked), and the pass
-            # runs the read-out without the likelihood.
-            n_r = cfg.recon_data_dim
-            if cfg.multisession and session is not None:
-                n_r = cfg.session_recon_neurons[session_index(cfg, session)]
-            recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, n_r), np.float32)
-        batch = self.make_batch(encod_data, recon_data, ext_input, session=session, sv_mask=sv_mask,
-                                sv_rate=sv_rate, check_counts=targets)
-        if not targets:
-            check_spike_counts("encod_data", encod_data)
+        if not targets and sv_mask is None:
+            # No targets: the batch holds the encoder inputs only, and the pass runs the
+            # read-out without the likelihood.
+            batch = self._batches.make_inputs_batch(encod_data, ext_input, session=session)
+        else:
+            if not targets:  # sample validation masks the inputs; the targets are unused
+                n_r = cfg.recon_data_dim
+                if cfg.multisession and session is not None:
+                    n_r = cfg.session_recon_neurons[session_index(cfg, session)]
+                recon_data = np.zeros((encod_data.shape[0], cfg.recon_seq_len, n_r), np.float32)
+            batch = self.make_batch(encod_data, recon_data, ext_input, session=session, sv_mask=sv_mask,
+                                    sv_rate=sv_rate, check_counts=targets)
+            if not targets:
+                check_spike_counts("encod_data", encod_data)
         noise = noise_mod.draw_noise(cfg, self.dtype, batch, np.random.default_rng(seed), train=False,
                                      sample=sample)
         cache = graph.forward(self._params, self._workspace, batch, noise, grads=False, kl_ramp=1.0,
                               l2_ramp=1.0, outputs=True, recon=targets,
-                              ic=given_ic(cfg, self.dtype, self.xp, ic, batch.size))
+                              ic=given_ic(cfg, self.dtype, self.xp, ic, batch.size), keep=keep)
         return _host_outputs(cache["outputs"])
 
     def _forward_repeated(self, encod_data, ext_input, reps: int, *, sample: bool, seed, session,
-                          ic, average: bool) -> dict:
+                          ic, average: bool, keep: tuple) -> dict:
         """forward(..., repeats=reps): the trials encoded once, the rest of the pass on
         their repeats."""
         cfg = self.config
-        encod_data = as_array("encod_data", encod_data, 3)
-        n_r = cfg.recon_data_dim
-        if cfg.multisession and session is not None:
-            n_r = cfg.session_recon_neurons[session_index(cfg, session)]
-
-        def batch_of(x, ext):
-            zeros = np.zeros((x.shape[0], cfg.recon_seq_len, n_r), np.float32)
-            return self.make_batch(x, zeros, ext, session=session, check_counts=False)
-
-        trials = batch_of(encod_data, ext_input)
-        check_spike_counts("encod_data", encod_data)
-        rep_ext = None if ext_input is None else np.repeat(np.asarray(ext_input), reps, axis=0)
-        rows = batch_of(np.repeat(encod_data, reps, axis=0), rep_ext)
+        trials = self._batches.make_inputs_batch(encod_data, ext_input, session=session)
+        rows = _repeated(trials, reps)
         rng = np.random.default_rng(seed)
         noise = noise_mod.draw_noise(cfg, self.dtype, rows, rng, train=False, sample=sample)
         P, ws = self._params, self._workspace
@@ -283,7 +281,7 @@ class LFADS:
         cache = graph.forward(P, ws, rows, noise, grads=False, kl_ramp=1.0, l2_ramp=1.0,
                               outputs=True, recon=False, encoded=encoded,
                               ic=given_ic(cfg, self.dtype, self.xp, ic, rows.size),
-                              average=reps if average else 1)
+                              average=reps if average else 1, keep=keep)
         return _host_outputs(cache["outputs"])
 
     # ------------------------------------------------------------------ helpers
@@ -292,6 +290,23 @@ class LFADS:
         self._params = Params(self.config, flat)
         self._workspace = graph.Workspace(self._params.xp, self.dtype)
         self._batches = BatchMaker(self.config, self.dtype, self._params.xp)
+
+
+def _repeated(batch: Batch, reps: int) -> Batch:
+    """The rows of a repeated pass of `batch` (inputs only): each trial reps times in a row,
+    for their count, sessions and external inputs; the counts themselves are zero-width
+    placeholders, since the encoders read the trials' batch (graph.repeat_encoded)."""
+    xp = ops.array_module(batch.encod if batch.segments is None else batch.segments[0].encod)
+
+    def placeholder(a):  # [T_e, rows, 0]: gives the row count; nothing reads the counts
+        return xp.empty((a.shape[0], a.shape[1] * reps, 0), a.dtype)
+
+    segments = None if batch.segments is None else [
+        replace(seg, start=seg.start * reps, stop=seg.stop * reps, encod=placeholder(seg.encod))
+        for seg in batch.segments]
+    return replace(batch, encod=None if batch.encod is None else placeholder(batch.encod),
+                   ext=None if batch.ext is None else xp.repeat(batch.ext, reps, axis=1),
+                   segments=segments)
 
 
 def _host_outputs(out: dict) -> dict:

@@ -509,7 +509,8 @@ def epoch_metrics(model, dataset, key: str = "behavior", chunk: int = 512) -> di
         for start in range(0, split.n_trials, chunk):
             sl = slice(start, start + chunk)
             ext = None if split.ext_input is None else split.ext_input[sl]
-            parts.append(model.forward(split.encod_data[sl], ext)["output_params"][:, :T])
+            parts.append(model.forward(split.encod_data[sl], ext,
+                                       outputs="output_params")["output_params"][:, :T])
         rates.append(np.concatenate(parts))
     fit = velocity_r2(rates[0], dataset.train.extra[key], rates[1], dataset.valid.extra[key])
     return {"valid_vel_r2": fit.r2, "vel_alpha": fit.alpha}

@@ -324,7 +324,12 @@ def adam_step(params, grads, m, v, *, lr: float, beta1: float = 0.9, beta2: floa
     return float(norm[0])
 
 
-def matmul(a, b, out=None, *, beta: float = 0.0):
+# Fraction of nonzero entries up to which matmul(sparse=...) multiplies only the nonzeros on
+# the CPU (bench/bench_sparse.py measured where the dense product catches up; docs/performance.md).
+SPARSE_MAX_DENSITY = 0.1
+
+
+def matmul(a, b, out=None, *, beta: float = 0.0, sparse: str | None = None):
     """out = a @ b + beta * out for 2-D arrays, the product split over the kernels' threads.
 
     numpy's own matmul runs on its BLAS's thread pool (one thread where OPENBLAS_NUM_THREADS=1
@@ -336,11 +341,18 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
         out: [M, N] with unit stride along its last axis (None: allocated with a's dtype;
             beta must be 0).
         beta: multiplies out's previous contents.
+        sparse: "a" or "b" when that operand is mostly zeros (spike counts): on the CPU, when
+            at most SPARSE_MAX_DENSITY of its entries are nonzero, only they are multiplied
+            ("a" needs a row-major a; "b" a row-major b and a transposed a, the weight
+            gradient ``d.T @ x``). The result equals the dense product up to rounding; on
+            a GPU, and otherwise, the dense product runs.
 
     Returns:
         out.
     """
     _xp(a)  # a TypeError for anything but an array
+    if sparse not in (None, "a", "b"):
+        raise ValueError(f"sparse must be None, 'a' or 'b', got {sparse!r}")
     mod = _module(a)
     if out is None:
         if beta != 0.0:
@@ -349,7 +361,7 @@ def matmul(a, b, out=None, *, beta: float = 0.0):
         _shape(b, "b", 2)
         out = _xp(a).empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     _check_no_alias({"out": out}, {"a": a, "b": b})
-    mod.matmul(a, b, out, float(beta))
+    mod.matmul(a, b, out, float(beta), sparse or "", SPARSE_MAX_DENSITY)
     return out
 
 
@@ -738,7 +750,7 @@ class _CudaOps:
                                max_grad_norm, step, grad_norm, n=n, workspace=ws, workspace_bytes=nbytes,
                                stream=stream)
 
-    def matmul(self, a, b, out, beta):
+    def matmul(self, a, b, out, beta, sparse="", max_density=0.0):
         dev, _ = self._on(a)
         with dev:
             if beta == 0.0:
@@ -746,6 +758,7 @@ class _CudaOps:
             else:
                 out *= out.dtype.type(beta)
                 out += a @ b
+        return False  # the dense product, always (cuBLAS)
 
 
 _DECODER_ARRAYS = DECODER_INPUTS + DECODER_OUTPUTS

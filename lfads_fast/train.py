@@ -947,7 +947,7 @@ class Trainer:
                 valid.encod_data[sl], ext, sample=True,
                 seed=_derived_seed(cfg.seed, _VALID_STREAM, *keys),
                 recon_data=valid.recon_data[sl], session=s if mcfg.multisession else None,
-                sv_mask=None if sv is None else sv[sl], sv_rate=cfg.sv_rate)
+                sv_mask=None if sv is None else sv[sl], sv_rate=cfg.sv_rate, outputs="output_params")
             w = out["output_params"].shape[0]
             for k in sums:
                 sums[k] += out["terms"][k] * w

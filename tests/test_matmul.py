@@ -97,3 +97,86 @@ def test_unpickled_arrays_are_accepted():
     np.testing.assert_allclose(ops.matmul(a, b), a @ b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="float32"):
         ops.matmul(a, b.astype(np.float64), out=np.empty((6, 3), np.float32))
+
+
+def _spikes(rng, rows, cols, rate, dtype):
+    """Counts-like matrix (mostly zeros) with a last column of ones, as the encoders' input."""
+    x = rng.poisson(rate, (rows, cols)).astype(dtype)
+    x[:, -1] = 1
+    return x
+
+
+def _run(a, b, out, beta, sparse):
+    """The CPU binding itself: it says whether the product over the nonzeros ran."""
+    return ops._module(a).matmul(a, b, out, beta, sparse, ops.SPARSE_MAX_DENSITY)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_sparse_a_matches_the_dense_product(rng, dtype, tol, beta):
+    x = _spikes(rng, 203, 38, 0.05, dtype)
+    W = rng.normal(size=(70, 38)).astype(dtype)
+    for b, name in ((W.T, "transposed"), (np.ascontiguousarray(W.T), "contiguous")):
+        before = rng.normal(size=(203, 70)).astype(dtype)
+        out = before.copy()
+        assert _run(x, b, out, beta, "a"), name
+        want = x.astype(np.float64) @ b.astype(np.float64) + beta * before
+        np.testing.assert_allclose(out, want, rtol=tol, atol=tol * 10, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_sparse_b_weight_gradient_matches_the_dense_product(rng, dtype, tol, beta):
+    x = _spikes(rng, 517, 38, 0.05, dtype)
+    d = rng.normal(size=(517, 90)).astype(dtype)
+    wide = np.zeros((90, 45), dtype)
+    before = rng.normal(size=(90, 38)).astype(dtype)
+    wide[:, 3:41] = before
+    assert _run(d.T, x, wide[:, 3:41], beta, "b")
+    want = d.T.astype(np.float64) @ x.astype(np.float64) + beta * before
+    np.testing.assert_allclose(wide[:, 3:41], want, rtol=tol, atol=tol * 100)
+    assert not wide[:, :3].any() and not wide[:, 41:].any()  # nothing outside the slice
+
+
+def test_sparse_products_do_not_depend_on_the_thread_count(rng):
+    x = _spikes(rng, 999, 40, 0.05, np.float64)
+    W = rng.normal(size=(131, 40))
+    d = rng.normal(size=(999, 131))
+    got = {}
+    try:
+        for n in (1, 2, 3):
+            ops.set_num_threads(n)
+            got[n] = (ops.matmul(x, W.T, sparse="a"), ops.matmul(d.T, x, sparse="b"))
+    finally:
+        ops.set_num_threads(2)
+    for n in (2, 3):
+        for a, b in zip(got[1], got[n]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_sparse_falls_back_to_the_dense_product(rng):
+    W = rng.normal(size=(20, 30))
+    dense = rng.normal(size=(64, 30))
+    out = np.empty((64, 20))
+    assert not _run(dense, W.T, out, 0.0, "a")  # denser than SPARSE_MAX_DENSITY
+    np.testing.assert_allclose(out, dense @ W.T, rtol=1e-12)
+    x = _spikes(rng, 64, 30, 0.02, np.float64)
+    assert _run(x, W.T, out, 0.0, "a")
+    # Layouts the sparse products do not take run densely: a transposed a for "a", an
+    # untransposed a for "b".
+    xt = np.ascontiguousarray(x.T).T
+    assert not _run(xt, W.T, out, 0.0, "a")
+    np.testing.assert_allclose(out, x @ W.T, rtol=1e-12)
+    d = rng.normal(size=(20, 64))
+    out2 = np.empty((20, 30))
+    assert not _run(d, x, out2, 0.0, "b")
+    np.testing.assert_allclose(out2, d @ x, rtol=1e-12)
+    # An all-zero input is as sparse as can be.
+    z = np.zeros((64, 30))
+    assert _run(z, W.T, out, 0.0, "a")
+    assert not out.any()
+
+
+def test_sparse_bad_argument():
+    with pytest.raises(ValueError, match="sparse must be None, 'a' or 'b'"):
+        ops.matmul(np.zeros((2, 2)), np.zeros((2, 2)), sparse="c")

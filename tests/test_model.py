@@ -33,21 +33,21 @@ CASES = {
 }
 
 
-def make_data(cfg, B, rng, nan_frac=0.05):
-    encod = rng.poisson(1.5, size=(B, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float64)
-    recon = rng.poisson(1.5, size=(B, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float64)
+def make_data(cfg, B, rng, nan_frac=0.05, rate=1.5):
+    encod = rng.poisson(rate, size=(B, cfg.encod_seq_len, cfg.encod_data_dim)).astype(np.float64)
+    recon = rng.poisson(rate, size=(B, cfg.recon_seq_len, cfg.recon_data_dim)).astype(np.float64)
     recon[:, : cfg.encod_seq_len, : cfg.encod_data_dim] = encod
     recon[rng.random(recon.shape) < nan_frac] = np.nan
     ext = rng.normal(size=(B, cfg.recon_seq_len, cfg.ext_input_dim)) if cfg.ext_input_dim else None
     return encod, recon, ext
 
 
-def run_both(case, rng, dtype, B=5, sample=True):
+def run_both(case, rng, dtype, B=5, sample=True, rate=1.5):
     cfg = LFADSConfig(**dict(BASE, **CASES[case]))
     model = LFADS(cfg, seed=int(rng.integers(1 << 30)), dtype=dtype)
     # Perturb away from the initialisation so that no gradient is trivially zero.
     model.flat += (rng.normal(size=model.flat.shape) * 0.1).astype(dtype)
-    encod, recon, ext = make_data(cfg, B, rng)
+    encod, recon, ext = make_data(cfg, B, rng, rate=rate)
     batch = model.make_batch(encod, recon, ext)
     noise = model.draw_noise(B, rng, train=True, sample=sample)
     terms, grad = model.loss_and_grads(batch, noise, kl_ramp=0.7, l2_ramp=0.4)
@@ -76,6 +76,33 @@ def test_float32_matches_torch_reference(rng, case):
         ref = ref_grads[k]
         err = np.linalg.norm(grads[k] - ref) / max(np.linalg.norm(ref), 1e-6)
         assert err < F32_GRAD_RTOL, (k, err)
+
+
+@pytest.mark.parametrize("case", ["controller", "all_at_once"])
+def test_sparse_counts_take_the_sparse_products_and_match_the_reference(rng, monkeypatch, case):
+    """Counts as sparse as real recordings' (a few % of bins hold a spike): the encoder
+    input's projection and its weight gradient multiply only the nonzeros; same loss and
+    gradients as the reference."""
+    from lfads_fast import graph, ops
+
+    ran = []
+    dense = ops.matmul
+
+    def recording(a, b, out=None, *, beta=0.0, sparse=None):
+        if sparse is not None:
+            ran.append((sparse, ops._module(a).matmul(a, b, out, beta, sparse, ops.SPARSE_MAX_DENSITY)))
+            return out
+        return dense(a, b, out, beta=beta)
+
+    monkeypatch.setattr(graph.ops, "matmul", recording, raising=True)
+    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 0.5)
+    model, terms, grads, ref_terms, ref_grads = run_both(case, rng, np.float64, B=6, rate=0.1)
+    monkeypatch.undo()
+    assert ran == [("a", True), ("b", True)]
+    for k in ("loss", "recon", "kl_ic", "kl_co", "l2"):
+        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=F64_RTOL, atol=1e-12, err_msg=k)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=F64_RTOL, atol=1e-10, err_msg=k)
 
 
 def test_posterior_means_match_reference(rng):

@@ -119,6 +119,35 @@ def test_outputs_without_targets(model, spikes):
         model.forward(spikes + 0.5, repeats=2)
 
 
+def test_missing_bins_without_targets_read_as_zero(model, spikes):
+    holes = spikes.copy()
+    holes[0, 3, 2] = np.nan
+    filled = spikes.copy()
+    filled[0, 3, 2] = 0
+    for repeats in (1, 2):
+        a = model.forward(holes, seed=3, repeats=repeats)
+        b = model.forward(filled, seed=3, repeats=repeats)
+        np.testing.assert_array_equal(a["output_params"], b["output_params"])
+    with pytest.raises(ValueError, match="encod_data has infinite values"):
+        model.forward(np.where(np.isnan(holes), np.inf, holes))
+
+
+@pytest.mark.parametrize("repeats", [1, 3])
+def test_outputs_asked_for(model, spikes, repeats):
+    """outputs= returns the outputs named (and the terms), equal to those of a full pass."""
+    full = model.forward(spikes, sample=True, seed=5, repeats=repeats)
+    some = model.forward(spikes, sample=True, seed=5, repeats=repeats, outputs=("factors", "ic_std"))
+    assert set(some) == {"factors", "ic_std", "terms"}
+    for k in ("factors", "ic_std"):
+        np.testing.assert_array_equal(some[k], full[k])
+    one = model.forward(spikes, sample=True, seed=5, repeats=repeats, outputs="output_params")
+    assert set(one) == {"output_params", "terms"}
+    np.testing.assert_array_equal(one["output_params"], full["output_params"])
+    for bad in (("rates",), ()):
+        with pytest.raises(ValueError, match="outputs must name some of"):
+            model.forward(spikes, outputs=bad)
+
+
 @pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
 def test_bad_repeats(model, spikes, repeats):
     with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
