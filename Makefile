@@ -29,6 +29,7 @@ bench: $(PY)
 	$(PY) bench/bench_step.py
 	$(PY) bench/bench_frameworks.py
 	$(PY) bench/bench_fixed_points.py
+	$(PY) bench/bench_sparse.py
 
 # Development: build the extension modules into lfads_fast/ of this checkout (no install),
 # with the build tools of $(PY); then PYTHONPATH=. runs the tests against the working tree.

@@ -150,22 +150,25 @@ def child(args):
                                  batch=spec["batch"], T=spec["recon_seq_len"],
                                  **time_step(fw, spec, repeats)))
     if "posterior" in workloads:
-        spec = dict(configs["nlb5ms"], batch=8 if args.quick else POSTERIOR_BATCH)
-        for fw in frameworks:
-            log(f"posterior {fw}")
-            r = time_posterior(fw, spec, repeats)
-            r["samples_per_s"] = spec["batch"] / r["median"]
-            rows.append(dict(workload="posterior", config="nlb5ms", threads=n, framework=fw,
-                             batch=spec["batch"], T=spec["recon_seq_len"], **r))
-        if "lfads_fast" in frameworks:
-            # As shipped: posterior.sample_and_average runs the encoders once per trial and
-            # the rest of the pass per sample (the rows above run everything per row).
-            log("posterior sample_and_average lfads_fast")
-            r = time_sample_and_average(spec, repeats)
-            rows.append(dict(workload="posterior_avg", config="nlb5ms", threads=n,
-                             framework="lfads_fast",
-                             batch=max(spec["batch"] // AVG_SAMPLES, 1) * AVG_SAMPLES,
-                             T=spec["recon_seq_len"], **r))
+        # NLB-5ms: 256 trial-samples per pass; small: its training batch (16).
+        for name, batch in (("nlb5ms", 8 if args.quick else POSTERIOR_BATCH),
+                            ("small", configs["small"]["batch"])):
+            spec = dict(configs[name], batch=batch)
+            for fw in frameworks:
+                log(f"posterior {name} {fw}")
+                r = time_posterior(fw, spec, repeats)
+                r["samples_per_s"] = spec["batch"] / r["median"]
+                rows.append(dict(workload="posterior", config=name, threads=n, framework=fw,
+                                 batch=spec["batch"], T=spec["recon_seq_len"], **r))
+            if "lfads_fast" in frameworks:
+                # As shipped: posterior.sample_and_average runs the encoders once per trial
+                # and the rest of the pass per sample (the rows above run everything per row).
+                log(f"posterior {name} sample_and_average lfads_fast")
+                r = time_sample_and_average(spec, repeats)
+                rows.append(dict(workload="posterior_avg", config=name, threads=n,
+                                 framework="lfads_fast",
+                                 batch=max(spec["batch"] // AVG_SAMPLES, 1) * AVG_SAMPLES,
+                                 T=spec["recon_seq_len"], **r))
     if "neighbour" in workloads and "lfads_fast" in frameworks:
         spec = configs["nlb5ms"]
         log("neighbour: idle")
@@ -414,13 +417,13 @@ def report(rows, meta, args) -> str:
             lines.append(row)
         if workload == "posterior":
             lines += ["", "Trial-samples per second: " + "; ".join(
-                f"{r['framework']} {r['threads']} thr {r['samples_per_s']:.0f}"
+                f"{r['config']} {r['framework']} {r['threads']} thr {r['samples_per_s']:.0f}"
                 for r in rows if r["workload"] == "posterior")]
             lines += ["", f"lfads_fast as shipped, posterior.sample_and_average ({AVG_SAMPLES} "
                       "samples per trial, the encoders run once per trial and the rest per "
                       "sample; the rows above run everything per row, as the frameworks' "
                       "implementations do): " + "; ".join(
-                          f"{r['threads']} thr {r['median'] * 1e3:.1f} ms per "
+                          f"{r['config']} {r['threads']} thr {r['median'] * 1e3:.1f} ms per "
                           f"{r['batch']} trial-samples, {r['samples_per_s']:.0f} trial-samples/s"
                           for r in rows if r["workload"] == "posterior_avg")]
         lines.append("")

@@ -105,13 +105,15 @@ def child(n: int, config: str, steps: int, warmup: int, rate: float) -> dict:
         step()
         with timer:
             step()
-    plain, wrapped, per_step = [], [], []
+    plain, wrapped, per_step, skipped = [], [], [], []
     for _ in range(steps):
         plain.append(step())
         timer.calls.clear()
+        timer.skipped = 0.0
         with timer:
             wall = step()
         wrapped.append(wall)
+        skipped.append(timer.skipped)
         per_step.append(timer.summary(wall))
     keys = {k for s in per_step for k in s}
     ops_summary = {k: {f: statistics.median(s.get(k, {}).get(f, 0.0) for s in per_step)
@@ -121,6 +123,7 @@ def child(n: int, config: str, steps: int, warmup: int, rate: float) -> dict:
                 wrapped_range=(min(wrapped), max(wrapped)), ops=ops_summary,
                 sgemm_gflops=measure_sgemm_gflops(),
                 step_gflop=step_gflop(model.config, spec["batch"]),
+                done_gflop=step_gflop(model.config, spec["batch"]) - statistics.median(skipped) / 1e9,
                 meta=dict(cpu=cpu_name(), ncpu=os.cpu_count(), commit=commit(),
                           python=platform.python_version(), numpy=np.__version__))
 
@@ -133,6 +136,7 @@ class OpTimer:
         self.ops = ops
         self.originals = {name: getattr(ops, name) for name in KERNEL_OPS}
         self.calls: list[tuple[str, str, float, float, float]] = []  # op, label, wall, cpu, flop
+        self.skipped = 0.0  # FLOPs of the dense math that sparse products did not do
 
     def __enter__(self):
         for name, fn in self.originals.items():
@@ -149,8 +153,10 @@ class OpTimer:
             c0, t0 = time.process_time(), time.perf_counter()
             result = fn(*args, **kwargs)
             t1, c1 = time.perf_counter(), time.process_time()
-            self.calls.append((name, _label(name, args, sys._getframe(1)), t1 - t0, c1 - c0,
-                               FLOP[name](*args, **kwargs)))
+            flop = FLOP[name](*args, **kwargs)
+            self.calls.append((name, _label(name, args, sys._getframe(1)), t1 - t0, c1 - c0, flop))
+            if name == "matmul" and kwargs.get("sparse"):  # FLOPs the sparse product skipped
+                self.skipped += _matmul_flop(*args[:2]) - flop
             return result
 
         return timed
@@ -183,8 +189,20 @@ def _label(name: str, args: tuple, caller) -> str:
 # FLOPs of the matrix products of each op (0 for the elementwise ones), from the arguments'
 # shapes; backward = 2x forward (input and weight gradients).
 
-def _matmul_flop(a, b, *_, **__):
-    return 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+def _matmul_flop(a, b, *_, sparse=None, **__):
+    """A product over the nonzeros of its sparse operand (ops.matmul(sparse=...), taken when
+    the operand is sparse enough) counts the FLOPs it does: 2 per nonzero and output column
+    (the fraction of nonzeros estimated from every 64th row)."""
+    dense = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    if sparse is None:
+        return dense
+    import numpy as np
+
+    rows = a[::64] if sparse == "a" else b[::64]
+    frac = float(np.count_nonzero(rows)) / max(rows.size, 1)
+    from lfads_fast import ops
+
+    return dense * frac if frac <= ops.SPARSE_MAX_DENSITY else dense
 
 
 def _gru_forward_flop(xproj, x_offset, W_hh, *_, **__):
@@ -251,16 +269,22 @@ def report(results: dict, args, env: dict) -> str:
         "",
         "## Step",
         "",
-        "| threads | step, unwrapped (ms) | step, wrapped (ms) | wrapped min-max (ms) | wrapper cost | GEMM GFLOP/step | fraction of SGEMM floor |",
-        "|---|---|---|---|---|---|---|",
+        "| threads | step, unwrapped (ms) | step, wrapped (ms) | wrapped min-max (ms) | wrapper cost "
+        "| GEMM GFLOP/step | fraction of SGEMM floor | GEMM GFLOP done | fraction of floor, FLOPs done |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for n in threads:
         r = results[n]
         floor = r["step_gflop"] / r["sgemm_gflops"]
+        done = r.get("done_gflop", r["step_gflop"])
         lines.append(f"| {n} | {r['plain'] * 1e3:.1f} | {r['wrapped'] * 1e3:.1f} | "
                      f"{r['wrapped_range'][0] * 1e3:.1f}-{r['wrapped_range'][1] * 1e3:.1f} | "
                      f"{(r['wrapped'] / r['plain'] - 1) * 100:+.1f}% | {r['step_gflop']:.2f} | "
-                     f"{floor / r['plain']:.2f} |")
+                     f"{floor / r['plain']:.2f} | {done:.2f} | "
+                     f"{done / r['sgemm_gflops'] / r['plain']:.2f} |")
+    lines += ["", "GEMM GFLOP/step counts the matrix products of the dense math (bench_step.step_gflop); "
+              "GFLOP done counts the encoder input's products by their nonzero counts where the "
+              "sparse products ran (ops.matmul(sparse=...))."]
     if len(threads) >= 2:
         a, b = results[threads[0]], results[threads[-1]]
         lines.append(f"\nStep speed-up {threads[0]} -> {threads[-1]} threads (unwrapped): "

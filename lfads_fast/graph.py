@@ -191,22 +191,27 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     # Encoder input: coordinated dropout (on the recorded neurons), the sessions' read-ins,
     # then dropout.
     x1, x = _with_ones(ws, "x", (Te, B, Ne))
+    drop_data = nz.get("drop_data", (Te, B, Ne))
     if batch.segments is None:
-        x[...] = batch.encod
         cd_keep, cd_pass = (nz.get(key, (Te, B, Ne)) for key in ("cd_keep", "cd_pass"))
         if cd_keep is not None:
-            x *= cd_keep
+            xp.multiply(batch.encod, cd_keep, out=x)
             x *= dt.type(1.0 / (1.0 - cfg.cd_rate))
+            if drop_data is not None:
+                x *= drop_data
+        elif drop_data is not None:  # one pass: copy and mask
+            xp.multiply(batch.encod, drop_data, out=x)
+        else:
+            x[...] = batch.encod
     else:
         shapes = [(Te, seg.size, cfg.session_neurons[seg.session]) for seg in batch.segments]
         cd_keep, cd_pass = (nz.get_segments(key, shapes) for key in ("cd_keep", "cd_pass"))
         c["readin_in"] = _readin(P, batch.segments, cd_keep, x)
+        if drop_data is not None:
+            x *= drop_data
     if cd_pass is not None and cd_keep is None:
         raise ValueError("noise['cd_pass'] is given without noise['cd_keep']: the pass mask "
                          "only acts on the bins coordinated dropout kept")
-    drop_data = nz.get("drop_data", (Te, B, Ne))
-    if drop_data is not None:
-        x *= drop_data
     c.update(x=x, drop_data=drop_data)
 
     # One GEMM projects the input for all encoder GRUs, the bias included ([x, 1] times
@@ -243,17 +248,26 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
     if con:
         nci = cfg.ci_enc_dirs * Hc
         ci1, ci = _with_ones(ws, "ci", (Tr, B, nci))
-        ci[...] = 0
         lag = cfg.ci_lag
         t0, _ = encoder_bins(cfg, "ci_enc_fwd")  # the CI encoder sees bins t0 .. Te-1
         n = Te - t0
-        if lag < n:
-            ci[t0 + lag : Te, :, :Hc] = c["enc"]["ci_enc_fwd"][0][: n - lag]
-            if not cfg.ci_enc_causal:
-                ci[t0 : Te - lag, :, Hc:] = c["enc"]["ci_enc_bwd"][0][lag:]
         drop_ci = nz.get("drop_ci", (Tr, B, nci))
-        if drop_ci is not None:
-            ci *= drop_ci
+        # Each half: the lagged states on bins [a, b), zeros elsewhere, times the dropout
+        # mask (written in one pass).
+        halves = [(slice(0, Hc), t0 + lag, Te, c["enc"]["ci_enc_fwd"][0][: max(n - lag, 0)])]
+        if cfg.ci_enc_dirs > 1:
+            bwd = None if cfg.ci_enc_causal else c["enc"]["ci_enc_bwd"][0][lag:]
+            halves.append((slice(Hc, nci), t0, Te - lag, bwd))
+        for cols, a, b, src in halves:
+            if lag >= n or src is None:
+                ci[:, :, cols] = 0
+                continue
+            ci[:a, :, cols] = 0
+            ci[b:, :, cols] = 0
+            if drop_ci is None:
+                ci[a:b, :, cols] = src
+            else:
+                xp.multiply(src, drop_ci[a:b, :, cols], out=ci[a:b, :, cols])
         xcon = ws.buf("xcon", (Tr, B, 3 * cfg.con_dim))
         ops.matmul(ci1.reshape(Tr * B, nci + 1),
                    _stacked(ws, "W_con1", p["con_W_ih"][:, :nci], p["con_b_ih"]).T,
