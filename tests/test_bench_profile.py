@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 with mock.patch.dict(os.environ):  # the benchmark sets OPENBLAS_NUM_THREADS for its own runs
     from bench_frameworks import _setup
     from bench_step import CONFIGS
-    from profile_step import KERNEL_OPS, REST, OpTimer
+    from profile_step import KERNEL_OPS, REST, OpTimer, _matmul_flop
 
 TINY = dict(CONFIGS["small"], batch=4, encod_seq_len=7, recon_seq_len=9)
 
@@ -29,7 +29,7 @@ def test_every_function_that_calls_the_kernels_is_wrapped():
 def test_wrapped_step_gives_the_same_loss_gradient_and_update():
     results = []
     for wrap in (False, True):
-        _, encod, recon, model, noise = _setup(TINY)
+        _, encod, recon, model, noise = _setup(TINY, rate=0.3)  # dense enough: dense products
         batch = model.make_batch(encod, recon)
         m, v = np.zeros_like(model.flat), np.zeros_like(model.flat)
         timer = OpTimer(ops)
@@ -60,3 +60,18 @@ def test_wrapped_step_gives_the_same_loss_gradient_and_update():
     # The input with a column of ones, times the weights with the bias as a last column.
     encoder_projection = f"matmul [{Te * B}x{Ne + 1}]·[{Ne + 1}x{n_enc}] (graph.encode)"
     assert summary[encoder_projection]["flop"] == 2 * Te * B * (Ne + 1) * n_enc
+
+
+def test_sparse_products_count_the_flops_they_do():
+    rng = np.random.default_rng(0)
+    x = np.zeros((640, 20))
+    x[::64, :2] = 1.0  # the rows the count samples: 10% nonzero
+    W = rng.normal(size=(30, 20))
+    d = rng.normal(size=(640, 30))
+    dense = 2.0 * 640 * 20 * 30
+    assert _matmul_flop(x, W.T) == dense
+    assert _matmul_flop(x, W.T, sparse="a") == dense * 0.1
+    assert _matmul_flop(d.T, x, sparse="b") == dense * 0.1
+    # Denser than the switch-over: the dense product runs and counts in full.
+    x[::64, :10] = 1.0
+    assert _matmul_flop(x, W.T, sparse="a") == dense
