@@ -13,6 +13,7 @@ to that many cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -92,7 +93,8 @@ def child(n: int, repeats: int) -> dict:
     switch = ops.SPARSE_MAX_DENSITY
 
     def timed(fn, sparse: bool) -> float:
-        ops.SPARSE_MAX_DENSITY = 1.0 if sparse else 0.0
+        fn = functools.partial(fn, "a" if sparse else None)  # None: the dense product alone
+        ops.SPARSE_MAX_DENSITY = 1.0
         fn()
         times = []
         for _ in range(repeats):
@@ -106,11 +108,11 @@ def child(n: int, repeats: int) -> dict:
         x = rng.poisson(rate, (M, K)).astype(np.float32)
         x[:, -1] = 1
 
-        def fwd():
-            ops.matmul(x, W.T, out=out, sparse="a")
+        def fwd(sparse):
+            ops.matmul(x, W.T, out=out, sparse=sparse)
 
-        def grad():
-            ops.matmul(d.T, x, out=dW, sparse="b")
+        def grad(sparse):
+            ops.matmul(d.T, x, out=dW, sparse=sparse and "b")
 
         rows.append(dict(rate=rate, density=float((x != 0).mean()),
                          fwd_sparse=timed(fwd, True), fwd_dense=timed(fwd, False),

@@ -109,12 +109,11 @@ def child(n: int, config: str, steps: int, warmup: int, rate: float) -> dict:
     for _ in range(steps):
         plain.append(step())
         timer.calls.clear()
-        timer.skipped = 0.0
         with timer:
             wall = step()
         wrapped.append(wall)
-        skipped.append(timer.skipped)
         per_step.append(timer.summary(wall))
+        skipped.append(timer.skipped)
     keys = {k for s in per_step for k in s}
     ops_summary = {k: {f: statistics.median(s.get(k, {}).get(f, 0.0) for s in per_step)
                        for f in ("calls", "wall", "cpu", "flop")} for k in keys}
@@ -153,10 +152,13 @@ class OpTimer:
             c0, t0 = time.process_time(), time.perf_counter()
             result = fn(*args, **kwargs)
             t1, c1 = time.perf_counter(), time.process_time()
-            flop = FLOP[name](*args, **kwargs)
+            if name == "matmul" and kwargs.get("sparse"):
+                # Counting the nonzeros is left to summary(), outside the step's time (the
+                # operand is a workspace buffer that no later call of the step overwrites).
+                flop = functools.partial(_matmul_flop, *args, **kwargs)
+            else:
+                flop = FLOP[name](*args, **kwargs)
             self.calls.append((name, _label(name, args, sys._getframe(1)), t1 - t0, c1 - c0, flop))
-            if name == "matmul" and kwargs.get("sparse"):  # FLOPs the sparse product skipped
-                self.skipped += _matmul_flop(*args[:2]) - flop
             return result
 
         return timed
@@ -165,7 +167,12 @@ class OpTimer:
         """Per op (and per matmul call site): calls, wall and CPU seconds, FLOPs of the
         recorded calls; REST gets the step's wall time not spent in them."""
         out: dict = {}
+        self.skipped = 0.0
         for name, label, wall, cpu, flop in self.calls:
+            if callable(flop):  # a sparse product: the FLOPs it skipped of the dense ones
+                counted = flop()
+                self.skipped += _matmul_flop(*flop.args[:2]) - counted
+                flop = counted
             for key in {name, label}:
                 s = out.setdefault(key, dict(calls=0, wall=0.0, cpu=0.0, flop=0.0))
                 s["calls"] += 1
@@ -191,17 +198,17 @@ def _label(name: str, args: tuple, caller) -> str:
 
 def _matmul_flop(a, b, *_, sparse=None, **__):
     """A product over the nonzeros of its sparse operand (ops.matmul(sparse=...), taken when
-    the operand is sparse enough) counts the FLOPs it does: 2 per nonzero and output column
-    (the fraction of nonzeros estimated from every 64th row)."""
+    at most SPARSE_MAX_DENSITY of the operand's entries are nonzero, as the kernel decides)
+    counts the FLOPs it does: 2 per nonzero and output column."""
     dense = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
     if sparse is None:
         return dense
     import numpy as np
 
-    rows = a[::64] if sparse == "a" else b[::64]
-    frac = float(np.count_nonzero(rows)) / max(rows.size, 1)
     from lfads_fast import ops
 
+    x = a if sparse == "a" else b
+    frac = float(np.count_nonzero(x)) / max(x.size, 1)
     return dense * frac if frac <= ops.SPARSE_MAX_DENSITY else dense
 
 

@@ -4,7 +4,9 @@
 // Each function returns false, having done nothing, when the matrix is denser than
 // max_density (a fraction of its entries) or its layout does not suit: the caller then runs
 // the dense product. Every output element sums its terms in the same order whatever the
-// thread count (no reduction across threads).
+// thread count (no reduction across threads). Unlike the dense product, a NaN or infinity of
+// the other operand only reaches the outputs of the nonzeros it meets (0 * inf and 0 * NaN
+// terms are skipped, not NaN).
 #pragma once
 
 namespace lfads {

@@ -34,9 +34,14 @@ std::vector<S>& scratch_buffer() {
 
 // Gathers the nonzeros of X; false (and the CSR left unspecified) when they are more than
 // max_density of the entries.
+// Threads for a product of `flops` over `rows` rows: one for tiny products (as par_gemm).
+inline int threads_for(int rows, double flops) {
+  return flops < 2e5 ? 1 : threads_for_rows(rows, omp_get_max_threads());
+}
+
 template <typename S>
 bool gather(int rows, int cols, const S* X, int64_t ld, double max_density, Csr<S>& out) {
-  const int nt = threads_for_rows(rows, omp_get_max_threads());
+  const int nt = threads_for(rows, 2.0 * rows * cols);
   std::vector<int64_t> counts(static_cast<size_t>(nt) + 1, 0);
   out.ptr.resize(static_cast<size_t>(rows) + 1);
 #pragma omp parallel num_threads(nt)
@@ -100,7 +105,7 @@ bool sparse_a_gemm(int M, int N, int K, const S* A, int lda, bool trans_b, const
     Bk = t.data();
     ldk = N;
   }
-  const int nt = threads_for_rows(M, omp_get_max_threads());
+  const int nt = threads_for(M, 2.0 * static_cast<double>(a.ptr[M]) * N);
 #pragma omp parallel num_threads(nt)
   {
     int b, e;
@@ -133,7 +138,7 @@ bool sparse_b_gemm_at(int M, int N, int K, const S* A, int lda, const S* B, int 
   if (!gather(K, N, B, ldb, max_density, bs)) return false;
   // Each thread owns a block of C's rows (A's columns) and sums over all K rows in order:
   // acc[n][i - i0] += B[k, n] * A[k, i], then C[i, n] = acc[n][i - i0] (+ beta C).
-  const int nt = threads_for_rows(M, omp_get_max_threads());
+  const int nt = threads_for(M, 2.0 * static_cast<double>(bs.ptr[K]) * M);
 #pragma omp parallel num_threads(nt)
   {
     int i0, i1;

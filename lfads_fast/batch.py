@@ -151,9 +151,13 @@ class BatchMaker:
         return self._placed(Batch(encod, None, ext, 0))
 
     def _time_major_encod(self, encod_data: np.ndarray) -> np.ndarray:
-        """encod_data [B, T, n] as time-major [T, B, n] of the model's dtype, NaN -> 0 (the
-        counts are checked, so there is no infinity to replace)."""
-        encod = np.ascontiguousarray(encod_data.transpose(1, 0, 2), dtype=self.dtype)
+        """encod_data [B, T, n] as a time-major copy [T, B, n] of the model's dtype, NaN -> 0
+        (counts are checked, here or when the data were loaded, so there is no infinity to
+        replace)."""
+        # Always a copy: a [1, T, n] (or [B, 1, n]) array of the model's dtype is already
+        # time-major and contiguous, and the batch's counts are written to (NaN -> 0 here,
+        # sample validation's mask in _apply_sv).
+        encod = np.array(encod_data.transpose(1, 0, 2), dtype=self.dtype, order="C")
         if encod_data.dtype.kind == "f":
             np.copyto(encod, 0, where=np.isnan(encod))
         return encod
@@ -264,8 +268,7 @@ class BatchMaker:
         if check_counts:
             check_spike_counts(label + "encod_data", encod_data)
             check_spike_counts(label + "recon_data", recon_data)
-        encod = self._time_major_encod(encod_data) if check_counts else np.ascontiguousarray(
-            np.nan_to_num(encod_data, nan=0.0).transpose(1, 0, 2), dtype=self.dtype)
+        encod = self._time_major_encod(encod_data)
         recon = np.ascontiguousarray(recon_data.transpose(1, 0, 2), dtype=self.dtype)
         n_valid = int(np.count_nonzero(~np.isnan(recon)))
         if n_valid == 0:

@@ -448,7 +448,7 @@ def backward(P: Params, ws: Workspace, c: dict, ic_only: bool = False) -> np.nda
             d_x *= c["drop_data"]
         for seg, counts in zip(batch.segments, c["readin_in"]):
             d_x_s = xp.ascontiguousarray(d_x[:, seg.start : seg.stop]).reshape(-1, Ne)
-            ops.matmul(d_x_s.T, counts, out=g[f"readin_W_{seg.session}"])
+            ops.matmul(d_x_s.T, counts, out=g[f"readin_W_{seg.session}"], sparse="b")
             g[f"readin_b_{seg.session}"][...] = d_x_s.sum(axis=0)
 
     # L2 penalty on the recurrent weights.
@@ -494,7 +494,7 @@ def _readin(P: Params, segments: list[Segment], cd_keep: list | None, x: np.ndar
             counts = counts * cd_keep[i]
             counts *= dt.type(1.0 / (1.0 - cfg.cd_rate))
         counts = counts.reshape(Te * seg.size, -1)
-        proj = ops.matmul(counts, p[f"readin_W_{seg.session}"].T)
+        proj = ops.matmul(counts, p[f"readin_W_{seg.session}"].T, sparse="a")
         proj += p[f"readin_b_{seg.session}"]
         x[:, seg.start : seg.stop] = proj.reshape(Te, seg.size, Ne)
         inputs.append(counts)

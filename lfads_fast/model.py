@@ -294,8 +294,9 @@ class LFADS:
 
 def _repeated(batch: Batch, reps: int) -> Batch:
     """The rows of a repeated pass of `batch` (inputs only): each trial reps times in a row,
-    for their count, sessions and external inputs; the counts themselves are zero-width
-    placeholders, since the encoders read the trials' batch (graph.repeat_encoded)."""
+    for their count and sessions. The counts are zero-width placeholders and the external
+    inputs are left out: the encoders and the inputs' projection read the trials' batch
+    (graph.repeat_encoded repeats their results)."""
     xp = ops.array_module(batch.encod if batch.segments is None else batch.segments[0].encod)
 
     def placeholder(a):  # [T_e, rows, 0]: gives the row count; nothing reads the counts
@@ -305,8 +306,7 @@ def _repeated(batch: Batch, reps: int) -> Batch:
         replace(seg, start=seg.start * reps, stop=seg.stop * reps, encod=placeholder(seg.encod))
         for seg in batch.segments]
     return replace(batch, encod=None if batch.encod is None else placeholder(batch.encod),
-                   ext=None if batch.ext is None else xp.repeat(batch.ext, reps, axis=1),
-                   segments=segments)
+                   ext=None, segments=segments)
 
 
 def _host_outputs(out: dict) -> dict:

@@ -326,7 +326,7 @@ def adam_step(params, grads, m, v, *, lr: float, beta1: float = 0.9, beta2: floa
 
 # Fraction of nonzero entries up to which matmul(sparse=...) multiplies only the nonzeros on
 # the CPU (bench/bench_sparse.py measured where the dense product catches up; docs/performance.md).
-SPARSE_MAX_DENSITY = 0.1
+SPARSE_MAX_DENSITY = 0.12
 
 
 def matmul(a, b, out=None, *, beta: float = 0.0, sparse: str | None = None):
@@ -344,8 +344,10 @@ def matmul(a, b, out=None, *, beta: float = 0.0, sparse: str | None = None):
         sparse: "a" or "b" when that operand is mostly zeros (spike counts): on the CPU, when
             at most SPARSE_MAX_DENSITY of its entries are nonzero, only they are multiplied
             ("a" needs a row-major a; "b" a row-major b and a transposed a, the weight
-            gradient ``d.T @ x``). The result equals the dense product up to rounding; on
-            a GPU, and otherwise, the dense product runs.
+            gradient ``d.T @ x``). The result equals the dense product up to rounding, except
+            that a NaN or infinity of the other operand meets only the nonzeros (the dense
+            product also gives NaN for its 0 * inf and 0 * NaN terms); on a GPU, and
+            otherwise, the dense product runs.
 
     Returns:
         out.

@@ -65,7 +65,7 @@ def test_wrapped_step_gives_the_same_loss_gradient_and_update():
 def test_sparse_products_count_the_flops_they_do():
     rng = np.random.default_rng(0)
     x = np.zeros((640, 20))
-    x[::64, :2] = 1.0  # the rows the count samples: 10% nonzero
+    x[:, :2] = 1.0  # 10% nonzero
     W = rng.normal(size=(30, 20))
     d = rng.normal(size=(640, 30))
     dense = 2.0 * 640 * 20 * 30
@@ -73,5 +73,5 @@ def test_sparse_products_count_the_flops_they_do():
     assert _matmul_flop(x, W.T, sparse="a") == dense * 0.1
     assert _matmul_flop(d.T, x, sparse="b") == dense * 0.1
     # Denser than the switch-over: the dense product runs and counts in full.
-    x[::64, :10] = 1.0
+    x[:, :10] = 1.0
     assert _matmul_flop(x, W.T, sparse="a") == dense

@@ -172,9 +172,9 @@ small = hnp.arrays(dtype=st.sampled_from([np.float32, np.float64, np.int64]),
 @given(a=small, b=small, alias=st.sampled_from(["none", "a", "b"]), beta=st.floats(-2, 2),
        sparse=st.sampled_from([None, "a", "b"]), transpose=st.booleans())
 def test_matmul(a, b, alias, beta, sparse, transpose):
-    out = {"none": None, "a": a, "b": b}[alias]
     if transpose and a.ndim == 2:  # the layout the sparse weight gradient takes
         a = np.ascontiguousarray(a.T).T
+    out = {"none": None, "a": a, "b": b}[alias]
     try:
         r = ops.matmul(a, b, out=out, beta=beta if out is not None else 0.0, sparse=sparse)
     except CLEAR:

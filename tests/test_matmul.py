@@ -143,15 +143,41 @@ def test_sparse_products_do_not_depend_on_the_thread_count(rng):
     W = rng.normal(size=(131, 40))
     d = rng.normal(size=(999, 131))
     got = {}
+    before = ops.get_num_threads()
     try:
         for n in (1, 2, 3):
             ops.set_num_threads(n)
-            got[n] = (ops.matmul(x, W.T, sparse="a"), ops.matmul(d.T, x, sparse="b"))
+            y, g = np.empty((999, 131)), np.empty((131, 40))
+            assert _run(x, W.T, y, 0.0, "a") and _run(d.T, x, g, 0.0, "b")
+            got[n] = (y, g)
     finally:
-        ops.set_num_threads(2)
+        ops.set_num_threads(before)
     for n in (2, 3):
         for a, b in zip(got[1], got[n]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_sparse_products_take_strided_views(rng):
+    """Leading dimensions: a column slice of the sparse operand, a column slice of the dense
+    one, and a dense operand that is a transposed column slice."""
+    wide = np.zeros((120, 50))
+    wide[:, 3:43] = _spikes(rng, 120, 40, 0.05, np.float64)
+    x = wide[:, 3:43]
+    W = rng.normal(size=(70, 40))
+    W_wide = np.zeros((70, 47))
+    W_wide[:, 2:42] = W
+    Wt_wide = np.zeros((40, 75))
+    Wt_wide[:, 1:71] = W.T
+    for b, name in ((W_wide[:, 2:42].T, "transposed column slice"), (Wt_wide[:, 1:71], "column slice")):
+        out = np.empty((120, 70))
+        assert _run(x, b, out, 0.0, "a"), name
+        np.testing.assert_allclose(out, x @ W.T, rtol=1e-12, atol=1e-12, err_msg=name)
+    d_wide = np.zeros((120, 80))
+    d_wide[:, 5:75] = rng.normal(size=(120, 70))
+    d = d_wide[:, 5:75]
+    out = np.empty((70, 40))
+    assert _run(d.T, x, out, 0.0, "b")
+    np.testing.assert_allclose(out, d.T @ x, rtol=1e-12, atol=1e-12)
 
 
 def test_sparse_falls_back_to_the_dense_product(rng):

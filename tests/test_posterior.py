@@ -132,6 +132,23 @@ def test_missing_bins_without_targets_read_as_zero(model, spikes):
         model.forward(np.where(np.isnan(holes), np.inf, holes))
 
 
+@pytest.mark.parametrize("shape", [(1, 15, 12), (3, 15, 12)])
+def test_the_callers_counts_are_left_as_they_were(model, spikes, shape):
+    """A single trial of float32 counts is already time-major and contiguous: the batch must
+    still copy it before writing NaN -> 0 and sample validation's scaling into it."""
+    x = spikes[: shape[0]].copy()
+    x[0, 2, 3] = np.nan
+    before = x.copy()
+    model.forward(x, seed=0)
+    model.forward(x, seed=0, repeats=2)
+    mask = np.ones(x.shape, bool)
+    mask[0, 4, 5] = False
+    model.make_batch(x, np.nan_to_num(x), sv_mask=mask, sv_rate=0.2)
+    model.forward(x, recon_data=x, sv_mask=mask, sv_rate=0.2)
+    model.make_batch(x, np.nan_to_num(x), check_counts=False)
+    np.testing.assert_array_equal(x, before)
+
+
 @pytest.mark.parametrize("repeats", [1, 3])
 def test_outputs_asked_for(model, spikes, repeats):
     """outputs= returns the outputs named (and the terms), equal to those of a full pass."""

@@ -43,13 +43,13 @@ CASES = {
 }
 
 
-def session_data(cfg, sessions, sizes, rng, nan_frac=0.05):
+def session_data(cfg, sessions, sizes, rng, nan_frac=0.05, rate=1.5):
     """[(session, encod [B_s, T_e, n_s], recon [B_s, T_r, n_recon_s])] and ext [B, T_r, E]."""
     parts = []
     for s, B in zip(sessions, sizes):
         n, n_r = cfg.session_neurons[s], cfg.session_recon_neurons[s]
-        encod = rng.poisson(1.5, size=(B, cfg.encod_seq_len, n)).astype(np.float64)
-        recon = rng.poisson(1.5, size=(B, cfg.recon_seq_len, n_r)).astype(np.float64)
+        encod = rng.poisson(rate, size=(B, cfg.encod_seq_len, n)).astype(np.float64)
+        recon = rng.poisson(rate, size=(B, cfg.recon_seq_len, n_r)).astype(np.float64)
         recon[:, : cfg.encod_seq_len, :n] = encod
         recon[rng.random(recon.shape) < nan_frac] = np.nan
         parts.append((s, encod, recon))
@@ -76,10 +76,10 @@ def perturbed_model(cfg, rng, dtype):
     return model
 
 
-def run_both(case, rng, dtype, sessions=(2, 0, 1), sizes=(3, 2, 4)):
+def run_both(case, rng, dtype, sessions=(2, 0, 1), sizes=(3, 2, 4), rate=1.5):
     cfg = LFADSConfig(**dict(BASE, **CASES[case]))
     model = perturbed_model(cfg, rng, dtype)
-    parts, ext = session_data(cfg, sessions, sizes, rng)
+    parts, ext = session_data(cfg, sessions, sizes, rng, rate=rate)
     batch = model.make_session_batch(with_ext(parts, ext))
     noise = model.draw_noise(batch, rng, train=True, sample=True)
     terms, grad = model.loss_and_grads(batch, noise, kl_ramp=0.7, l2_ramp=0.4)
@@ -100,6 +100,35 @@ def test_float64_matches_torch_reference(rng, case):
     for k in ("loss", "recon", "kl_ic", "kl_co", "l2"):
         np.testing.assert_allclose(terms[k], ref_terms[k], rtol=F64_RTOL, atol=1e-12, err_msg=k)
     assert set(ref_grads) == set(grads)
+    for k in grads:
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=F64_RTOL, atol=1e-10, err_msg=k)
+
+
+@pytest.mark.parametrize("case", ["controller", "all_at_once"])
+def test_sparse_counts_take_the_sparse_read_in_products(rng, monkeypatch, case):
+    """Counts as sparse as recordings': each session's read-in and its weight gradient
+    multiply only the nonzeros (the encoders' input is then the read-ins' dense output);
+    same loss and gradients as the reference."""
+    from lfads_fast import graph, ops
+
+    ran = []
+    dense = ops.matmul
+
+    def recording(a, b, out=None, *, beta=0.0, sparse=None):
+        if sparse is None:
+            return dense(a, b, out, beta=beta)
+        if out is None:
+            out = np.empty((a.shape[0], b.shape[1]), a.dtype)
+        ran.append((sparse, ops._module(a).matmul(a, b, out, beta, sparse, ops.SPARSE_MAX_DENSITY)))
+        return out
+
+    monkeypatch.setattr(graph.ops, "matmul", recording, raising=True)
+    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 0.5)
+    model, terms, grads, ref_terms, ref_grads = run_both(case, rng, np.float64, rate=0.1)
+    monkeypatch.undo()
+    assert ran == [("a", True)] * 3 + [("b", True)] * 3  # three sessions in the batch
+    for k in ("loss", "recon", "kl_ic", "kl_co", "l2"):
+        np.testing.assert_allclose(terms[k], ref_terms[k], rtol=F64_RTOL, atol=1e-12, err_msg=k)
     for k in grads:
         np.testing.assert_allclose(grads[k], ref_grads[k], rtol=F64_RTOL, atol=1e-10, err_msg=k)
 
