@@ -18,12 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-HERE = Path(__file__).resolve().parent
 # As given to this process (import lfads_fast sets OMP_WAIT_POLICY=PASSIVE when it is unset;
 # torch, imported first, reads the value given here).
 ENV_AT_START = {k: os.environ.get(k, "(unset)") for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")}
+# numpy's own BLAS single-threaded unless the caller chose, as make demo and
+# bench_frameworks.py do: its idle threads otherwise spin beside the kernels' (a 2-thread
+# NLB-5ms step took 789 ms against 616 ms with it set, on a 2-core host).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import commit, cpu_name  # noqa: E402
@@ -80,7 +85,8 @@ def main():
         f"- machine: {cpu_name()}, {os.cpu_count()} cores; both run on the same thread count",
         f"- commit: {commit()}",
         f"- python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}",
-        "- environment at start: " + ", ".join(f"{k}={v}" for k, v in ENV_AT_START.items()),
+        "- environment at start: " + ", ".join(f"{k}={v}" for k, v in ENV_AT_START.items())
+        + " (OPENBLAS_NUM_THREADS=1 when unset)",
         "- dtype: float32; step = forward + backward + Adam; median of "
         f"{args.repeats} steps after 1 warm-up; data: Poisson counts, mean {args.rate} per bin",
         "- measured SGEMM rate (2048^3, the kernels' own OpenBLAS through ops.matmul): "
