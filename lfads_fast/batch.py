@@ -107,16 +107,11 @@ class BatchMaker:
             sv_rate: the expected fraction of held-out bins, in (0, 1); required with sv_mask.
         """
         cfg = self.config
-        if cfg.multisession:
-            if session is None:
-                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
-                                 "(make_session_batch mixes several)")
+        if self._session_of(session) is not None:
             return self.make_session_batch([(session, encod_data, recon_data, ext_input)],
                                             check_counts=check_counts,
                                             sv_masks=None if sv_mask is None else [sv_mask],
                                             sv_rate=sv_rate)
-        if session is not None:
-            raise ValueError("session= needs a config with session_neurons")
         encod_data = as_array("encod_data", encod_data, 3)
         B = encod_data.shape[0]
         encod, recon, n_valid = self._time_major_counts("", encod_data, recon_data, cfg.encod_data_dim,
@@ -129,26 +124,32 @@ class BatchMaker:
         """A batch of encoder inputs without reconstruction targets (recon None, n_valid 0),
         for passes that only compute outputs: the counts are checked (NaN = missing bin)."""
         cfg = self.config
+        s = self._session_of(session)
         encod_data = as_array("encod_data", encod_data, 3)
         B = encod_data.shape[0]
-        n_e = cfg.encod_data_dim
-        if cfg.multisession:
-            if session is None:
-                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
-                                 "(make_session_batch mixes several)")
-            s = session_index(cfg, session)
-            n_e = cfg.session_neurons[s]
-        elif session is not None:
-            raise ValueError("session= needs a config with session_neurons")
+        n_e = cfg.encod_data_dim if s is None else cfg.session_neurons[s]
         if B == 0:
             raise ValueError("encod_data has no trials")
         expect_shape("encod_data", encod_data, (B, cfg.encod_seq_len, n_e))
         check_spike_counts("encod_data", encod_data)
         encod = self._time_major_encod(encod_data)
         ext = self._time_major_ext("ext_input", ext_input, B)
-        if cfg.multisession:
+        if s is not None:
             return self._placed(Batch(None, None, ext, 0, [Segment(s, 0, B, encod, None, 0)]))
         return self._placed(Batch(encod, None, ext, 0))
+
+    def _session_of(self, session) -> int | None:
+        """The index of `session` for a batch of one session; None for a single-session
+        model. Raises when the one is given without the other."""
+        cfg = self.config
+        if cfg.multisession:
+            if session is None:
+                raise ValueError(f"session= is required: the model has {cfg.n_sessions} sessions "
+                                 "(make_session_batch mixes several)")
+            return session_index(cfg, session)
+        if session is not None:
+            raise ValueError("session= needs a config with session_neurons")
+        return None
 
     def _time_major_encod(self, encod_data: np.ndarray) -> np.ndarray:
         """encod_data [B, T, n] as a time-major copy [T, B, n] of the model's dtype, NaN -> 0

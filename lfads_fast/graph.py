@@ -11,14 +11,14 @@ import numpy as np
 
 from . import ops
 from .batch import Batch, Segment
+from .data import POSTERIOR_FIELDS
 from .noise import NoiseReader
 from .params import Params, encoder_bins, encoders, l2_terms
 
 __all__ = ["Workspace", "forward", "encode", "repeat_encoded", "backward", "OUTPUTS", "output_names"]
 
-# The outputs of a pass (lfads-torch's names), in the order LFADS.forward documents them.
-OUTPUTS = ("output_params", "factors", "gen_states", "gen_init", "gen_inputs", "con_states",
-           "co_means", "co_stds", "ic_mean", "ic_std")
+# The outputs of a pass: lfads-torch's names, those of a posterior file.
+OUTPUTS = POSTERIOR_FIELDS
 
 
 def output_names(names) -> tuple:
@@ -255,11 +255,10 @@ def encode(P: Params, ws: Workspace, batch: Batch, nz) -> dict:
         # Each half: the lagged states on bins [a, b), zeros elsewhere, times the dropout
         # mask (written in one pass).
         halves = [(slice(0, Hc), t0 + lag, Te, c["enc"]["ci_enc_fwd"][0][: max(n - lag, 0)])]
-        if cfg.ci_enc_dirs > 1:
-            bwd = None if cfg.ci_enc_causal else c["enc"]["ci_enc_bwd"][0][lag:]
-            halves.append((slice(Hc, nci), t0, Te - lag, bwd))
+        if not cfg.ci_enc_causal:
+            halves.append((slice(Hc, nci), t0, Te - lag, c["enc"]["ci_enc_bwd"][0][lag:]))
         for cols, a, b, src in halves:
-            if lag >= n or src is None:
+            if lag >= n:
                 ci[:, :, cols] = 0
                 continue
             ci[:a, :, cols] = 0

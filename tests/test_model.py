@@ -5,7 +5,7 @@ import pytest
 from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig
-from model_cases import BASE, check_flat_gradient
+from model_cases import BASE, check_flat_gradient, record_sparse_products
 
 torch_reference = OptionalModule("torch_reference")  # tests that use it skip without torch
 
@@ -83,19 +83,7 @@ def test_sparse_counts_take_the_sparse_products_and_match_the_reference(rng, mon
     """Counts as sparse as real recordings' (a few % of bins hold a spike): the encoder
     input's projection and its weight gradient multiply only the nonzeros; same loss and
     gradients as the reference."""
-    from lfads_fast import graph, ops
-
-    ran = []
-    dense = ops.matmul
-
-    def recording(a, b, out=None, *, beta=0.0, sparse=None):
-        if sparse is not None:
-            ran.append((sparse, ops._module(a).matmul(a, b, out, beta, sparse, ops.SPARSE_MAX_DENSITY)))
-            return out
-        return dense(a, b, out, beta=beta)
-
-    monkeypatch.setattr(graph.ops, "matmul", recording, raising=True)
-    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 0.5)
+    ran = record_sparse_products(monkeypatch)
     model, terms, grads, ref_terms, ref_grads = run_both(case, rng, np.float64, B=6, rate=0.1)
     monkeypatch.undo()
     assert ran == [("a", True), ("b", True)]

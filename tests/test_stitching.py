@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 import pytest
-from model_cases import check_flat_gradient
+from model_cases import check_flat_gradient, record_sparse_products
 from optional import OptionalModule
 
 from lfads_fast import LFADS, LFADSConfig, data, ops, stitching, synth
@@ -109,21 +109,7 @@ def test_sparse_counts_take_the_sparse_read_in_products(rng, monkeypatch, case):
     """Counts as sparse as recordings': each session's read-in and its weight gradient
     multiply only the nonzeros (the encoders' input is then the read-ins' dense output);
     same loss and gradients as the reference."""
-    from lfads_fast import graph, ops
-
-    ran = []
-    dense = ops.matmul
-
-    def recording(a, b, out=None, *, beta=0.0, sparse=None):
-        if sparse is None:
-            return dense(a, b, out, beta=beta)
-        if out is None:
-            out = np.empty((a.shape[0], b.shape[1]), a.dtype)
-        ran.append((sparse, ops._module(a).matmul(a, b, out, beta, sparse, ops.SPARSE_MAX_DENSITY)))
-        return out
-
-    monkeypatch.setattr(graph.ops, "matmul", recording, raising=True)
-    monkeypatch.setattr(ops, "SPARSE_MAX_DENSITY", 0.5)
+    ran = record_sparse_products(monkeypatch)
     model, terms, grads, ref_terms, ref_grads = run_both(case, rng, np.float64, rate=0.1)
     monkeypatch.undo()
     assert ran == [("a", True)] * 3 + [("b", True)] * 3  # three sessions in the batch
