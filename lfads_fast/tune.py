@@ -44,7 +44,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -447,9 +449,9 @@ def run_search(data, model_config: LFADSConfig, train_config: TrainConfig,
     else:
         tuner = _new_tuner(tune, trainable(plan, sessions), settings, space, train_config, plan,
                            storage, verbose)
-    grid = tuner.fit()
+    grid, interrupted = _fit_noting_interrupt(tuner)
     seconds = time.perf_counter() - t0
-    if grid.num_terminated + grid.num_errors < len(grid):
+    if interrupted or grid.num_terminated + grid.num_errors < len(grid):
         raise SearchInterrupted(f"the search in {out} was interrupted; its state is kept in "
                                 f"{setup['experiment']}: resume it with lfads-fast tune ... "
                                 "--resume (run_search(..., resume=True))")
@@ -654,6 +656,25 @@ def _resuming_epochs(grid, plan: _Plan) -> list[int]:
         if int(meta["epoch"]) < plan.max_epochs and meta.get("stop_reason") in (None, "max_epochs"):
             epochs.append(int(meta["epoch"]))
     return epochs
+
+
+def _fit_noting_interrupt(tuner):
+    """tuner.fit(), and whether a Ctrl-C ended it. Ray Tune ends a run on SIGINT gracefully:
+    its members may all stop cleanly before the loop ends, so their states alone do not say
+    that the search was cut short. Its handler, installed in the main thread for the run,
+    puts back the handler it replaced when it catches the signal and otherwise stays; the
+    replaced handler is put back here in both cases, so that a later Ctrl-C in the caller's
+    program is not swallowed by a finished run's handler."""
+    main = threading.current_thread() is threading.main_thread()
+    catches = main and not int(os.getenv("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        grid = tuner.fit()
+        interrupted = catches and signal.getsignal(signal.SIGINT) is before
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, before)
+    return grid, interrupted
 
 
 def _stopping_rule(settings: SearchSettings, plan: _Plan) -> "ImprovementRatioStopper":

@@ -557,6 +557,42 @@ def test_ctrl_c_stops_with_a_resume_hint_and_resume_finishes(data_file, config_f
     assert [t["epochs"] for t in summary["trials"]] == [6, 6]
 
 
+class _FakeTuner:
+    """Does to the SIGINT handler what Ray Tune's run does: installs its own for the run and,
+    when it catches the signal, puts the replaced one back and ends the run normally."""
+
+    def __init__(self, interrupt: bool):
+        self.interrupt = interrupt
+
+    def fit(self):
+        replaced = signal.getsignal(signal.SIGINT)
+
+        def catch(sig, frame):
+            signal.signal(signal.SIGINT, replaced)
+
+        signal.signal(signal.SIGINT, catch)
+        if self.interrupt:
+            signal.raise_signal(signal.SIGINT)
+        return "grid"
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_ctrl_c_during_the_run_is_noted_and_the_handler_put_back(interrupt):
+    """A Ctrl-C that Ray Tune caught counts as an interruption even when every member ended
+    cleanly; either way the caller's SIGINT handler is in place afterwards."""
+    from lfads_fast.tune import _fit_noting_interrupt
+
+    def mine(sig, frame):
+        raise AssertionError("not called")
+
+    old = signal.signal(signal.SIGINT, mine)
+    try:
+        assert _fit_noting_interrupt(_FakeTuner(interrupt)) == ("grid", interrupt)
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_resume_needs_a_search(data_file, config_file, tmp_path, capsys):
     _ray_or_skip()
     out = tmp_path / "empty"
